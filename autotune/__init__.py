@@ -1,0 +1,27 @@
+"""autotune: measure, save and reuse the best way to run process-parallel numpy/scipy code.
+
+Probe the CPU, search the worker count and chunk length for a workload with a
+copy-on-write evaluator, save the result as a YAML profile, and run
+production code with it::
+
+    import autotune
+
+    with autotune.Evaluator(profile="spline", shared={"x": x, "y": y}) as ev:
+        total = ev.reduce(kernel, len(x))
+"""
+
+from autotune._errors import ProfileError, WorkerLost
+from autotune.probe import CacheLevel, CpuInfo, probe
+from autotune.workload import Workload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheLevel",
+    "CpuInfo",
+    "ProfileError",
+    "WorkerLost",
+    "Workload",
+    "__version__",
+    "probe",
+]

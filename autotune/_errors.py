@@ -1,0 +1,31 @@
+"""Exceptions raised by autotune."""
+
+from __future__ import annotations
+
+__all__ = ["ProfileError", "WorkerLost"]
+
+
+class ProfileError(ValueError):
+    """A profile file is malformed, hostile or of an unknown schema.
+
+    The message names the file and the field (or the problem) in one line.
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}{problem}")
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died and the chunks it held could not be re-run.
+
+    Raised after ``retries`` replacements of workers that died (SIGKILL,
+    segfault, out of memory) while holding the same chunk range.
+    """
+
+    def __init__(self, message: str, *, start: int | None = None, stop: int | None = None) -> None:
+        super().__init__(message)
+        self.start = start
+        self.stop = stop
