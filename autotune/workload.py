@@ -62,4 +62,6 @@ class Workload:
             or not isinstance(self.item_bytes, int)
             or self.item_bytes < 1
         ):
-            raise ValueError(f"Workload item_bytes must be an integer >= 1, got {self.item_bytes!r}")
+            raise ValueError(
+                f"Workload item_bytes must be an integer >= 1, got {self.item_bytes!r}"
+            )

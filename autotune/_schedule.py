@@ -1,0 +1,107 @@
+"""Pure scheduling: which chunks go out in which batch, and folding partials in order.
+
+Nothing here touches processes, so the policy is tested on numbers alone and
+any backend can reuse it.
+
+Chunks are fixed ``[c * chunk_len, min(n, (c + 1) * chunk_len))`` ranges, so
+a *batch* is just a range of chunk indices ``[c0, c1)``.  Batches shrink as
+the work runs out (guided self-scheduling, as in OpenMP's ``guided``): big
+batches early keep the parent out of the per-chunk loop, small batches at the
+end keep every worker busy until the last chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Batches", "OrderedFold", "chunk_bounds", "n_chunks"]
+
+#: Each batch takes 1/(GUIDE * workers) of the chunks not yet handed out: a
+#: slow worker can hold back at most about that share of the work.
+GUIDE = 8
+
+
+def n_chunks(n: int, chunk_len: int) -> int:
+    """Number of chunks covering ``n`` items."""
+    return -(-n // chunk_len)
+
+
+def chunk_bounds(c0: int, c1: int, chunk_len: int, n: int) -> tuple[int, int]:
+    """Item range ``[start, stop)`` covered by chunks ``[c0, c1)``."""
+    return c0 * chunk_len, min(n, c1 * chunk_len)
+
+
+class Batches:
+    """Hands out chunk-index batches ``(c0, c1)``; lost batches are re-queued first.
+
+    Parameters
+    ----------
+    total : int
+        Number of chunks.
+    workers : int
+        Workers sharing them (sets how fast batches shrink).
+    max_batch : int, optional
+        Upper bound on chunks per batch (1 while a ``map`` output does not
+        exist yet, so early results come back small).
+    """
+
+    def __init__(self, total: int, workers: int) -> None:
+        self.total = total
+        self.workers = max(1, workers)
+        self._next = 0
+        self._requeued: deque[tuple[int, int]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._requeued) or self._next < self.total
+
+    def take(self, max_batch: int | None = None) -> tuple[int, int]:
+        """The next batch; call only while ``bool(self)``."""
+        if self._requeued:
+            return self._requeued.popleft()
+        remaining = self.total - self._next
+        size = max(1, math.ceil(remaining / (GUIDE * self.workers)))
+        if max_batch is not None:
+            size = min(size, max_batch)
+        c0 = self._next
+        self._next = c0 + size
+        return c0, self._next
+
+    def requeue(self, batch: tuple[int, int]) -> None:
+        """Put back a batch whose worker died; it goes out before new work."""
+        self._requeued.append(batch)
+
+
+class OrderedFold:
+    """Combine per-chunk partials strictly in chunk order, as they arrive.
+
+    ``((p0 + p1) + p2) + ...``: the same operations in the same order as a
+    serial loop over the same chunks, hence the same bits, whichever worker
+    finished first.  Partials that arrive early wait in a dict until the gap
+    before them is filled, so memory stays bounded by what is out of order.
+    """
+
+    def __init__(self, combine: Callable[[Any, Any], Any]) -> None:
+        self._combine = combine
+        self._pending: dict[int, Any] = {}
+        self._next = 0
+        self._acc: Any = None
+
+    def add(self, chunk: int, partial: Any) -> None:
+        self._pending[chunk] = partial
+        while self._next in self._pending:
+            value = self._pending.pop(self._next)
+            self._acc = value if self._next == 0 else self._combine(self._acc, value)
+            self._next += 1
+
+    @property
+    def done(self) -> int:
+        """How many leading chunks have been folded."""
+        return self._next
+
+    def result(self) -> Any:
+        if self._pending:
+            raise RuntimeError(f"chunks after {self._next} arrived but chunk {self._next} did not")
+        return self._acc

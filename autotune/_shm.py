@@ -1,0 +1,124 @@
+"""POSIX shared-memory segments: created and unlinked by the parent, attached by workers.
+
+We do not use :class:`multiprocessing.shared_memory.SharedMemory` directly for
+two reasons:
+
+* Before Python 3.13 every ``SharedMemory(name)`` *attach* registers the
+  segment with the resource tracker, which then unlinks it (or warns about a
+  "leak") when the attaching worker exits (CPython gh-82300).  Workers here
+  attach with ``shm_open`` + ``mmap`` and never talk to the tracker.
+* A ``map`` result is handed to the user as an array that views the segment
+  (no copy).  ``SharedMemory.close()`` refuses to run while such a view
+  exists and complains from ``__del__``; a bare :class:`mmap.mmap` simply
+  lives as long as the last array that views it.
+
+The parent *does* register every segment it creates with the resource
+tracker, so that a parent killed with SIGKILL still has its segments unlinked
+by the tracker process; it unregisters them when it unlinks them itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+from multiprocessing import resource_tracker
+
+try:  # POSIX only; Windows has no fork and is not supported by this module.
+    import _posixshmem
+except ImportError:  # pragma: no cover - exercised on Windows only
+    _posixshmem = None
+
+__all__ = ["Segment", "PREFIX", "list_segments"]
+
+#: Every segment autotune creates is named with this prefix, so tests and
+#: users can see what is ours in /dev/shm.
+PREFIX = "autotune_"
+
+
+class Segment:
+    """A named shared-memory segment mapped into this process.
+
+    Use :meth:`create` in the parent and :meth:`attach` in a worker.  The
+    mapping (``self.mmap``) stays valid after :meth:`unlink`; it is released
+    when the last object viewing it is garbage-collected.
+    """
+
+    __slots__ = ("name", "size", "mmap", "_owner", "_linked")
+
+    def __init__(self, name: str, size: int, mm: mmap.mmap, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self.mmap = mm
+        self._owner = owner
+        self._linked = owner
+
+    @classmethod
+    def create(cls, size: int) -> Segment:
+        """Create a new zero-filled segment of ``size`` bytes (the parent's side)."""
+        if _posixshmem is None:  # pragma: no cover
+            raise OSError("POSIX shared memory is not available on this platform")
+        # mmap refuses length 0; an empty array still needs a valid buffer.
+        length = max(int(size), 1)
+        while True:
+            name = PREFIX + secrets.token_hex(8)
+            try:
+                fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            except FileExistsError:  # pragma: no cover - 64 random bits
+                continue
+            break
+        try:
+            os.ftruncate(fd, length)
+            mm = mmap.mmap(fd, length)
+        except BaseException:
+            _posixshmem.shm_unlink("/" + name)
+            raise
+        finally:
+            os.close(fd)
+        resource_tracker.register("/" + name, "shared_memory")
+        return cls(name, length, mm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, size: int) -> Segment:
+        """Map an existing segment (a worker's side); never touches the tracker."""
+        if _posixshmem is None:  # pragma: no cover
+            raise OSError("POSIX shared memory is not available on this platform")
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
+        try:
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, mm, owner=False)
+
+    def unlink(self) -> None:
+        """Remove the name from the system (owner only; idempotent).
+
+        Mappings stay valid; the memory is freed once every process has
+        unmapped it.
+        """
+        if not (self._owner and self._linked):
+            return
+        self._linked = False
+        with contextlib.suppress(FileNotFoundError):
+            _posixshmem.shm_unlink("/" + self.name)
+        resource_tracker.unregister("/" + self.name, "shared_memory")
+
+    def close(self) -> None:
+        """Unmap now if nothing views the mapping; otherwise leave it to the GC."""
+        # An array that still views the mapping keeps it alive; it is
+        # unmapped when that array goes.
+        with contextlib.suppress(BufferError):
+            self.mmap.close()
+
+    def __repr__(self) -> str:
+        state = "linked" if self._linked else "unlinked" if self._owner else "attached"
+        return f"<Segment {self.name} {self.size} bytes {state}>"
+
+
+def list_segments() -> list[str]:
+    """Names of autotune's segments currently in ``/dev/shm`` (Linux), for leak checks."""
+    try:
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX))
+    except OSError:
+        return []

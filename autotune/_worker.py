@@ -1,0 +1,217 @@
+"""The worker process: receive a kernel once per call, then run chunk batches.
+
+Protocol (tuples over one duplex pipe per worker; the parent never waits on
+a worker between batches because each worker has a batch queued ahead):
+
+parent -> worker
+    ("call", call_id, kernel_bytes, mode, n, chunk_len)
+    ("out", call_id, segment_name, segment_size, shape, dtype)
+    ("batch", call_id, batch_id, c0, c1)
+    ("end", call_id)
+    ("stop",)
+worker -> parent
+    ("done", call_id, batch_id, results)     results: list, or None if written to shm
+    ("cancelled", call_id, batch_id)
+    ("error", call_id, batch_id, start, stop, exc_bytes, type_name, message, traceback)
+
+A worker that finds its pipe closed (the parent died or closed it) exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from autotune._schedule import chunk_bounds
+from autotune._shared import PackedShared, SharedNamespace, unpack
+from autotune._shm import Segment
+
+__all__ = ["WorkerSpec", "worker_main", "in_worker", "check_map_result"]
+
+_IN_WORKER = False
+
+
+def in_worker() -> bool:
+    """True inside an autotune worker process (nested evaluators are refused)."""
+    return _IN_WORKER
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs at start-up (picklable for spawn/forkserver)."""
+
+    index: int
+    shared: dict[str, Any] | None  # fork: the objects themselves (inherited, never pickled)
+    packed: PackedShared | None  # spawn/forkserver: pickled once, arrays in shm
+    control_name: str
+    control_size: int
+    blas_threads: int | None
+    cpu: int | None  # pin to this logical CPU
+    close_fds: tuple[int, ...]  # fork: parent-side pipe ends inherited from the parent
+
+
+def check_map_result(result: Any, start: int, stop: int) -> np.ndarray:
+    """A map kernel's result as an array whose first axis is ``stop - start`` long."""
+    arr = np.asarray(result)
+    if arr.ndim == 0 or arr.shape[0] != stop - start:
+        got = "a scalar" if arr.ndim == 0 else f"first axis {arr.shape[0]}"
+        raise ValueError(
+            f"map kernel returned {got} for items [{start}, {stop}); it must return an array "
+            f"whose first axis has length stop - start = {stop - start}"
+        )
+    return arr
+
+
+def _check_like(arr: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    if arr.shape[1:] != out.shape[1:] or arr.dtype != out.dtype:
+        raise ValueError(
+            f"map kernel returned shape {arr.shape} dtype {arr.dtype} for items [{start}, {stop}), "
+            f"but the first chunk gave rows of shape {out.shape[1:]} dtype {out.dtype}; "
+            f"every chunk must return the same row shape and dtype"
+        )
+
+
+def _error_message(call_id: int, batch_id: int, start: int, stop: int, exc: BaseException) -> tuple:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc_bytes: bytes | None
+    try:
+        exc_bytes = pickle.dumps(exc)
+        pickle.loads(exc_bytes)  # some exceptions pickle but cannot be rebuilt
+    except Exception:
+        exc_bytes = None
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return ("error", call_id, batch_id, start, stop, exc_bytes, name, str(exc), tb)
+
+
+class _Call:
+    """State of the call being served: the kernel and, for map, the output."""
+
+    def __init__(self, call_id: int, kernel: Callable[..., Any], mode: str, n: int, cl: int):
+        self.call_id = call_id
+        self.kernel = kernel
+        self.mode = mode
+        self.n = n
+        self.chunk_len = cl
+        self.out: np.ndarray | None = None
+        self.out_segment: Segment | None = None
+
+    def release(self) -> None:
+        self.out = None
+        if self.out_segment is not None:
+            self.out_segment.close()
+            self.out_segment = None
+
+
+def worker_main(conn: Any, spec: WorkerSpec) -> None:
+    """Entry point of a worker process."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    # Ctrl-C goes to the whole process group; the parent decides what an
+    # interrupt means and ends the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Under fork we inherited the parent's ends of every worker's pipe
+    # (our own included).  While we hold them, a dead parent never shows up
+    # as EOF on our pipe and we would be left behind as an orphan.
+    for fd in spec.close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    try:
+        if spec.cpu is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {spec.cpu})
+        limiter = None
+        if spec.blas_threads is not None:
+            from threadpoolctl import threadpool_limits
+
+            limiter = threadpool_limits(limits=spec.blas_threads)  # noqa: F841 (kept alive)
+        if spec.packed is not None:
+            data, _segment = unpack(spec.packed)
+        else:
+            data, _segment = dict(spec.shared or {}), None
+        shared = SharedNamespace(data)
+        control = Segment.attach(spec.control_name, spec.control_size)
+        cancelled = np.frombuffer(control.mmap, dtype=np.int64, count=1)
+    except BaseException as exc:
+        conn.send(_error_message(-1, -1, 0, 0, exc))
+        return
+    _serve(conn, shared, cancelled)
+
+
+def _serve(conn: Any, shared: SharedNamespace, cancelled: np.ndarray) -> None:
+    call: _Call | None = None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone or closed our pipe
+        kind = msg[0]
+        if kind == "batch":
+            _, call_id, batch_id, c0, c1 = msg
+            if call is None or call.call_id != call_id:
+                continue  # a batch of a call we failed to set up; already reported
+            reply = _run_batch(call, shared, cancelled, batch_id, c0, c1)
+            try:
+                conn.send(reply)
+            except (BrokenPipeError, OSError):
+                return
+        elif kind == "call":
+            _, call_id, kernel_bytes, mode, n, chunk_len = msg
+            if call is not None:
+                call.release()
+            call = None
+            try:
+                kernel = pickle.loads(kernel_bytes)
+            except BaseException as exc:
+                hint = RuntimeError(
+                    f"the worker could not load the kernel ({type(exc).__name__}: {exc}); "
+                    f"define it at module level in an importable module"
+                )
+                conn.send(_error_message(call_id, -1, 0, 0, hint))
+                continue
+            call = _Call(call_id, kernel, mode, n, chunk_len)
+        elif kind == "out":
+            _, call_id, name, size, shape, dtype = msg
+            if call is not None and call.call_id == call_id:
+                call.out_segment = Segment.attach(name, size)
+                count = int(np.prod(shape))
+                call.out = np.frombuffer(call.out_segment.mmap, dtype=dtype, count=count).reshape(
+                    shape
+                )
+        elif kind == "end":
+            if call is not None:
+                call.release()
+            call = None
+        elif kind == "stop":
+            return
+
+
+def _run_batch(
+    call: _Call, shared: SharedNamespace, cancelled: np.ndarray, batch_id: int, c0: int, c1: int
+) -> tuple:
+    results: list[Any] = []
+    out = call.out
+    for c in range(c0, c1):
+        if cancelled[0] == call.call_id:
+            return ("cancelled", call.call_id, batch_id)
+        start, stop = chunk_bounds(c, c + 1, call.chunk_len, call.n)
+        try:
+            r = call.kernel(shared, start, stop)
+            if call.mode == "map":
+                arr = check_map_result(r, start, stop)
+                if out is not None:
+                    _check_like(arr, out, start, stop)
+                    out[start:stop] = arr
+                else:
+                    results.append(arr)
+            else:
+                results.append(r)
+        except Exception as exc:
+            return _error_message(call.call_id, batch_id, start, stop, exc)
+    return ("done", call.call_id, batch_id, None if out is not None else results)
