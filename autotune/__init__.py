@@ -11,6 +11,7 @@ production code with it::
 """
 
 from autotune._errors import ProfileError, WorkerLost
+from autotune.evaluator import Evaluator
 from autotune.probe import CacheLevel, CpuInfo, probe
 from autotune.workload import Workload
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheLevel",
     "CpuInfo",
+    "Evaluator",
     "ProfileError",
     "WorkerLost",
     "Workload",

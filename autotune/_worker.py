@@ -198,7 +198,9 @@ def _run_batch(
     results: list[Any] = []
     out = call.out
     for c in range(c0, c1):
-        if cancelled[0] == call.call_id:
+        # The parent writes the id of a failed call here, or a number above
+        # every call id when it shuts down.
+        if cancelled[0] >= call.call_id:
             return ("cancelled", call.call_id, batch_id)
         start, stop = chunk_bounds(c, c + 1, call.chunk_len, call.n)
         try:

@@ -53,6 +53,8 @@ DEPTH = 2
 SHM_OUTPUT_MIN = 256 * 1024
 #: Graceful stop, then SIGTERM, then SIGKILL, each waited for this long.
 JOIN_TIMEOUT = 1.0
+#: Written to the control word at shutdown: larger than any call id.
+CANCEL_ALL = 2**62
 
 # Parent-side pipe ends of every live worker of every evaluator in this
 # process: a worker forked later inherits them and must close them.
@@ -92,8 +94,14 @@ class _Resources:
 
     workers: list[_Worker] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
+    cancel: np.ndarray | None = None  # the control word workers poll between chunks
 
     def shutdown(self) -> None:
+        if self.cancel is not None:
+            # Cancels every call: workers drop the rest of their batch now
+            # instead of finishing it before they read "stop".
+            self.cancel[0] = CANCEL_ALL
+            self.cancel = None
         workers, self.workers = self.workers, []
         for w in workers:
             with contextlib.suppress(OSError, ValueError):
@@ -268,6 +276,7 @@ class Evaluator:
             self._control = Segment.create(64)
             self._res.segments.append(self._control)
             self._cancelled = np.frombuffer(self._control.mmap, dtype=np.int64, count=1)
+            self._res.cancel = self._cancelled
             self._packed = None
             if method != "fork":
                 self._packed, segment = pack(shared_dict)
@@ -460,7 +469,7 @@ class _Call:
         self.out: np.ndarray | None = None
         self.out_segment: Segment | None = None
         self.failure: BaseException | None = None
-        self.tries: dict[tuple[int, int], int] = {}
+        self.tries: dict[tuple[int, int], int] = {}  # re-run batch -> deaths so far
         self.completed = 0  # chunks
 
     # The loop ---------------------------------------------------------------
@@ -622,20 +631,28 @@ class _Call:
             w.process.join(JOIN_TIMEOUT)
             code = w.process.exitcode
         how = _describe_exit(code)
-        for batch in lost:
-            self.tries[batch] = self.tries.get(batch, 0) + 1
-            if self.tries[batch] > ev.retries and self.failure is None:
-                start, stop = chunk_bounds(*batch, self.chunk_len, self.n)
+        if lost and self.failure is None:
+            # A worker runs its batches in order: only the oldest had started.
+            # Its chunks are re-run one by one, so that a chunk that kills its
+            # worker every time is pinned down and named, and the others pass.
+            running, waiting = lost[0], lost[1:]
+            for batch in waiting:
+                self.batches.requeue(batch)
+            tries = self.tries.get(running, 0) + 1
+            if tries > ev.retries:
+                start, stop = chunk_bounds(*running, self.chunk_len, self.n)
                 self._fail(
                     WorkerLost(
                         f"a worker died ({how}) while computing items [{start}, {stop}), "
-                        f"{ev.retries} time(s) re-run already; giving up",
+                        f"which were already re-run {ev.retries} time(s); giving up",
                         start=start,
                         stop=stop,
                     )
                 )
-            elif self.failure is None:
-                self.batches.requeue(batch)
+            else:
+                for c in range(*running):
+                    self.tries[(c, c + 1)] = tries
+                    self.batches.requeue((c, c + 1))
         new = ev._replace(w)
         if self.failure is None:
             self._refill(new)
