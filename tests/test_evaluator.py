@@ -131,9 +131,9 @@ def test_nested_arrays_live_in_shared_memory(start_method, no_leaks):
 
 
 def test_shared_is_read_only(start_method, x, no_leaks):
-    with Evaluator(2, 1_000, shared={"x": x}, start_method=start_method) as ev:
-        with pytest.raises(ValueError, match="read-only"):
-            ev.map(kernels.write_shared, 5_000)
+    ev = Evaluator(2, 1_000, shared={"x": x}, start_method=start_method)
+    with ev, pytest.raises(ValueError, match="read-only"):
+        ev.map(kernels.write_shared, 5_000)
 
 
 # -- kernel exceptions ------------------------------------------------------------
@@ -158,9 +158,9 @@ def test_kernel_exception_keeps_type_and_traceback(start_method, x, no_leaks):
 def test_unpicklable_exception(start_method, no_leaks):
     from autotune.evaluator import RemoteError
 
-    with Evaluator(1, 10, start_method=start_method) as ev:
-        with pytest.raises(RemoteError, match="Unpicklable: odd"):
-            ev.reduce(kernels.fail_unpicklable, 10)
+    ev = Evaluator(1, 10, start_method=start_method)
+    with ev, pytest.raises(RemoteError, match="Unpicklable: odd"):
+        ev.reduce(kernels.fail_unpicklable, 10)
 
 
 # -- bad input ------------------------------------------------------------------------
@@ -238,9 +238,7 @@ def test_segfault_worker_rerun(tmp_path, no_leaks):
 def test_worker_lost_after_retries(start_method, no_leaks):
     with Evaluator(2, 100, shared={"at": 2_345}, start_method=start_method, retries=1) as ev:
         t0 = time.monotonic()
-        with pytest.raises(
-            WorkerLost, match=r"items \[2300, 2400\).*SIGKILL|SIGKILL.*\[2300, 2400\)"
-        ):
+        with pytest.raises(WorkerLost, match=r"SIGKILL.*\[2300, 2400\)"):
             ev.reduce(kernels.kill_always, 10_000)
         assert time.monotonic() - t0 < 20
         # still usable afterwards
