@@ -11,6 +11,7 @@ production code with it::
 """
 
 from autotune._errors import ProfileError, WorkerLost
+from autotune._shared import shared_array
 from autotune.evaluator import Evaluator
 from autotune.probe import CacheLevel, CpuInfo, probe
 from autotune.workload import Workload
@@ -26,4 +27,5 @@ __all__ = [
     "Workload",
     "__version__",
     "probe",
+    "shared_array",
 ]

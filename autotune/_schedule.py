@@ -96,6 +96,22 @@ class OrderedFold:
             self._acc = value if self._next == 0 else self._combine(self._acc, value)
             self._next += 1
 
+    def extend(self, first: int, partials: list[Any]) -> None:
+        """Add the partials of chunks ``first, first + 1, ...``."""
+        if first != self._next or self._pending:
+            for i, partial in enumerate(partials, first):
+                self.add(i, partial)
+            return
+        # In order and nothing waiting (the common case): a tight loop.
+        combine, acc = self._combine, self._acc
+        it = iter(partials)
+        if first == 0:
+            acc = next(it, None)
+        for partial in it:
+            acc = combine(acc, partial)
+        self._acc = acc
+        self._next = first + len(partials)
+
     @property
     def done(self) -> int:
         """How many leading chunks have been folded."""

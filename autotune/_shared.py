@@ -13,16 +13,20 @@ arrays are shared, not copied per worker.
 from __future__ import annotations
 
 import keyword
+import math
+import mmap
 import pickle
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from autotune._shm import Segment
+from autotune._shm import Segment, unlink
 
 __all__ = [
+    "shared_array",
     "SharedNamespace",
     "PackedShared",
     "check_names",
@@ -37,6 +41,72 @@ INBAND_LIMIT = 64 * 1024
 #: Out-of-band buffers are placed at multiples of this (a cache line, and
 #: enough for any numpy dtype's alignment).
 ALIGN = 64
+
+
+@dataclass(frozen=True)
+class _Allocation:
+    segment_name: str
+    size: int
+    address: int  # where the mapping starts in this process
+    mapping: weakref.ref[mmap.mmap]  # weak: the arrays decide how long it lives
+
+
+# Segments made by shared_array(), by name, while some array still views them.
+_ALLOCATED: dict[str, _Allocation] = {}
+
+
+def shared_array(shape: int | tuple[int, ...], dtype: Any = np.float64) -> np.ndarray:
+    """A zero-filled array that lives in shared memory from the start.
+
+    Pass it in an evaluator's ``shared`` dict and spawn/forkserver workers
+    map the very same pages: no copy is made, not even one (a plain numpy
+    array is copied once into shared memory).  Under fork it behaves like
+    any array.  The memory is released when the last view of it is gone.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+    dtype : numpy dtype, default float64
+
+    Examples
+    --------
+    >>> x = autotune.shared_array(10**8)       # 800 MB, shared, not copied
+    >>> x[:] = np.random.default_rng().random(x.size)
+    """
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError("shared_array cannot hold Python objects (dtype=object)")
+    shape_t = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(map(int, shape))
+    if any(d < 0 for d in shape_t):
+        raise ValueError(f"shape must not be negative, got {shape_t}")
+    count = math.prod(shape_t)
+    segment = Segment.create(count * dt.itemsize)
+    address = np.frombuffer(segment.mmap, dtype=np.uint8).ctypes.data
+    _ALLOCATED[segment.name] = _Allocation(
+        segment.name, segment.size, address, weakref.ref(segment.mmap)
+    )
+    # The name lives as long as the mapping: when the last array viewing it
+    # is collected, the segment is unlinked and forgotten.
+    weakref.finalize(segment.mmap, _release, segment.name)
+    return np.frombuffer(segment.mmap, dtype=dt, count=count).reshape(shape_t)
+
+
+def _release(name: str) -> None:
+    _ALLOCATED.pop(name, None)
+    unlink(name)
+
+
+def _find_allocated(buf: memoryview) -> tuple[Segment, int] | None:
+    """The shared_array segment ``buf`` lies in (a non-owning handle), and the offset."""
+    if not _ALLOCATED or buf.nbytes == 0:
+        return None
+    address = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    for alloc in _ALLOCATED.values():
+        mapping = alloc.mapping()
+        if mapping is not None and alloc.address <= address < alloc.address + alloc.size:
+            handle = Segment(alloc.segment_name, alloc.size, mapping, owner=False)
+            return handle, address - alloc.address
+    return None
 
 
 class SharedNamespace(Mapping[str, Any]):
@@ -135,16 +205,17 @@ class PackedShared:
     """The shared objects as sent to spawn/forkserver workers: small and picklable."""
 
     payload: bytes
-    segment_name: str | None
-    segment_size: int
-    layout: tuple[tuple[int, int], ...]  # (offset, nbytes) of each out-of-band buffer
+    #: Where each out-of-band buffer lies: (segment name, segment size, offset, nbytes).
+    layout: tuple[tuple[str, int, int, int], ...]
 
 
-def pack(shared: dict[str, Any]) -> tuple[PackedShared, Segment | None]:
-    """Pickle ``shared`` once, moving its large buffers into one new segment.
+def pack(shared: dict[str, Any]) -> tuple[PackedShared, list[Segment]]:
+    """Pickle ``shared`` once, its large buffers placed in shared memory.
 
-    Returns the packed description and the segment, which the caller owns
-    and must unlink.
+    Buffers of :func:`shared_array` arrays are referenced where they are;
+    the others are copied into one new segment.  Returns the description and
+    the segments that must stay alive while workers may attach them: the new
+    one first (the caller owns it and must unlink it), then the borrowed ones.
     """
     buffers: list[pickle.PickleBuffer] = []
 
@@ -170,35 +241,50 @@ def pack(shared: dict[str, Any]) -> tuple[PackedShared, Segment | None]:
                 f"plain data (arrays, lists, scipy objects)"
             ) from first
 
-    layout = []
-    offset = 0
+    placed: list[tuple[Segment | None, int, int]] = []  # (borrowed segment or None, offset, n)
+    borrowed: dict[str, Segment] = {}
+    size = 0
     for buf in buffers:
-        nbytes = buf.raw().nbytes
-        layout.append((offset, nbytes))
-        offset += -(-nbytes // ALIGN) * ALIGN
-    if not buffers:
-        return PackedShared(payload, None, 0, ()), None
+        raw = buf.raw()
+        found = _find_allocated(raw)
+        if found is not None:
+            borrowed[found[0].name] = found[0]
+            placed.append((found[0], found[1], raw.nbytes))
+        else:
+            placed.append((None, size, raw.nbytes))
+            size += -(-raw.nbytes // ALIGN) * ALIGN
 
-    segment = Segment.create(offset)
+    own = Segment.create(size) if size else None
     try:
-        view = memoryview(segment.mmap)
-        for buf, (off, nbytes) in zip(buffers, layout, strict=True):
-            view[off : off + nbytes] = buf.raw()
-        view.release()
+        if own is not None:
+            view = memoryview(own.mmap)
+            for buf, (seg, off, nbytes) in zip(buffers, placed, strict=True):
+                if seg is None:
+                    view[off : off + nbytes] = buf.raw()
+            view.release()
     except BaseException:
-        segment.unlink()
+        if own is not None:
+            own.unlink()
         raise
     finally:
         for buf in buffers:
             buf.release()
-    return PackedShared(payload, segment.name, segment.size, tuple(layout)), segment
+    layout = tuple(
+        (seg.name, seg.size, off, n) if seg is not None else (own.name, own.size, off, n)  # type: ignore[union-attr]
+        for seg, off, n in placed
+    )
+    keep = ([own] if own is not None else []) + list(borrowed.values())
+    return PackedShared(payload, layout), keep
 
 
-def unpack(packed: PackedShared) -> tuple[dict[str, Any], Segment | None]:
-    """Rebuild the shared objects in a worker, viewing the segment read-only."""
-    if packed.segment_name is None:
-        return pickle.loads(packed.payload), None
-    segment = Segment.attach(packed.segment_name, packed.segment_size)
-    view = memoryview(segment.mmap).toreadonly()
-    buffers = [view[off : off + nbytes] for off, nbytes in packed.layout]
-    return pickle.loads(packed.payload, buffers=buffers), segment
+def unpack(packed: PackedShared) -> tuple[dict[str, Any], list[Segment]]:
+    """Rebuild the shared objects in a worker, viewing the segments read-only."""
+    segments: dict[str, Segment] = {}
+    views: dict[str, memoryview] = {}
+    buffers = []
+    for name, size, off, nbytes in packed.layout:
+        if name not in segments:
+            segments[name] = Segment.attach(name, size)
+            views[name] = memoryview(segments[name].mmap).toreadonly()
+        buffers.append(views[name][off : off + nbytes])
+    return pickle.loads(packed.payload, buffers=buffers), list(segments.values())

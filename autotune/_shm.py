@@ -30,7 +30,7 @@ try:  # POSIX only; Windows has no fork and is not supported by this module.
 except ImportError:  # pragma: no cover - exercised on Windows only
     _posixshmem = None
 
-__all__ = ["Segment", "PREFIX", "list_segments"]
+__all__ = ["Segment", "PREFIX", "list_segments", "unlink"]
 
 #: Every segment autotune creates is named with this prefix, so tests and
 #: users can see what is ours in /dev/shm.
@@ -100,9 +100,7 @@ class Segment:
         if not (self._owner and self._linked):
             return
         self._linked = False
-        with contextlib.suppress(FileNotFoundError):
-            _posixshmem.shm_unlink("/" + self.name)
-        resource_tracker.unregister("/" + self.name, "shared_memory")
+        unlink(self.name)
 
     def close(self) -> None:
         """Unmap now if nothing views the mapping; otherwise leave it to the GC."""
@@ -114,6 +112,13 @@ class Segment:
     def __repr__(self) -> str:
         state = "linked" if self._linked else "unlinked" if self._owner else "attached"
         return f"<Segment {self.name} {self.size} bytes {state}>"
+
+
+def unlink(name: str) -> None:
+    """Remove a segment we created, by name, and tell the resource tracker."""
+    with contextlib.suppress(FileNotFoundError):
+        _posixshmem.shm_unlink("/" + name)
+    resource_tracker.unregister("/" + name, "shared_memory")
 
 
 def list_segments() -> list[str]:

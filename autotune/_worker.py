@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from autotune._schedule import chunk_bounds
 from autotune._shared import PackedShared, SharedNamespace, unpack
 from autotune._shm import Segment
 
@@ -132,19 +131,20 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
 
             limiter = threadpool_limits(limits=spec.blas_threads)  # noqa: F841 (kept alive)
         if spec.packed is not None:
-            data, _segment = unpack(spec.packed)
+            data, _segments = unpack(spec.packed)
         else:
-            data, _segment = dict(spec.shared or {}), None
+            data, _segments = dict(spec.shared or {}), []
         shared = SharedNamespace(data)
         control = Segment.attach(spec.control_name, spec.control_size)
-        cancelled = np.frombuffer(control.mmap, dtype=np.int64, count=1)
+        # A memoryview reads the word as a plain int, faster than numpy.
+        cancelled = memoryview(control.mmap).cast("q")
     except BaseException as exc:
         conn.send(_error_message(-1, -1, 0, 0, exc))
         return
     _serve(conn, shared, cancelled)
 
 
-def _serve(conn: Any, shared: SharedNamespace, cancelled: np.ndarray) -> None:
+def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
     call: _Call | None = None
     while True:
         try:
@@ -193,27 +193,34 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: np.ndarray) -> None:
 
 
 def _run_batch(
-    call: _Call, shared: SharedNamespace, cancelled: np.ndarray, batch_id: int, c0: int, c1: int
+    call: _Call, shared: SharedNamespace, cancelled: Any, batch_id: int, c0: int, c1: int
 ) -> tuple:
-    results: list[Any] = []
+    # The hot loop: an empty kernel costs about a microsecond per chunk here,
+    # so keep attribute lookups and calls out of it.
+    kernel, call_id, chunk_len, n = call.kernel, call.call_id, call.chunk_len, call.n
     out = call.out
-    for c in range(c0, c1):
-        # The parent writes the id of a failed call here, or a number above
-        # every call id when it shuts down.
-        if cancelled[0] >= call.call_id:
-            return ("cancelled", call.call_id, batch_id)
-        start, stop = chunk_bounds(c, c + 1, call.chunk_len, call.n)
-        try:
-            r = call.kernel(shared, start, stop)
-            if call.mode == "map":
-                arr = check_map_result(r, start, stop)
-                if out is not None:
-                    _check_like(arr, out, start, stop)
-                    out[start:stop] = arr
-                else:
-                    results.append(arr)
+    mapping = call.mode == "map"
+    results: list[Any] = []
+    append = results.append
+    start = stop = c0 * chunk_len
+    try:
+        for c in range(c0, c1):
+            # The parent writes the id of a failed call here, or a number
+            # above every call id when it shuts down.
+            if cancelled[0] >= call_id:
+                return ("cancelled", call_id, batch_id)
+            start = c * chunk_len
+            stop = min(n, start + chunk_len)
+            r = kernel(shared, start, stop)
+            if not mapping:
+                append(r)
+                continue
+            arr = check_map_result(r, start, stop)
+            if out is None:
+                append(arr)
             else:
-                results.append(r)
-        except Exception as exc:
-            return _error_message(call.call_id, batch_id, start, stop, exc)
-    return ("done", call.call_id, batch_id, None if out is not None else results)
+                _check_like(arr, out, start, stop)
+                out[start:stop] = arr
+    except Exception as exc:
+        return _error_message(call_id, batch_id, start, stop, exc)
+    return ("done", call_id, batch_id, None if out is not None else results)

@@ -35,7 +35,7 @@ import numpy as np
 
 from autotune._errors import WorkerLost
 from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
-from autotune._shared import check_names, dumps_callable, pack
+from autotune._shared import _ALLOCATED, check_names, dumps_callable, pack
 from autotune._shm import Segment
 from autotune._worker import WorkerSpec, in_worker, worker_main
 
@@ -95,6 +95,7 @@ class _Resources:
     workers: list[_Worker] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     cancel: np.ndarray | None = None  # the control word workers poll between chunks
+    borrowed: list[Segment] = field(default_factory=list)  # shared_array segments, kept linked
 
     def shutdown(self) -> None:
         if self.cancel is not None:
@@ -112,6 +113,7 @@ class _Resources:
             w.conn.close()
             with contextlib.suppress(ValueError):
                 w.process.close()
+        self.borrowed = []
         segments, self.segments = self.segments, []
         for seg in segments:
             seg.unlink()
@@ -279,9 +281,12 @@ class Evaluator:
             self._res.cancel = self._cancelled
             self._packed = None
             if method != "fork":
-                self._packed, segment = pack(shared_dict)
-                if segment is not None:
-                    self._res.segments.append(segment)
+                self._packed, segments = pack(shared_dict)
+                for seg in segments:
+                    if seg.name not in _ALLOCATED:
+                        self._res.segments.append(seg)  # ours: unlinked at close
+                    else:
+                        self._res.borrowed.append(seg)  # the user's shared_array
             self._cpus = self._pin_cpus() if self.pin else None
             for i in range(self.workers):
                 self._res.workers.append(self._start_worker(i))
@@ -331,6 +336,9 @@ class Evaluator:
         """End the workers and unlink every shared-memory segment (idempotent)."""
         self._closed = True
         self._finalizer()
+        # Let the user's data go with the pool, even if this object lingers.
+        self._shared = {}
+        self._packed = None
 
     def __enter__(self) -> Evaluator:
         return self
@@ -557,9 +565,8 @@ class _Call:
                 except ValueError as exc:
                     self._fail(exc)
             else:
-                assert self.fold is not None
-                for c, partial in zip(range(c0, c1), results, strict=True):
-                    self.fold.add(c, partial)
+                assert self.fold is not None and len(results) == c1 - c0
+                self.fold.extend(c0, results)
         self.completed += c1 - c0
 
     def _store(self, c: int, arr: np.ndarray) -> None:

@@ -376,3 +376,18 @@ def test_two_threads_share_one_evaluator(x, no_leaks):
 def test_default_start_method_is_explicit():
     with Evaluator(1, 10) as ev:
         assert ev.start_method == "fork"  # Linux; never left to Python's default
+
+
+def test_shared_array_is_not_copied(start_method, no_leaks):
+    import autotune
+
+    x = autotune.shared_array(200_000)
+    x[:] = np.arange(200_000)
+    assert len(list_segments()) >= 1
+    with Evaluator(2, 10_000, shared={"x": x}, start_method=start_method) as ev:
+        created = set(list_segments())
+        assert np.array_equal(ev.map(kernels.double, len(x)), x * 2.0)
+    # no segment was made for x itself: only the control word's
+    assert len(created) == 2
+    del x
+    gc.collect()  # the segment goes with the last view
