@@ -80,13 +80,20 @@ class Segment:
         return cls(name, length, mm, owner=True)
 
     @classmethod
-    def attach(cls, name: str, size: int) -> Segment:
-        """Map an existing segment (a worker's side); never touches the tracker."""
+    def attach(cls, name: str, size: int, *, populate: bool = False) -> Segment:
+        """Map an existing segment; never touches the resource tracker.
+
+        ``populate`` maps every page up front in one system call (Linux),
+        cheaper than one page fault each when the pages already exist.
+        """
         if _posixshmem is None:  # pragma: no cover
             raise OSError("POSIX shared memory is not available on this platform")
         fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0o600)
         try:
-            mm = mmap.mmap(fd, size)
+            flags = mmap.MAP_SHARED
+            if populate and hasattr(mmap, "MAP_POPULATE"):
+                flags |= mmap.MAP_POPULATE
+            mm = mmap.mmap(fd, size, flags=flags)
         finally:
             os.close(fd)
         return cls(name, size, mm, owner=False)

@@ -100,13 +100,24 @@ class _Call:
         self.n = n
         self.chunk_len = cl
         self.out: np.ndarray | None = None
-        self.out_segment: Segment | None = None
 
     def release(self) -> None:
         self.out = None
-        if self.out_segment is not None:
-            self.out_segment.close()
-            self.out_segment = None
+
+
+# The last map output we mapped.  The parent reuses its segment for the next
+# result of the same size, and then our pages are already mapped: no faults.
+_output: Segment | None = None
+
+
+def _output_view(name: str, size: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    global _output
+    if _output is None or _output.name != name:
+        if _output is not None:
+            _output.close()  # the parent has given that one up
+        _output = Segment.attach(name, size)
+    count = int(np.prod(shape))
+    return np.frombuffer(_output.mmap, dtype=dtype, count=count).reshape(shape)
 
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -179,11 +190,7 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
         elif kind == "out":
             _, call_id, name, size, shape, dtype = msg
             if call is not None and call.call_id == call_id:
-                call.out_segment = Segment.attach(name, size)
-                count = int(np.prod(shape))
-                call.out = np.frombuffer(call.out_segment.mmap, dtype=dtype, count=count).reshape(
-                    shape
-                )
+                call.out = _output_view(name, size, shape, dtype)
         elif kind == "end":
             if call is not None:
                 call.release()

@@ -37,6 +37,7 @@ from autotune._errors import WorkerLost
 from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 from autotune._shared import _ALLOCATED, check_names, dumps_callable, pack
 from autotune._shm import Segment
+from autotune._shm import unlink as unlink_segment
 from autotune._worker import WorkerSpec, in_worker, worker_main
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class _Resources:
     segments: list[Segment] = field(default_factory=list)
     cancel: np.ndarray | None = None  # the control word workers poll between chunks
     borrowed: list[Segment] = field(default_factory=list)  # shared_array segments, kept linked
+    output_names: list[str] = field(default_factory=list)  # map outputs kept for reuse
 
     def shutdown(self) -> None:
         if self.cancel is not None:
@@ -114,6 +116,9 @@ class _Resources:
             with contextlib.suppress(ValueError):
                 w.process.close()
         self.borrowed = []
+        names, self.output_names = self.output_names, []
+        for name in names:
+            unlink_segment(name)
         segments, self.segments = self.segments, []
         for seg in segments:
             seg.unlink()
@@ -272,6 +277,7 @@ class Evaluator:
         self._closed = False
         self._call_id = 0
         self._batch_id = 0
+        self._out_cache: tuple[str, int, weakref.ref[Any]] | None = None
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _Resources.shutdown, self._res)
         try:
@@ -409,6 +415,33 @@ class Evaluator:
         self._res.workers[dead.index] = new
         return new
 
+    def _output_segment(self, size: int) -> Segment:
+        """Shared memory for a map result of ``size`` bytes.
+
+        A fresh segment costs a page fault per page in every process that
+        touches it: on a memory-bound map that doubles the time.  So the
+        last output segment stays linked (and mapped in the workers), and is
+        reused when the next result has the same size and the user no longer
+        holds the previous one.  The cost: one output's memory held until
+        :meth:`close`.
+        """
+        cache = self._out_cache
+        if cache is not None:
+            name, cached_size, mapping = cache
+            if cached_size == size and mapping() is None:
+                seg = Segment.attach(name, size, populate=True)
+                self._out_cache = (name, size, weakref.ref(seg.mmap))
+                return seg
+            # Still in the user's hands (or another size): give up the name;
+            # the user's array keeps its own mapping.
+            self._out_cache = None
+            self._res.output_names.remove(name)
+            unlink_segment(name)
+        seg = Segment.create(size)
+        self._res.output_names.append(seg.name)
+        self._out_cache = (seg.name, seg.size, weakref.ref(seg.mmap))
+        return seg
+
     # -- one call ---------------------------------------------------------
     def _call(self, kernel: Callable[..., Any], n: int, mode: str, combine: Any) -> Any:
         if not callable(kernel):
@@ -475,7 +508,7 @@ class _Call:
         self.batches = Batches(self.total, ev.workers)
         self.fold = OrderedFold(combine) if mode == "reduce" else None
         self.out: np.ndarray | None = None
-        self.out_segment: Segment | None = None
+        self.out_desc: tuple[str, int] | None = None  # shared output (name, size)
         self.failure: BaseException | None = None
         self.tries: dict[tuple[int, int], int] = {}  # re-run batch -> deaths so far
         self.completed = 0  # chunks
@@ -585,14 +618,14 @@ class _Call:
 
     def _allocate(self, first: np.ndarray) -> None:
         shape = (self.n, *first.shape[1:])
-        nbytes = math.prod(shape) * first.dtype.itemsize
+        count = math.prod(shape)
+        nbytes = count * first.dtype.itemsize
         if nbytes < SHM_OUTPUT_MIN or first.dtype.hasobject:
             self.out = np.empty(shape, dtype=first.dtype)
             return
-        seg = Segment.create(nbytes)
-        self.ev._res.segments.append(seg)
-        self.out_segment = seg
-        self.out = np.frombuffer(seg.mmap, dtype=first.dtype, count=math.prod(shape)).reshape(shape)
+        seg = self.ev._output_segment(max(nbytes, 1))
+        self.out_desc = (seg.name, seg.size)
+        self.out = np.frombuffer(seg.mmap, dtype=first.dtype, count=count).reshape(shape)
         for w in self.ev._res.workers:
             self._send(w, ("out", self.call_id, seg.name, seg.size, shape, first.dtype))
 
@@ -603,9 +636,9 @@ class _Call:
             msg = ("call", self.call_id, self.kernel_bytes, self.mode, self.n, self.chunk_len)
             if not self._send(w, msg):
                 return
-            if self.out_segment is not None and self.out is not None:
-                seg = self.out_segment
-                out_msg = ("out", self.call_id, seg.name, seg.size, self.out.shape, self.out.dtype)
+            if self.out_desc is not None and self.out is not None:
+                name, size = self.out_desc
+                out_msg = ("out", self.call_id, name, size, self.out.shape, self.out.dtype)
                 if not self._send(w, out_msg):
                     return
         while len(w.inflight) < DEPTH and self.batches and self.failure is None:
@@ -676,10 +709,6 @@ class _Call:
             if w.call_id == self.call_id:
                 with contextlib.suppress(OSError, ValueError):
                     w.conn.send(("end", self.call_id))
-        if self.out_segment is not None:
-            # The result array keeps our mapping alive; the name can go now.
-            self.out_segment.unlink()
-            self.ev._res.segments.remove(self.out_segment)
 
 
 def _describe_exit(code: int | None) -> str:
