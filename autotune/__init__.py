@@ -14,6 +14,7 @@ from autotune._errors import ProfileError, WorkerLost
 from autotune._shared import shared_array
 from autotune.evaluator import Evaluator
 from autotune.probe import CacheLevel, CpuInfo, probe
+from autotune.profile import Measurement, Profile, load_profile
 from autotune.workload import Workload
 
 __version__ = "0.1.0"
@@ -22,10 +23,13 @@ __all__ = [
     "CacheLevel",
     "CpuInfo",
     "Evaluator",
+    "Measurement",
+    "Profile",
     "ProfileError",
     "WorkerLost",
     "Workload",
     "__version__",
+    "load_profile",
     "probe",
     "shared_array",
 ]

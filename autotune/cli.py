@@ -27,7 +27,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    raise UsageError("probe is not implemented yet")
+    """Print what this CPU (or the ``--sysfs-root`` tree) is: a table, JSON or YAML."""
+    import json
+
+    from autotune.probe import format_table, probe
+
+    try:
+        info = probe(args.sysfs_root)
+    except ValueError as exc:  # an unusable --sysfs-root: probe() raises nothing else
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+    elif args.yaml:
+        import yaml
+
+        print(yaml.safe_dump(info.to_dict(), sort_keys=False), end="")
+    else:
+        print(format_table(info))
+    return 0
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -35,11 +52,77 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    raise UsageError("show is not implemented yet")
+    """Print a profile's table and best point; ``--plot PNG`` also draws the heatmap."""
+    from autotune.profile import Profile
+    from autotune.report import PlotUnavailable, format_table, plot_heatmap, require_matplotlib
+
+    profile = Profile.load(args.path)
+    try:
+        if args.plot:
+            require_matplotlib()  # before any output: fail whole, not half done
+        print(format_table(profile))
+        if args.plot:
+            written = plot_heatmap(profile, args.plot)
+            print(f"autotune show: heatmap written to {written}", file=sys.stderr)
+    except PlotUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.plot}: {exc.strerror or exc}") from None
+    return 0
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
-    raise UsageError("recommend is not implemented yet")
+    """Print the workers and chunk length to use here, and where they come from."""
+    import json
+    import os
+
+    from autotune.probe import probe
+    from autotune.profile import recommend
+
+    item_bytes = None
+    if args.item_bytes is not None:
+        text = args.item_bytes.strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1 << 40:
+            raise UsageError(f"--item-bytes must be a positive integer, got {args.item_bytes!r}")
+        item_bytes = int(text)
+    if not args.workload or not args.workload.strip():
+        raise UsageError("--workload must be a non-empty name")
+    if args.sysfs_root is not None and not os.path.isdir(args.sysfs_root):
+        raise UsageError(f"--sysfs-root {args.sysfs_root!r} is not a directory")
+    try:
+        cpu = probe(args.sysfs_root)
+    except (OSError, ValueError) as exc:
+        where = args.sysfs_root or "this machine"
+        raise UsageError(f"cannot probe {where}: {' '.join(str(exc).split())}") from None
+
+    rec = recommend(args.workload, cpu=cpu, item_bytes=item_bytes)
+    p = rec.profile
+    for message in rec.warnings:
+        print(f"autotune recommend: warning: {message}", file=sys.stderr)
+    if args.json:
+        answer = {
+            "workload": p.workload,
+            "workers": p.workers,
+            "chunk_len": p.chunk_len,
+            "chunk_bytes": p.chunk_bytes,
+            "item_bytes": p.item_bytes,
+            "backend": p.backend,
+            "source": p.source,
+            "profile": p.path,
+            "throughput": p.best.throughput,
+            "origin": rec.origin,
+            "why": rec.why,
+        }
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(f"workload     {p.workload}")
+    print(f"workers      {p.workers}")
+    print(f"chunk_len    {p.chunk_len} items")
+    per_item = f" ({p.item_bytes} B per item)" if p.item_bytes else ""
+    print(f"chunk_bytes  {p.chunk_bytes}{per_item}")
+    print(f"source       {rec.origin}")
+    print(f"why          {rec.why}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

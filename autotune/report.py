@@ -1,0 +1,339 @@
+"""Reports of measurements: the seed-style table and the heatmap.
+
+The table is the one the seed published (rows: workers, columns: bytes per
+chunk, cells: millions of items per second), followed by the serial baseline
+and the best point.  ``autotune show`` prints it for a saved profile and
+``autotune search`` for the points it just measured: both go through
+:func:`render_table`, which takes the measurements, the serial throughput and
+the best point, so neither needs a saved file.
+
+:func:`plot_heatmap` draws the same grid with matplotlib (the optional
+``[plot]`` extra), marking the L1d, L2 and L3 sizes on the chunk axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from autotune.probe import CpuInfo
+from autotune.profile import Measurement, Profile, is_unchunked
+
+__all__ = [
+    "PlotUnavailable",
+    "bytes_label",
+    "format_table",
+    "plot_heatmap",
+    "render_table",
+    "require_matplotlib",
+]
+
+PLOT_HINT = "--plot needs matplotlib: pip install 'autotune[plot]'"
+UNCHUNKED = "unchunked"
+
+
+class PlotUnavailable(ImportError):
+    """matplotlib, needed for a heatmap, is not installed."""
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`PlotUnavailable` with the install hint if matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotUnavailable(PLOT_HINT) from None
+
+
+def bytes_label(b: int) -> str:
+    """A short column label for a chunk size in bytes.
+
+    Round decimal sizes keep the seed's spelling (``125000 -> "125K"``,
+    ``1000000 -> "1000K"``); binary ones, which cache-derived sizes are, use
+    ``Ki``/``Mi`` (``32768 -> "32Ki"``); a size that is both takes the
+    shorter label; anything else gets a decimal (``124992 -> "125.0K"``).
+    """
+    exact = []
+    if b >= 1 << 20 and b % (1 << 20) == 0:
+        exact.append(f"{b >> 20}Mi")
+    elif b >= 1 << 10 and b % (1 << 10) == 0:
+        exact.append(f"{b >> 10}Ki")
+    if b >= 1000 and b % 1000 == 0:
+        exact.append(f"{b // 1000}K")
+    if exact:
+        return min(exact, key=len)  # min keeps the first (binary) on a tie
+    if b < 1000:
+        return f"{b}B"
+    if b < 1_000_000:
+        return f"{b / 1000:.1f}K"
+    return f"{b / 1e6:.2f}M"
+
+
+def _grid(
+    measurements: Iterable[Measurement], n: int | None
+) -> tuple[list[int], list[int | str], dict[tuple[int, int | str], float]]:
+    """Rows (workers), columns (chunk bytes, then "unchunked") and cells.
+
+    A cell measured more than once shows its highest throughput.
+    """
+    cells: dict[tuple[int, int | str], float] = {}
+    for m in measurements:
+        if m.throughput is None:
+            continue
+        col: int | str = UNCHUNKED if is_unchunked(m, n) else m.chunk_bytes
+        key = (m.workers, col)
+        cells[key] = max(cells.get(key, 0.0), m.throughput)
+    rows = sorted({w for w, _ in cells})
+    sized = sorted({c for _, c in cells if isinstance(c, int)})
+    cols: list[int | str] = [
+        *sized,
+        *([UNCHUNKED] if any(c == UNCHUNKED for _, c in cells) else []),
+    ]
+    return rows, cols, cells
+
+
+def _best_key(best: Measurement | None, n: int | None) -> tuple[int, int | str] | None:
+    """The (row, column) of the best point, if it was measured."""
+    if best is None or best.throughput is None:
+        return None
+    return (best.workers, UNCHUNKED if is_unchunked(best, n) else best.chunk_bytes)
+
+
+def _rate(items_per_s: float) -> str:
+    return f"{items_per_s / 1e6:.2f}"
+
+
+def render_table(
+    measurements: Iterable[Measurement],
+    *,
+    serial_throughput: float | None = None,
+    best: Measurement | None = None,
+    n: int | None = None,
+    item_bytes: int | None = None,
+) -> str:
+    """The seed-style table, the serial baseline and the best point.
+
+    Parameters
+    ----------
+    measurements : iterable of Measurement
+        The points; unmeasured ones (throughput ``None``) are left out.
+    serial_throughput : float, optional
+        Items per second of one process over the whole range.
+    best : Measurement, optional
+        The point picked; marked ``*`` in the table.
+    n : int, optional
+        Items per run: points where no worker got more than one chunk go to
+        the "unchunked" column.
+    item_bytes : int, optional
+        Bytes per item, quoted in the legend.
+
+    Returns
+    -------
+    str
+        Lines without a trailing newline.
+    """
+    rows, cols, cells = _grid(measurements, n)
+    lines: list[str] = []
+    if rows:
+        labels = [c if isinstance(c, str) else bytes_label(c) for c in cols]
+        widths = [max(len(label), 6) for label in labels]
+        key = _best_key(best, n)
+        # Each column is followed by one character, "*" on the best cell, so
+        # the star never shifts the numbers out of line.
+        lines.append(
+            "workers "
+            + "".join(f" {lab.rjust(w)} " for lab, w in zip(labels, widths, strict=True)).rstrip()
+        )
+        for r in rows:
+            line = f"{r:>7} "
+            for c, w in zip(cols, widths, strict=True):
+                value = cells.get((r, c))
+                text = "" if value is None else _rate(value)
+                line += f" {text.rjust(w)}{'*' if (r, c) == key else ' '}"
+            lines.append(line.rstrip())
+        per_item = f", {item_bytes} B per item" if item_bytes else ""
+        star = "; * best" if key in cells else ""
+        lines.append(f"(M items/s; columns: bytes per chunk{per_item}{star})")
+    else:
+        lines.append("(no measurements)")
+    lines.append("")
+    if serial_throughput is not None:
+        lines.append(f"serial  {_rate(serial_throughput)} M items/s (1 process, one chunk)")
+    else:
+        lines.append("serial  not measured")
+    if best is not None:
+        point = (
+            f"{best.workers} worker{'s' if best.workers != 1 else ''}, "
+            f"chunk_len {best.chunk_len} ({best.chunk_bytes} bytes)"
+        )
+        if best.throughput is None:
+            lines.append(f"best    {point} (not measured)")
+        else:
+            speedup = ""
+            if serial_throughput:
+                speedup = f", {best.throughput / serial_throughput:.2f}x serial"
+            lines.append(f"best    {_rate(best.throughput)} M items/s: {point}{speedup}")
+    return "\n".join(lines)
+
+
+def _caches(profile: Profile, cpu: CpuInfo | None) -> dict[str, int | None]:
+    if cpu is not None:
+        return {"L1d": cpu.l1d, "L2": cpu.l2, "L3": cpu.l3}
+    caches = profile.cpu.get("caches") or {}
+    return {"L1d": caches.get("l1d"), "L2": caches.get("l2"), "L3": caches.get("l3")}
+
+
+def format_table(profile: Profile) -> str:
+    """A profile as ``autotune show`` prints it: a title line, then :func:`render_table`."""
+    cpu = profile.cpu
+    brand = cpu.get("brand") or "unknown CPU"
+    shape = f"{cpu.get('logical_cpus') or '?'} logical / {cpu.get('physical_cores') or '?'} cores"
+    sizes = ", ".join(
+        f"{name} {bytes_label(size)}" for name, size in _caches(profile, None).items() if size
+    )
+    title = f"{profile.workload}: {profile.source} profile, {brand} ({shape}"
+    title += f", {sizes})" if sizes else ")"
+    body = render_table(
+        profile.measurements,
+        serial_throughput=profile.serial_throughput,
+        best=profile.best,
+        n=profile.n,
+        item_bytes=profile.item_bytes,
+    )
+    return f"{title}\n\n{body}"
+
+
+def _log_position(b: float, centers: list[int]) -> float | None:
+    """Where ``b`` bytes falls on the categorical chunk axis, in log scale.
+
+    Column ``i`` is centred on ``centers[i]``; a size between two centres is
+    interpolated in log space; up to half a column beyond either end it is
+    extrapolated with the neighbouring step; further out, ``None``.
+    """
+    if not centers:
+        return None
+    logs = [math.log(c) for c in centers]
+    x = math.log(b)
+    if len(logs) == 1:
+        return 0.0 if x == logs[0] else None
+    for i in range(len(logs) - 1):
+        if logs[i] <= x <= logs[i + 1]:
+            return i + (x - logs[i]) / (logs[i + 1] - logs[i])
+    if x < logs[0]:
+        pos = (x - logs[0]) / (logs[1] - logs[0])
+    else:
+        pos = len(logs) - 1 + (x - logs[-1]) / (logs[-1] - logs[-2])
+    return pos if -0.5 <= pos <= len(logs) - 0.5 else None
+
+
+def plot_heatmap(
+    profile: Profile, png_path: str | os.PathLike[str], cpu: CpuInfo | None = None
+) -> Path:
+    """Draw throughput over workers x chunk bytes as a PNG heatmap.
+
+    Columns are the table's (chunk sizes ascending, then "unchunked"); the
+    L1d, L2 and L3 sizes (one instance each, from ``cpu`` or else from the
+    profile's ``cpu`` section) are dashed vertical lines where they fall
+    inside the measured range, and listed in the title in any case.
+
+    Parameters
+    ----------
+    profile : Profile
+        The profile whose measurements to draw.
+    png_path : str or path-like
+        File to write; written to a temporary file beside it and renamed.
+    cpu : CpuInfo, optional
+        Take the cache sizes from here instead of the profile.
+
+    Returns
+    -------
+    Path
+        ``png_path``.
+
+    Raises
+    ------
+    PlotUnavailable
+        matplotlib is not installed.
+    OSError
+        The file cannot be written.
+    """
+    require_matplotlib()
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    rows, cols, cells = _grid(profile.measurements, profile.n)
+    grid = np.full((max(len(rows), 1), max(len(cols), 1)), np.nan)
+    for (w, c), value in cells.items():
+        grid[rows.index(w), cols.index(c)] = value / 1e6
+
+    # The object-oriented API, not pyplot: no global backend or figure state
+    # is touched in the caller's process.
+    fig = Figure(figsize=(1.2 * len(cols) + 3.0, 0.6 * len(rows) + 2.4))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="M items/s")
+    top = max(cells.values(), default=0.0)
+    key = _best_key(profile.best, profile.n)
+    for (w, c), value in cells.items():
+        i, j = rows.index(w), cols.index(c)
+        star = "*" if (w, c) == key else ""
+        ax.text(
+            j,
+            i,
+            f"{value / 1e6:.2f}{star}",
+            ha="center",
+            va="center",
+            # viridis is light at the top of the scale: dark text there.
+            color="black" if value > 0.6 * top else "white",
+            fontsize=9,
+        )
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([c if isinstance(c, str) else bytes_label(c) for c in cols])
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([str(r) for r in rows])
+    ax.set_xlabel(
+        "bytes per chunk" + (f" ({profile.item_bytes} B per item)" if profile.item_bytes else "")
+    )
+    ax.set_ylabel("workers")
+
+    sized = [c for c in cols if isinstance(c, int)]
+    caches = _caches(profile, cpu)
+    for name, size in caches.items():
+        x = None if size is None else _log_position(size, sized)
+        if x is not None:
+            ax.axvline(x, color="red", linestyle="--", linewidth=1)
+            ax.annotate(
+                f"{name} {bytes_label(size)}" if size else name,
+                xy=(x, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -12),
+                textcoords="offset points",
+                color="red",
+                fontsize=8,
+                # Readable over any cell colour.
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+            )
+    sizes = ", ".join(f"{k} {bytes_label(v)}" for k, v in caches.items() if v)
+    ax.set_title(f"{profile.workload} ({profile.source})" + (f"\n{sizes}" if sizes else ""))
+    fig.tight_layout()
+
+    target = Path(png_path)
+    _save_atomic(fig, target)
+    return target
+
+
+def _save_atomic(fig: Any, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

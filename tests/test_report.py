@@ -1,0 +1,130 @@
+"""The seed-style table and the heatmap, on recorded numbers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from autotune.profile import Measurement, Profile
+from autotune.report import (
+    PLOT_HINT,
+    PlotUnavailable,
+    _log_position,
+    bytes_label,
+    format_table,
+    plot_heatmap,
+    render_table,
+)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "i3-3227u-spline.yaml"
+
+SEED_TABLE = """\
+spline: published profile, Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz (4 logical / 2 cores, \
+L1d 32Ki, L2 256Ki, L3 3Mi)
+
+workers    125K    250K    500K   1000K  unchunked
+      1                                       0.82
+      2    4.28*   1.96    1.30    1.31
+      3    2.69    1.06    1.06    1.07
+      4    2.17    1.27    1.23    1.28
+(M items/s; columns: bytes per chunk, 16 B per item; * best)
+
+serial  0.82 M items/s (1 process, one chunk)
+best    4.28 M items/s: 2 workers, chunk_len 7812 (125000 bytes), 5.22x serial"""
+
+
+def test_seed_table_from_the_shipped_profile():
+    assert format_table(Profile.load(SHIPPED)) == SEED_TABLE
+
+
+@pytest.mark.parametrize(
+    ("size", "label"),
+    [
+        (125000, "125K"),
+        (1000000, "1000K"),
+        (32768, "32Ki"),
+        (262144, "256Ki"),
+        (3 << 20, "3Mi"),
+        (124992, "125.0K"),
+        (512, "512B"),
+        (16000000, "16000K"),
+        (16000001, "16.00M"),
+    ],
+)
+def test_bytes_label(size, label):
+    assert bytes_label(size) == label
+
+
+def test_table_of_cache_sized_points_without_serial_or_n():
+    ms = [
+        Measurement(1, 2048, 32768, 4.0e8),
+        Measurement(2, 2048, 32768, 7.9e8, repeats=5, spread=0.02),
+        Measurement(2, 16384, 262144, 8.4e8),
+        Measurement(2, 16384, 262144, 8.1e8),  # measured twice: the higher is shown
+        Measurement(4, 131072, 2 << 20, 1.25e6),
+    ]
+    text = render_table(ms, best=ms[2])
+    assert text.splitlines() == [
+        "workers    32Ki   256Ki     2Mi",
+        "      1  400.00",
+        "      2  790.00  840.00*",
+        "      4                    1.25",
+        "(M items/s; columns: bytes per chunk; * best)",
+        "",
+        "serial  not measured",
+        "best    840.00 M items/s: 2 workers, chunk_len 16384 (262144 bytes)",
+    ]
+
+
+def test_table_of_an_unmeasured_heuristic_pick():
+    best = Measurement(2, 4096, 65536, None)
+    assert render_table([], best=best).splitlines() == [
+        "(no measurements)",
+        "",
+        "serial  not measured",
+        "best    2 workers, chunk_len 4096 (65536 bytes) (not measured)",
+    ]
+
+
+def test_unchunked_points_go_to_their_own_column():
+    n = 1000
+    ms = [Measurement(1, 1000, 8000, 1e6), Measurement(2, 500, 4000, 1.5e6)]
+    lines = render_table(ms, serial_throughput=1e6, best=ms[1], n=n).splitlines()
+    assert lines[0].split() == ["workers", "unchunked"]
+    assert lines[2].split() == ["2", "1.50*"]
+    assert lines[-1].endswith("1.50x serial")
+
+
+def test_log_position_of_cache_sizes():
+    centers = [125000, 250000, 500000, 1000000]
+    assert _log_position(250000, centers) == pytest.approx(1.0)
+    assert _log_position(262144, centers) == pytest.approx(1.0684, abs=1e-3)
+    assert _log_position(3 << 20, centers) is None  # beyond half a column past the end
+    assert _log_position(32768, centers) is None
+    assert _log_position(100000, centers) == pytest.approx(-0.3219, abs=1e-3)
+    assert _log_position(5, []) is None
+
+
+def test_missing_matplotlib_gives_the_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(PlotUnavailable) as info:
+        plot_heatmap(Profile.load(SHIPPED), tmp_path / "h.png")
+    assert str(info.value) == PLOT_HINT == "--plot needs matplotlib: pip install 'autotune[plot]'"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_heatmap_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = plot_heatmap(Profile.load(SHIPPED), tmp_path / "h.png")
+    assert out == tmp_path / "h.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["h.png"]  # no temporary left
+
+
+def test_heatmap_into_a_missing_directory_raises_oserror(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(OSError):
+        plot_heatmap(Profile.load(SHIPPED), tmp_path / "nowhere" / "h.png")
