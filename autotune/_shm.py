@@ -62,7 +62,8 @@ class Segment:
         # mmap refuses length 0; an empty array still needs a valid buffer.
         length = max(int(size), 1)
         while True:
-            name = PREFIX + secrets.token_hex(8)
+            # The creator's pid in the name tells whose segment a leftover is.
+            name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
             try:
                 fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             except FileExistsError:  # pragma: no cover - 64 random bits
@@ -128,9 +129,13 @@ def unlink(name: str) -> None:
     resource_tracker.unregister("/" + name, "shared_memory")
 
 
-def list_segments() -> list[str]:
-    """Names of autotune's segments currently in ``/dev/shm`` (Linux), for leak checks."""
+def list_segments(pid: int | None = None) -> list[str]:
+    """Names of autotune's segments in ``/dev/shm`` (Linux), for leak checks.
+
+    With ``pid``, only those that process created.
+    """
+    prefix = PREFIX if pid is None else f"{PREFIX}{pid}_"
     try:
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(PREFIX))
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
     except OSError:
         return []

@@ -43,10 +43,10 @@ def children_of(pid: int) -> list[int]:
 @pytest.fixture
 def no_leaks():
     """Fail the test if it leaves autotune segments in /dev/shm or child processes."""
-    before_segments = set(list_segments())
+    before_segments = set(list_segments(os.getpid()))
     before_children = set(children_of(os.getpid()))
     yield
-    leaked = set(list_segments()) - before_segments
+    leaked = set(list_segments(os.getpid())) - before_segments
     assert not leaked, f"leaked shared-memory segments: {sorted(leaked)}"
     # the forkserver and resource-tracker helpers are Python's, started once
     helpers = set()

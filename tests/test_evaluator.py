@@ -259,7 +259,7 @@ def test_close_ends_workers_and_unlinks(start_method, x, no_leaks):
     ev = Evaluator(2, 1_000, shared={"x": x}, start_method=start_method)
     pids = ev.pids
     ev.map(kernels.double, 100_000)
-    assert list_segments(), "expected the evaluator's segments while it is open"
+    assert list_segments(os.getpid()), "expected the evaluator's segments while it is open"
     ev.close()
     assert all(process_gone(p) for p in pids)
 
@@ -307,7 +307,7 @@ def test_ctrl_c_ends_workers_and_unlinks(method):
             except KeyboardInterrupt:
                 print("interrupted")
             print("gone", all(process_gone(p) for p in pids))
-            print("segments", list_segments())
+            print("segments", list_segments(os.getpid()))
         """
     )
     assert result.returncode == 0, result.stderr
@@ -326,12 +326,12 @@ def test_workers_exit_when_parent_is_killed(method):
 
         if __name__ == "__main__":
             ev = Evaluator(3, 100, start_method={method!r})
-            ev.reduce(kernels.slow, 10, )  if False else None
-            print(" ".join(map(str, ev.pids)), flush=True)
+            ev.map(kernels.arange_map, 100_000)  # leaves a map output segment too
+            print(os.getpid(), " ".join(map(str, ev.pids)), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         """
     )
-    pids = [int(p) for p in result.stdout.split()]
+    parent, *pids = (int(p) for p in result.stdout.split())
     assert len(pids) == 3
     deadline = time.monotonic() + 10
     while not all(process_gone(p) for p in pids) and time.monotonic() < deadline:
@@ -339,8 +339,9 @@ def test_workers_exit_when_parent_is_killed(method):
     assert all(process_gone(p) for p in pids), "orphaned workers survived their parent"
     # the resource tracker unlinks what the killed parent created
     deadline = time.monotonic() + 10
-    while list_segments() and time.monotonic() < deadline:
+    while list_segments(parent) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert not list_segments(parent)
 
 
 # -- workers on a shared machine --------------------------------------------------------
@@ -383,9 +384,9 @@ def test_shared_array_is_not_copied(start_method, no_leaks):
 
     x = autotune.shared_array(200_000)
     x[:] = np.arange(200_000)
-    assert len(list_segments()) >= 1
+    assert len(list_segments(os.getpid())) == 1
     with Evaluator(2, 10_000, shared={"x": x}, start_method=start_method) as ev:
-        created = set(list_segments())
+        created = set(list_segments(os.getpid()))
         assert np.array_equal(ev.map(kernels.double, len(x)), x * 2.0)
     # no segment was made for x itself: only the control word's
     assert len(created) == 2
