@@ -47,8 +47,104 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    """``1,2,4`` (and ranges ``0-3``) as a sorted list of distinct ints."""
+    from autotune._probe_linux import parse_cpu_list
+
+    try:
+        values = sorted(set(parse_cpu_list(text)))
+    except ValueError:
+        values = []
+    if not values:
+        raise UsageError(f"{flag} must be a list like 1,2,4 or 0-3, got {text!r}")
+    return values
+
+
+def _check_out(path: str) -> None:
+    """Refuse an --out that cannot be written before spending a minute measuring."""
+    import os
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path!r} is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise UsageError(f"--out {path!r}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"--out {path!r}: directory {directory!r} is not writable")
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
-    raise UsageError("search is not implemented yet")
+    """Measure workers x chunk length for a workload, print the table, write a profile."""
+    import json
+    import os
+    import warnings
+
+    from autotune.probe import probe
+    from autotune.profile import user_profile_dir
+    from autotune.report import PlotUnavailable, plot_heatmap, require_matplotlib
+    from autotune.tuner import search
+    from autotune.workloads import get_workload
+
+    try:
+        budget = float(args.budget)
+    except ValueError:
+        budget = float("nan")
+    if not budget > 0 or budget == float("inf"):
+        raise UsageError(f"--budget must be a number of seconds > 0, got {args.budget!r}")
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cpus = _int_list(args.cpus, "--cpus") if args.cpus else None
+    if cpus is not None and usable is not None and not set(cpus) <= set(usable):
+        raise UsageError(f"--cpus {args.cpus!r} names CPUs outside the usable ones {usable}")
+    workers = _int_list(args.workers, "--workers") if args.workers else None
+    limit = len(cpus) if cpus else (probe().usable_cpus or os.cpu_count() or 1)
+    if workers is not None and (workers[0] < 1 or workers[-1] > limit):
+        raise UsageError(f"--workers {args.workers!r} must be between 1 and {limit}")
+    if args.items is not None and (not args.items.isdigit() or int(args.items) < 1):
+        raise UsageError(f"--items must be a positive integer, got {args.items!r}")
+    if args.out:
+        _check_out(args.out)
+    if args.plot:
+        try:
+            require_matplotlib()
+        except PlotUnavailable as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        workload = get_workload(args.workload)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = search(
+            workload,
+            budget=budget,
+            workers=workers,
+            strategy=args.strategy,
+            cpus=cpus,
+            items=int(args.items) if args.items else None,
+        )
+    for w in caught:
+        print(f"autotune search: warning: {w.message}", file=sys.stderr)
+    profile = result.profile
+    if args.out:
+        out = args.out
+    else:
+        directory = user_profile_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        out = str(directory / f"{profile.workload}-{profile.cpu['fingerprint']}.yaml")
+    written = profile.save(out)
+    if args.json:
+        print(json.dumps({**profile.to_dict(), "path": str(written), "elapsed": result.elapsed}))
+    else:
+        print(result.table())
+        print(f"\n{result.strategy} search: {result.runs} runs in {result.elapsed:.1f} s")
+        print(f"profile written to {written}")
+    if args.plot:
+        try:
+            plot_heatmap(profile, args.plot)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.plot}: {exc.strerror or exc}") from None
+    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -149,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", metavar="LIST", help="worker counts to try, e.g. 1,2,4")
     p.add_argument("--strategy", choices=("auto", "grid"), default="auto")
     p.add_argument("--cpus", metavar="LIST", help="restrict to these CPUs, e.g. 0-3,6")
+    p.add_argument("--items", metavar="N", help="items per timed run (default: from the budget)")
     p.add_argument("--out", metavar="PATH", help="profile file to write")
     p.add_argument("--plot", metavar="PNG", help="also draw a heatmap (needs autotune[plot])")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
