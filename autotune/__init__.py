@@ -15,6 +15,7 @@ from autotune._shared import shared_array
 from autotune.evaluator import Evaluator
 from autotune.probe import CacheLevel, CpuInfo, probe
 from autotune.profile import Measurement, Profile, load_profile
+from autotune.tuner import SearchResult, search
 from autotune.workload import Workload
 
 __version__ = "0.1.0"
@@ -26,10 +27,12 @@ __all__ = [
     "Measurement",
     "Profile",
     "ProfileError",
+    "SearchResult",
     "WorkerLost",
     "Workload",
     "__version__",
     "load_profile",
     "probe",
+    "search",
     "shared_array",
 ]

@@ -24,6 +24,7 @@ import os
 import pickle
 import signal
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,10 @@ import numpy as np
 
 from autotune._shared import PackedShared, SharedNamespace, unpack
 from autotune._shm import Segment
+
+#: Below this many bytes a map result comes back through the pipe; above it,
+#: workers write into a shared-memory output that becomes the result.
+SHM_OUTPUT_MIN = 256 * 1024
 
 __all__ = ["WorkerSpec", "worker_main", "in_worker", "check_map_result"]
 
@@ -100,6 +105,7 @@ class _Call:
         self.n = n
         self.chunk_len = cl
         self.out: np.ndarray | None = None
+        self.asked = False  # told where map results go (or to send them back)
 
     def release(self) -> None:
         self.out = None
@@ -157,9 +163,11 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
 
 def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
     call: _Call | None = None
+    # Messages read while waiting for a map's output segment, served next.
+    stash: deque[tuple] = deque()
     while True:
         try:
-            msg = conn.recv()
+            msg = stash.popleft() if stash else conn.recv()
         except (EOFError, OSError):
             return  # the parent is gone or closed our pipe
         kind = msg[0]
@@ -167,7 +175,10 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
             _, call_id, batch_id, c0, c1 = msg
             if call is None or call.call_id != call_id:
                 continue  # a batch of a call we failed to set up; already reported
-            reply = _run_batch(call, shared, cancelled, batch_id, c0, c1)
+            try:
+                reply = _run_batch(call, shared, cancelled, batch_id, c0, c1, conn, stash)
+            except (EOFError, OSError):
+                return
             try:
                 conn.send(reply)
             except (BrokenPipeError, OSError):
@@ -190,7 +201,9 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
         elif kind == "out":
             _, call_id, name, size, shape, dtype = msg
             if call is not None and call.call_id == call_id:
-                call.out = _output_view(name, size, shape, dtype)
+                call.asked = True
+                if name is not None:
+                    call.out = _output_view(name, size, shape, dtype)
         elif kind == "end":
             if call is not None:
                 call.release()
@@ -199,8 +212,44 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
             return
 
 
+def wants_shared_output(row: np.ndarray, n: int) -> bool:
+    """Whether a map result of ``n`` rows like ``row`` goes through shared memory.
+
+    The parent and the workers decide it with this same function.
+    """
+    return not row.dtype.hasobject and n * row.nbytes >= SHM_OUTPUT_MIN
+
+
+def _request_output(conn: Any, stash: deque[tuple], call: _Call, arr: np.ndarray) -> None:
+    """Ask the parent for the map output and wait for it (once per call).
+
+    Without this, the first result of a call would travel through the pipe;
+    with one big chunk per worker, that is the whole output, pickled.
+    """
+    conn.send(("need_out", call.call_id, arr.shape[1:], arr.dtype))
+    while not call.asked:
+        msg = conn.recv()
+        if msg[0] == "out" and msg[1] == call.call_id:
+            call.asked = True
+            if msg[2] is not None:
+                call.out = _output_view(*msg[2:])
+        elif msg[0] == "out":
+            continue  # for a call that is over
+        else:
+            stash.append(msg)
+            if msg[0] in ("end", "call", "stop"):
+                return  # the call ended without us: the result is not wanted
+
+
 def _run_batch(
-    call: _Call, shared: SharedNamespace, cancelled: Any, batch_id: int, c0: int, c1: int
+    call: _Call,
+    shared: SharedNamespace,
+    cancelled: Any,
+    batch_id: int,
+    c0: int,
+    c1: int,
+    conn: Any,
+    stash: deque[tuple],
 ) -> tuple:
     # The hot loop: an empty kernel costs about a microsecond per chunk here,
     # so keep attribute lookups and calls out of it.
@@ -223,6 +272,9 @@ def _run_batch(
                 append(r)
                 continue
             arr = check_map_result(r, start, stop)
+            if out is None and not call.asked and wants_shared_output(arr[:1], n):
+                _request_output(conn, stash, call, arr)
+                out = call.out
             if out is None:
                 append(arr)
             else:
@@ -230,4 +282,8 @@ def _run_batch(
                 out[start:stop] = arr
     except Exception as exc:
         return _error_message(call_id, batch_id, start, stop, exc)
-    return ("done", call_id, batch_id, None if out is not None else results)
+    if out is None:
+        return ("done", call_id, batch_id, results)
+    if results:  # rows from before the output existed, then rows written
+        return ("done", call_id, batch_id, results + [None] * (c1 - c0 - len(results)))
+    return ("done", call_id, batch_id, None)

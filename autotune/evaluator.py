@@ -38,7 +38,7 @@ from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 from autotune._shared import _ALLOCATED, check_names, dumps_callable, pack
 from autotune._shm import Segment
 from autotune._shm import unlink as unlink_segment
-from autotune._worker import WorkerSpec, in_worker, worker_main
+from autotune._worker import WorkerSpec, in_worker, wants_shared_output, worker_main
 
 if TYPE_CHECKING:
     from autotune.profile import Profile
@@ -49,9 +49,6 @@ BACKENDS = ("processes", "threads", "dask")
 #: Batches queued per worker: one running, one waiting, so the worker never
 #: idles while the parent reads its last result.
 DEPTH = 2
-#: Below this many bytes a map result comes back through the pipe; above
-#: it, workers write into a shared-memory output that becomes the result.
-SHM_OUTPUT_MIN = 256 * 1024
 #: Graceful stop, then SIGTERM, then SIGKILL, each waited for this long.
 JOIN_TIMEOUT = 1.0
 #: Written to the control word at shutdown: larger than any call id.
@@ -572,6 +569,12 @@ class _Call:
             return
         if call_id != self.call_id:
             return  # stale
+        if kind == "need_out":  # a worker holds its first map result
+            if self.out is None:
+                self._allocate(msg[2], msg[3])
+            if self.out_desc is None:  # small output: results come back inline
+                self._send(w, ("out", self.call_id, None, 0, (), None))
+            return
         batch_id = msg[2]
         batch = w.inflight.pop(batch_id, None)
         if kind == "done" and batch is not None:
@@ -594,7 +597,8 @@ class _Call:
             if self.mode == "map":
                 try:
                     for c, arr in zip(range(c0, c1), results, strict=True):
-                        self._store(c, arr)
+                        if arr is not None:  # None: written to shared memory
+                            self._store(c, arr)
                 except ValueError as exc:
                     self._fail(exc)
             else:
@@ -605,7 +609,7 @@ class _Call:
     def _store(self, c: int, arr: np.ndarray) -> None:
         start, stop = chunk_bounds(c, c + 1, self.chunk_len, self.n)
         if self.out is None:
-            self._allocate(arr)
+            self._allocate(arr.shape[1:], arr.dtype)
         assert self.out is not None
         if arr.shape[1:] != self.out.shape[1:] or arr.dtype != self.out.dtype:
             raise ValueError(
@@ -616,18 +620,18 @@ class _Call:
             )
         self.out[start:stop] = arr
 
-    def _allocate(self, first: np.ndarray) -> None:
-        shape = (self.n, *first.shape[1:])
+    def _allocate(self, tail: tuple[int, ...], dtype: np.dtype) -> None:
+        """Create the output for rows of shape ``tail`` and ``dtype``; tell the workers."""
+        shape = (self.n, *tail)
         count = math.prod(shape)
-        nbytes = count * first.dtype.itemsize
-        if nbytes < SHM_OUTPUT_MIN or first.dtype.hasobject:
-            self.out = np.empty(shape, dtype=first.dtype)
+        if not wants_shared_output(np.empty((1, *tail), dtype=dtype), self.n):
+            self.out = np.empty(shape, dtype=dtype)
             return
-        seg = self.ev._output_segment(max(nbytes, 1))
+        seg = self.ev._output_segment(max(count * dtype.itemsize, 1))
         self.out_desc = (seg.name, seg.size)
-        self.out = np.frombuffer(seg.mmap, dtype=first.dtype, count=count).reshape(shape)
+        self.out = np.frombuffer(seg.mmap, dtype=dtype, count=count).reshape(shape)
         for w in self.ev._res.workers:
-            self._send(w, ("out", self.call_id, seg.name, seg.size, shape, first.dtype))
+            self._send(w, ("out", self.call_id, seg.name, seg.size, shape, dtype))
 
     def _refill(self, w: _Worker) -> None:
         """Keep DEPTH batches queued on worker ``w``."""
