@@ -191,6 +191,10 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         where = args.sysfs_root or "this machine"
         raise UsageError(f"cannot probe {where}: {' '.join(str(exc).split())}") from None
 
+    if item_bytes is None:
+        from autotune.workloads import ITEM_BYTES
+
+        item_bytes = ITEM_BYTES.get(args.workload)
     rec = recommend(args.workload, cpu=cpu, item_bytes=item_bytes)
     p = rec.profile
     for message in rec.warnings:

@@ -486,7 +486,9 @@ def _resolve_profile(profile: Any) -> Profile:
     if isinstance(profile, Profile):
         return profile
     if isinstance(profile, str):
-        return load_profile(profile)
+        from autotune.workloads import ITEM_BYTES
+
+        return load_profile(profile, item_bytes=ITEM_BYTES.get(profile))
     raise TypeError(f"profile must be a Profile or a workload name, got {type(profile).__name__}")
 
 

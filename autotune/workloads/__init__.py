@@ -22,7 +22,10 @@ import numpy as np
 
 from autotune.workload import Workload
 
-__all__ = ["BUILTIN", "get_workload", "spline", "stream"]
+__all__ = ["BUILTIN", "ITEM_BYTES", "get_workload", "spline", "stream"]
+
+#: Bytes each built-in workload touches per item, known without building it.
+ITEM_BYTES = {"spline": 16, "stream": 32}
 
 
 # -- spline ----------------------------------------------------------------------
@@ -60,7 +63,7 @@ def spline(points: int = 1_000_000, splines: int = 50, seed: int = 0) -> Workloa
         kernel=spline_kernel,
         shared=spline_data(points, splines, seed),
         mode="reduce",
-        item_bytes=16,
+        item_bytes=ITEM_BYTES["spline"],
         description=f"{splines} linear RectBivariateSplines, {points} points, sum of exp",
     )
 
@@ -88,7 +91,7 @@ def stream(n: int = 1 << 24, seed: int = 0) -> Workload:
         kernel=stream_kernel,
         shared={"x": rng.random(n)},
         mode="map",
-        item_bytes=32,
+        item_bytes=ITEM_BYTES["stream"],
         description=f"multi-pass numpy expression over {n} float64 values (map)",
     )
 
