@@ -10,8 +10,10 @@ production code will use.
 ``strategy="grid"`` times every point (a warm-up, then 3 runs, the median).
 ``strategy="auto"`` reaches nearly the same pick for a fraction of that:
 
-1. a coarse pass over every other chunk size for each worker count, one run
-   each (the pool is already warm);
+0. a screening run of every worker count at a mid-sized chunk (an eighth of
+   the L2 per core); counts below 80% of the best are not searched further;
+1. a coarse pass over every other chunk size for each remaining count, one
+   run each (the pool is already warm);
 2. the ladder neighbours of the two best points;
 3. successive halving: the three leaders get two more runs each, the best
    two two more, and a point whose runs spread over 15% gets two more.
@@ -46,6 +48,8 @@ STRATEGIES = ("auto", "grid")
 GRID_REPEATS = 3
 #: A point whose runs spread more than this (relative) is re-measured.
 NOISY = 0.15
+#: auto keeps the worker counts within this fraction of the best at screening.
+SCREEN = 0.8
 #: Smallest chunk tried, whatever the L1d says.
 MIN_CHUNK_BYTES = 8 * 1024
 
@@ -223,12 +227,23 @@ def _grid(bench: _Bench, plan: dict[int, list[int]], deadline: float) -> bool:
     return True
 
 
-def _auto(bench: _Bench, plan: dict[int, list[int]], deadline: float) -> bool:
-    # 1. coarse: every other rung (and always the unchunked end) per worker count
-    for w, lengths in plan.items():
-        bench.run(w, lengths[0], 1, warmup=True)
-        for c in lengths[2::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else []):
-            bench.run(w, c, 1)
+def _auto(bench: _Bench, plan: dict[int, list[int]], deadline: float, mid_bytes: int) -> bool:
+    # 0. screen the worker counts at one mid-sized chunk; keep those near the best
+    mid = {
+        w: min(v[:-1] or v, key=lambda c: abs(c * bench.item_bytes - mid_bytes))
+        for w, v in plan.items()
+    }
+    for w in plan:
+        bench.run(w, mid[w], 1, warmup=True)
+    screen = {w: bench.measurement(w, mid[w]).throughput or 0.0 for w in plan}
+    top = max(screen.values())
+    kept = {w: v for w, v in plan.items() if screen[w] >= SCREEN * top}
+    # 1. coarse: every other rung (and always the unchunked end) per kept count
+    for w, lengths in kept.items():
+        rungs = lengths[::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else [])
+        for c in rungs:
+            if (w, c) not in bench.times:
+                bench.run(w, c, 1)
     # 2. refine: ladder neighbours of the two best points
     for m in sorted(bench.measured(), key=lambda m: -(m.throughput or 0))[:2]:
         lengths = plan[m.workers]
@@ -253,7 +268,8 @@ def _planned_runs(plan: dict[int, list[int]], strategy: str) -> int:
     points = sum(len(v) for v in plan.values())
     if strategy == "grid":
         return points * (GRID_REPEATS + 1)
-    return points // 2 + len(plan) + 4 + 10
+    longest = max(len(v) for v in plan.values())
+    return len(plan) + longest // 2 + 1 + 4 + 10
 
 
 def search(
@@ -360,7 +376,10 @@ def _search(
         bench.runs += 3
         if bar is not None:
             bar.update(3)
-        complete = (_grid if strategy == "grid" else _auto)(bench, plan, deadline)
+        if strategy == "grid":
+            complete = _grid(bench, plan, deadline)
+        else:
+            complete = _auto(bench, plan, deadline, (cpu.l2 or 256 * 1024) // 8)
     finally:
         bench.close()
         if bar is not None:
