@@ -38,6 +38,7 @@ from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 from autotune._shared import _ALLOCATED, check_names, dumps_callable, pack
 from autotune._shm import Segment
 from autotune._shm import unlink as unlink_segment
+from autotune._threads import ThreadRunner
 from autotune._worker import WorkerSpec, in_worker, wants_shared_output, worker_main
 
 if TYPE_CHECKING:
@@ -95,8 +96,12 @@ class _Resources:
     cancel: np.ndarray | None = None  # the control word workers poll between chunks
     borrowed: list[Segment] = field(default_factory=list)  # shared_array segments, kept linked
     output_names: list[str] = field(default_factory=list)  # map outputs kept for reuse
+    threads: ThreadRunner | None = None  # the threads backend instead of processes
 
     def shutdown(self) -> None:
+        if self.threads is not None:
+            self.threads.close()
+            self.threads = None
         if self.cancel is not None:
             # Cancels every call: workers drop the rest of their batch now
             # instead of finishing it before they read "stop".
@@ -196,8 +201,12 @@ class Evaluator:
     retries : int
         How many times a batch lost with a dying worker is re-run before
         :class:`autotune.WorkerLost` is raised.
-    backend : {"processes"}
-        ``"threads"`` and ``"dask"`` are planned, not available yet.
+    backend : {"processes", "threads"}
+        ``"threads"`` runs the kernel in threads of this process: no copies
+        and no start-up, and it scales when the kernel releases the GIL (numpy
+        ufuncs do, ``RectBivariateSpline.ev`` does not).  The kernel then runs
+        concurrently in one process and must be thread-safe.  ``"dask"`` is
+        planned, not available yet.
 
     Notes
     -----
@@ -231,8 +240,10 @@ class Evaluator:
             )
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        if backend != "processes":
-            raise NotImplementedError(f"backend={backend!r} is not available yet")
+        if backend == "dask":
+            raise NotImplementedError("backend='dask' is not available yet")
+        if backend == "threads" and pin:
+            raise ValueError("pin=True needs backend='processes'")
         workers = _positive_int("workers", workers)
         chunk_len = _positive_int("chunk_len", chunk_len)
         blas_threads = _positive_int("blas_threads", blas_threads)
@@ -262,7 +273,7 @@ class Evaluator:
 
         self.workers: int = workers
         self.chunk_len: int = chunk_len
-        self.start_method = method
+        self.start_method = None if backend == "threads" else method
         self.blas_threads = blas_threads
         self.pin = bool(pin)
         self.retries = retries
@@ -277,6 +288,10 @@ class Evaluator:
         self._out_cache: tuple[str, int, weakref.ref[Any]] | None = None
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _Resources.shutdown, self._res)
+        self._threads: ThreadRunner | None = None
+        if backend == "threads":
+            self._threads = self._res.threads = ThreadRunner(workers, shared_dict, blas_threads)
+            return
         try:
             self._control = Segment.create(64)
             self._res.segments.append(self._control)
@@ -358,7 +373,7 @@ class Evaluator:
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the current workers."""
+        """Process ids of the current workers (empty for the threads backend)."""
         return [w.process.pid for w in self._res.workers]
 
     # -- workers ----------------------------------------------------------
@@ -454,6 +469,9 @@ class Evaluator:
             if combine in _IDENTITY:
                 return _IDENTITY[combine]
             raise ValueError("reduce over n=0 items with a combine function of unknown identity")
+        if self._threads is not None:
+            with self._lock:
+                return self._threads.run(kernel, n, self._chunk_len_for(n), mode, combine)
         kernel_bytes = dumps_callable(kernel, "kernel")
         with self._lock:
             if self._closed:

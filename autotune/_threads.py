@@ -1,0 +1,150 @@
+"""The ``threads`` backend: the same calls, run by threads of this process.
+
+numpy's ufuncs release the GIL, so a memory-bound numpy kernel scales on
+plain threads with no copies, no pickling and no process start-up.  Kernels
+that hold the GIL (pure Python, ``RectBivariateSpline.ev``) do not: the
+tuner measures which kind a kernel is.
+
+The kernel runs concurrently in one process: it must be thread-safe (read
+``shared``, write nothing global).  That cannot be checked, only documented.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
+
+import numpy as np
+
+from autotune._schedule import Batches, OrderedFold, n_chunks
+from autotune._shared import SharedNamespace
+from autotune._worker import _check_like, check_map_result
+
+__all__ = ["ThreadRunner"]
+
+
+class _ThreadCall:
+    """One call: threads claim chunk batches from a shared scheduler under a lock.
+
+    A lock is safe here, unlike between processes: a thread cannot be killed
+    while it holds it.
+    """
+
+    def __init__(
+        self,
+        kernel: Callable[..., Any],
+        shared: SharedNamespace,
+        n: int,
+        chunk_len: int,
+        mode: str,
+        combine: Callable[[Any, Any], Any] | None,
+        workers: int,
+    ) -> None:
+        self.kernel = kernel
+        self.shared = shared
+        self.n = n
+        self.chunk_len = chunk_len
+        self.mode = mode
+        self.lock = threading.Lock()
+        self.batches = Batches(n_chunks(n, chunk_len), workers)
+        self.fold = OrderedFold(combine) if combine is not None else None
+        self.out: np.ndarray | None = None
+        self.failure: BaseException | None = None
+        self.cancelled = False
+
+    def fail(self, exc: BaseException, start: int, stop: int) -> None:
+        with self.lock:
+            if self.failure is None:
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"[raised by the kernel in a thread on items [{start}, {stop})]")
+                self.failure = exc
+            self.cancelled = True
+
+    def drain(self) -> None:
+        """Run batches until none is left (or the call fails)."""
+        kernel, shared, n, cl = self.kernel, self.shared, self.n, self.chunk_len
+        mapping = self.mode == "map"
+        while True:
+            with self.lock:
+                if self.cancelled or not self.batches:
+                    return
+                # Until the output exists, one chunk at a time: its first
+                # result gives the row shape and dtype.
+                c0, c1 = self.batches.take(1 if mapping and self.out is None else None)
+            partials = []
+            for c in range(c0, c1):
+                if self.cancelled:
+                    return
+                start = c * cl
+                stop = min(n, start + cl)
+                try:
+                    r = kernel(shared, start, stop)
+                    if mapping:
+                        arr = check_map_result(r, start, stop)
+                        out = self.out
+                        if out is None:
+                            with self.lock:
+                                if self.out is None:
+                                    self.out = np.empty((n, *arr.shape[1:]), dtype=arr.dtype)
+                                out = self.out
+                        _check_like(arr, out, start, stop)
+                        out[start:stop] = arr  # disjoint rows: no lock needed
+                    else:
+                        partials.append(r)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                    self.fail(exc, start, stop)
+                    return
+            if not mapping:
+                assert self.fold is not None
+                with self.lock:
+                    self.fold.extend(c0, partials)
+
+
+class ThreadRunner:
+    """A fixed set of threads serving every call until :meth:`close`."""
+
+    def __init__(self, workers: int, shared: dict[str, Any], blas_threads: int | None) -> None:
+        self.workers = workers
+        self.shared = SharedNamespace(shared)
+        self.blas_threads = blas_threads
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="autotune")
+
+    def run(
+        self,
+        kernel: Callable[..., Any],
+        n: int,
+        chunk_len: int,
+        mode: str,
+        combine: Callable[[Any, Any], Any] | None,
+    ) -> Any:
+        call = _ThreadCall(kernel, self.shared, n, chunk_len, mode, combine, self.workers)
+        limiter = None
+        if self.blas_threads is not None:
+            from threadpoolctl import threadpool_limits
+
+            # BLAS thread counts are per process, not per thread: capped for
+            # the duration of the call, so threads x BLAS threads fits.
+            limiter = threadpool_limits(limits=self.blas_threads)
+        try:
+            futures = [self._executor.submit(call.drain) for _ in range(self.workers)]
+            try:
+                wait(futures)
+            except BaseException:
+                # Ctrl-C in the caller: threads stop after their current chunk.
+                call.cancelled = True
+                wait(futures)
+                raise
+        finally:
+            if limiter is not None:
+                limiter.restore_original_limits()
+        if call.failure is not None:
+            raise call.failure
+        if mode == "map":
+            return call.out
+        assert call.fold is not None
+        return call.fold.result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

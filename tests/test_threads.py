@@ -1,0 +1,73 @@
+"""The threads backend: the same contract as processes, in threads of this process."""
+
+from __future__ import annotations
+
+import operator
+import threading
+
+import kernels
+import numpy as np
+import pytest
+
+from autotune import Evaluator
+from autotune.workloads import stream_kernel
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(7).random(300_001)
+
+
+def serial(kernel, shared, n, chunk_len):
+    from autotune._shared import SharedNamespace
+
+    ns = SharedNamespace(shared)
+    parts = [kernel(ns, s, min(n, s + chunk_len)) for s in range(0, n, chunk_len)]
+    return parts
+
+
+def test_map_reduce_equal_serial(x):
+    with Evaluator(2, 4_000, shared={"x": x}, backend="threads") as ev:
+        assert ev.pids == [] and ev.start_method is None
+        out = ev.map(stream_kernel, len(x))
+        assert np.array_equal(out, np.concatenate(serial(stream_kernel, {"x": x}, len(x), 4_000)))
+        total = ev.reduce(kernels.exp_sum, len(x))
+        parts = serial(kernels.exp_sum, {"x": x}, len(x), 4_000)
+        expected = parts[0]
+        for p in parts[1:]:
+            expected = expected + p
+        assert total == expected  # folded in chunk order: the same bits
+        assert ev.map(kernels.pairs, 10).shape == (10, 2)
+        assert ev.map(kernels.double, 0).shape == (0,)
+        assert ev.reduce(kernels.exp_sum, 0, combine=operator.mul) == 1
+
+
+def test_no_pickling_at_all(x):
+    shared = {"x": x, "o": kernels.RefusesPickle(), "lock": threading.Lock()}
+    with Evaluator(2, 1_000, shared=shared, backend="threads") as ev:
+        # a closure over a lock cannot be pickled; threads never need to
+        lock = threading.Lock()
+        assert np.array_equal(ev.map(lambda s, a, b: (lock, s.x[a:b])[1], 5_000), x[:5_000])
+
+
+def test_exceptions_keep_type_and_traceback(x):
+    with Evaluator(2, 1_000, shared={"x": x, "bad": 2_500}, backend="threads") as ev:
+        with pytest.raises(KeyError) as info:
+            ev.map(kernels.fail_at, 10_000)
+        assert any("fail_at" in str(tb.name) for tb in info.traceback)
+        with pytest.raises(ValueError, match="first axis has length stop - start"):
+            ev.map(kernels.wrong_length, 5_000)
+        with pytest.raises(ValueError, match="same row shape and dtype"):
+            ev.map(kernels.changing_dtype, 50_000)
+        with pytest.raises(ValueError, match="read-only"):
+            ev.map(kernels.write_shared, 5_000)
+        assert np.array_equal(ev.map(kernels.double, 5_000), x[:5_000] * 2.0)  # still usable
+
+
+def test_threads_bad_arguments():
+    with pytest.raises(ValueError, match="pin"):
+        Evaluator(2, 10, backend="threads", pin=True)
+    ev = Evaluator(2, 10, backend="threads")
+    ev.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        ev.map(kernels.double, 10)
