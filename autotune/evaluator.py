@@ -201,8 +201,9 @@ class Evaluator:
     retries : int
         How many times a batch lost with a dying worker is re-run before
         :class:`autotune.WorkerLost` is raised.
-    backend : {"processes", "threads"}
-        ``"threads"`` runs the kernel in threads of this process: no copies
+    backend : {"processes", "threads"}, optional
+        Default: the profile's (the backend measured fastest), else
+        ``"processes"``.  ``"threads"`` runs the kernel in threads of this process: no copies
         and no start-up, and it scales when the kernel releases the GIL (numpy
         ufuncs do, ``RectBivariateSpline.ev`` does not).  The kernel then runs
         concurrently in one process and must be thread-safe.  ``"dask"`` is
@@ -229,7 +230,7 @@ class Evaluator:
         blas_threads: int | None = 1,
         pin: bool = False,
         retries: int = 2,
-        backend: str = "processes",
+        backend: str | None = None,
         client: Any = None,
     ) -> None:
         if in_worker():
@@ -238,12 +239,8 @@ class Evaluator:
                 "process pools oversubscribe the cores and can deadlock; parallelise the outer "
                 "level only"
             )
-        if backend not in BACKENDS:
+        if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        if backend == "dask":
-            raise NotImplementedError("backend='dask' is not available yet")
-        if backend == "threads" and pin:
-            raise ValueError("pin=True needs backend='processes'")
         workers = _positive_int("workers", workers)
         chunk_len = _positive_int("chunk_len", chunk_len)
         blas_threads = _positive_int("blas_threads", blas_threads)
@@ -258,10 +255,17 @@ class Evaluator:
         shared_dict = check_names(shared)
 
         self._profile = None
-        if profile is not None and (workers is None or chunk_len is None):
+        if profile is not None and (workers is None or chunk_len is None or backend is None):
             self._profile = _resolve_profile(profile)
             workers = workers or self._profile.workers
             chunk_len = chunk_len or self._profile.chunk_len
+            if backend is None and self._profile.source != "heuristic":
+                backend = self._profile.backend  # run what was measured fastest
+        backend = backend or "processes"
+        if backend == "dask":
+            raise NotImplementedError("backend='dask' is not available yet")
+        if backend == "threads" and pin:
+            raise ValueError("pin=True needs backend='processes'")
         self._heuristic_chunks = chunk_len is None
         if workers is None or chunk_len is None:
             from autotune.probe import probe
@@ -506,7 +510,7 @@ def _resolve_profile(profile: Any) -> Profile:
     if isinstance(profile, str):
         from autotune.workloads import ITEM_BYTES
 
-        return load_profile(profile, item_bytes=ITEM_BYTES.get(profile))
+        return load_profile(profile, item_bytes=ITEM_BYTES.get(profile), backend="local")
     raise TypeError(f"profile must be a Profile or a workload name, got {type(profile).__name__}")
 
 

@@ -39,8 +39,10 @@ import functools
 import math
 import numbers
 import os
+import platform
 import re
 import stat
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -83,6 +85,21 @@ SCHEMA = 1
 SOURCES = ("measured", "published", "heuristic")
 #: Backends a profile may have been measured with (DESIGN.md, ``Evaluator``).
 BACKENDS = ("processes", "threads", "dask")
+#: ``backend="local"`` in a lookup accepts either of these.
+LOCAL_BACKENDS = ("processes", "threads")
+
+
+def gil_enabled() -> bool:
+    """Whether this Python build runs with the GIL (free-threaded builds may not)."""
+    check = getattr(sys, "_is_gil_enabled", None)
+    return True if check is None else bool(check())
+
+
+def python_build() -> dict[str, Any]:
+    """The ``python`` section of a profile measured with this interpreter."""
+    return {"version": platform.python_version(), "gil": gil_enabled()}
+
+
 #: Larger files are refused unread: a real profile is a few KiB.
 MAX_PROFILE_BYTES = 1 << 20
 #: Bytes per item assumed by the heuristic when the workload does not say.
@@ -107,6 +124,7 @@ _TOP_KEYS = {
     "created",
     "autotune_version",
     "backend",
+    "python",
     "item_bytes",
     "n",
     "cpu",
@@ -213,7 +231,10 @@ class Profile:
         Items per measured run.  A measurement is "unchunked" when no worker
         got more than one chunk of it (:func:`is_unchunked`).
     backend : str
-        Backend the numbers were measured with (``"processes"``).
+        Backend of the best point (``"processes"`` or ``"threads"``).
+    python : dict, optional
+        The Python build measured on: ``{version: "3.11.7", gil: true}``.
+        A threads profile is only used on a build with the same GIL setting.
     path : str, optional
         File it was loaded from; not written to YAML.
     """
@@ -230,6 +251,7 @@ class Profile:
     item_bytes: int | None = None
     n: int | None = None
     backend: str = "processes"
+    python: dict[str, Any] | None = None
     path: str | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -268,6 +290,8 @@ class Profile:
             d["item_bytes"] = _plain(self.item_bytes)
         if self.n is not None:
             d["n"] = _plain(self.n)
+        if self.python is not None:
+            d["python"] = dict(self.python)
         caches = self.cpu.get("caches") or {}
         d["cpu"] = {
             **{k: _plain(v) for k, v in self.cpu.items() if k != "caches"},
@@ -665,6 +689,14 @@ class _Validator:
             out["caches"][key] = self.opt_integer(v, f"cpu.caches.{key}")
         return out
 
+    def python_build(self, value: object) -> dict[str, Any]:
+        d = self.mapping(value, "python")
+        self.keys(d, "python.", {"version", "gil"}, ("version", "gil"))
+        gil = d["gil"]
+        if not isinstance(gil, bool):
+            raise self.fail(f"python.gil must be true or false, got {_show(gil)}")
+        return {"version": self.text(d["version"], "python.version"), "gil": gil}
+
     def profile(self, doc: object) -> Profile:
         if doc is None:
             raise self.fail("is empty, expected a profile mapping")
@@ -713,6 +745,7 @@ class _Validator:
             item_bytes=item_bytes,
             n=self.opt_integer(d.get("n"), "n"),
             backend=self.text(d.get("backend", "processes"), "backend", choices=BACKENDS),
+            python=None if d.get("python") is None else self.python_build(d["python"]),
             path=self.path,
         )
 
@@ -788,8 +821,19 @@ def _unusable(profile: Profile, cpu: CpuInfo | None, backend: str, any_cpu: bool
 
     ``cpu`` may be None only with ``any_cpu``: then only the backend is checked.
     """
-    if profile.backend != backend:
+    allowed = LOCAL_BACKENDS if backend == "local" else (backend,)
+    if profile.backend not in allowed:
         return f"measured with backend {profile.backend!r}, not {backend!r}"
+    build = profile.python
+    if profile.backend == "threads" and build is not None and build.get("gil") != gil_enabled():
+
+        def state(on: object) -> str:
+            return "enabled" if on else "disabled"
+
+        return (
+            f"a threads profile measured with the GIL {state(build.get('gil'))}; "
+            f"this Python build has it {state(gil_enabled())}"
+        )
     if cpu is None:
         return None
     if not any_cpu:
@@ -1003,8 +1047,10 @@ def _check_args(workload: object, item_bytes: object, backend: object) -> None:
         isinstance(item_bytes, bool) or not isinstance(item_bytes, int) or item_bytes < 1
     ):
         raise ValueError(f"item_bytes must be an integer >= 1, got {item_bytes!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in BACKENDS and backend != "local":
+        raise ValueError(
+            f"backend must be one of {', '.join(BACKENDS)} or 'local', got {backend!r}"
+        )
 
 
 def recommend(
@@ -1151,7 +1197,8 @@ def load_profile(
     item_bytes : int, optional
         Bytes per item, for the heuristic.
     backend : str
-        ``"processes"`` (default); profiles of other backends are not used.
+        ``"processes"`` (default), ``"threads"``, or ``"local"`` for either;
+        profiles of other backends are not used.
     any_cpu : bool
         Use ``path`` or ``$AUTOTUNE_PROFILE`` even if made on another CPU.
 

@@ -73,21 +73,33 @@ def bytes_label(b: int) -> str:
     return f"{b / 1e6:.2f}M"
 
 
+Row = tuple[int, int]  # (0 for processes or 1 for threads, workers)
+
+
+def _row(m: Measurement) -> Row:
+    return (1 if m.backend == "threads" else 0, m.workers)
+
+
+def _row_label(row: Row) -> str:
+    return f"{row[1]} thr" if row[0] else str(row[1])
+
+
 def _grid(
     measurements: Iterable[Measurement], n: int | None
-) -> tuple[list[int], list[int | str], dict[tuple[int, int | str], float]]:
-    """Rows (workers), columns (chunk bytes, then "unchunked") and cells.
+) -> tuple[list[Row], list[int | str], dict[tuple[Row, int | str], float]]:
+    """Rows (workers; threads rows after process rows), columns (chunk bytes,
+    then "unchunked") and cells.
 
     A cell measured more than once shows its highest throughput.
     """
-    cells: dict[tuple[int, int | str], float] = {}
+    cells: dict[tuple[Row, int | str], float] = {}
     for m in measurements:
         if m.throughput is None:
             continue
         col: int | str = UNCHUNKED if is_unchunked(m, n) else m.chunk_bytes
-        key = (m.workers, col)
+        key = (_row(m), col)
         cells[key] = max(cells.get(key, 0.0), m.throughput)
-    rows = sorted({w for w, _ in cells})
+    rows = sorted({r for r, _ in cells})
     sized = sorted({c for _, c in cells if isinstance(c, int)})
     cols: list[int | str] = [
         *sized,
@@ -96,11 +108,11 @@ def _grid(
     return rows, cols, cells
 
 
-def _best_key(best: Measurement | None, n: int | None) -> tuple[int, int | str] | None:
+def _best_key(best: Measurement | None, n: int | None) -> tuple[Row, int | str] | None:
     """The (row, column) of the best point, if it was measured."""
     if best is None or best.throughput is None:
         return None
-    return (best.workers, UNCHUNKED if is_unchunked(best, n) else best.chunk_bytes)
+    return (_row(best), UNCHUNKED if is_unchunked(best, n) else best.chunk_bytes)
 
 
 def _rate(items_per_s: float) -> str:
@@ -149,7 +161,7 @@ def render_table(
             + "".join(f" {lab.rjust(w)} " for lab, w in zip(labels, widths, strict=True)).rstrip()
         )
         for r in rows:
-            line = f"{r:>7} "
+            line = f"{_row_label(r):>7} "
             for c, w in zip(cols, widths, strict=True):
                 value = cells.get((r, c))
                 text = "" if value is None else _rate(value)
@@ -157,7 +169,8 @@ def render_table(
             lines.append(line.rstrip())
         per_item = f", {item_bytes} B per item" if item_bytes else ""
         star = "; * best" if key in cells else ""
-        lines.append(f"(M items/s; columns: bytes per chunk{per_item}{star})")
+        threads = "; 'thr': threads backend" if any(r[0] for r in rows) else ""
+        lines.append(f"(M items/s; columns: bytes per chunk{per_item}{star}{threads})")
     else:
         lines.append("(no measurements)")
     lines.append("")
@@ -166,8 +179,9 @@ def render_table(
     else:
         lines.append("serial  not measured")
     if best is not None:
+        kind = " (threads)" if best.backend == "threads" else ""
         point = (
-            f"{best.workers} worker{'s' if best.workers != 1 else ''}, "
+            f"{best.workers} worker{'s' if best.workers != 1 else ''}{kind}, "
             f"chunk_len {best.chunk_len} ({best.chunk_bytes} bytes)"
         )
         if best.throughput is None:
@@ -294,7 +308,7 @@ def plot_heatmap(
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([c if isinstance(c, str) else bytes_label(c) for c in cols])
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([str(r) for r in rows])
+    ax.set_yticklabels([_row_label(r) for r in rows])
     ax.set_xlabel(
         "bytes per chunk" + (f" ({profile.item_bytes} B per item)" if profile.item_bytes else "")
     )

@@ -1,4 +1,4 @@
-"""The tuner: measure worker counts x chunk lengths with the real evaluator; keep the best.
+"""The tuner: measure backends x worker counts x chunk lengths with the real evaluator.
 
 Candidates come from the probe: worker counts up to the usable CPUs
 (physical cores and all hardware threads both tried), chunk sizes a ladder
@@ -6,6 +6,11 @@ of powers of two from half the L1d cache up to what one worker would get
 unchunked.  Every point is timed with :class:`autotune.Evaluator` itself
 (one pool per worker count, reused), so the profile describes the runtime
 production code will use.
+
+Both local backends are searched: processes, and threads (which win when
+the kernel releases the GIL, as numpy's ufuncs do, and lose when it holds
+it, as ``RectBivariateSpline.ev`` does).  The profile names the backend of
+its best point and the Python build (GIL or free-threaded) it ran on.
 
 ``strategy="grid"`` times every point (a warm-up, then 3 runs, the median).
 ``strategy="auto"`` reaches nearly the same pick for a fraction of that:
@@ -38,7 +43,14 @@ from typing import Any
 from autotune._shared import SharedNamespace
 from autotune.evaluator import Evaluator
 from autotune.probe import CpuInfo, probe
-from autotune.profile import DEFAULT_ITEM_BYTES, Measurement, Profile, cpu_section
+from autotune.profile import (
+    DEFAULT_ITEM_BYTES,
+    LOCAL_BACKENDS,
+    Measurement,
+    Profile,
+    cpu_section,
+    python_build,
+)
 from autotune.workload import Workload
 
 __all__ = ["SearchResult", "search", "candidate_workers", "chunk_ladder", "pick_best"]
@@ -127,27 +139,34 @@ def pick_best(measurements: Iterable[Measurement]) -> Measurement:
 
 
 # -- the measuring engine ------------------------------------------------------------
-class _Bench:
-    """Times points with one evaluator per worker count; remembers every run."""
+Lane = tuple[str, int]  # (backend, workers)
 
-    def __init__(self, workload: Workload, n: int, item_bytes: int, progress: Any) -> None:
+
+class _Bench:
+    """Times points with one evaluator per (backend, workers); remembers every run."""
+
+    def __init__(
+        self, workload: Workload, n: int, item_bytes: int, progress: Any, label: bool
+    ) -> None:
         self.workload = workload
         self.n = n
         self.item_bytes = item_bytes
         self.progress = progress
-        self.pools: dict[int, Evaluator] = {}
-        self.times: dict[tuple[int, int], list[float]] = {}
+        self.label = label  # record the backend in each measurement
+        self.pools: dict[Lane, Evaluator] = {}
+        self.times: dict[tuple[Lane, int], list[float]] = {}
         self.runs = 0
 
-    def pool(self, workers: int) -> Evaluator:
-        ev = self.pools.get(workers)
+    def pool(self, lane: Lane) -> Evaluator:
+        ev = self.pools.get(lane)
         if ev is None:
-            ev = Evaluator(workers, 1, shared=self.workload.shared)
-            self.pools[workers] = ev
+            backend, workers = lane
+            ev = Evaluator(workers, 1, shared=self.workload.shared, backend=backend)
+            self.pools[lane] = ev
         return ev
 
-    def run(self, workers: int, chunk_len: int, repeats: int, warmup: bool = False) -> None:
-        ev = self.pool(workers)
+    def run(self, lane: Lane, chunk_len: int, repeats: int, warmup: bool = False) -> None:
+        ev = self.pool(lane)
         ev.chunk_len = chunk_len
         call = ev.map if self.workload.mode == "map" else ev.reduce
         for i in range(int(warmup) + repeats):
@@ -159,22 +178,26 @@ class _Bench:
             if self.progress is not None:
                 self.progress.update(1)
             if i >= int(warmup):
-                self.times.setdefault((workers, chunk_len), []).append(elapsed)
+                self.times.setdefault((lane, chunk_len), []).append(elapsed)
 
-    def measurement(self, workers: int, chunk_len: int) -> Measurement:
-        times = self.times[(workers, chunk_len)]
+    def measurement(self, lane: Lane, chunk_len: int) -> Measurement:
+        times = self.times[(lane, chunk_len)]
         med = statistics.median(times)
         return Measurement(
-            workers=workers,
+            workers=lane[1],
             chunk_len=chunk_len,
             chunk_bytes=chunk_len * self.item_bytes,
             throughput=self.n / med,
             repeats=len(times),
             spread=(max(times) - min(times)) / med if len(times) > 1 else 0.0,
+            backend=lane[0] if self.label else None,
         )
 
-    def measured(self) -> list[Measurement]:
-        return [self.measurement(w, c) for (w, c) in self.times]
+    def measured(self) -> list[tuple[Lane, Measurement]]:
+        return [(lane, self.measurement(lane, c)) for (lane, c) in self.times]
+
+    def leaders(self, k: int) -> list[tuple[Lane, Measurement]]:
+        return sorted(self.measured(), key=lambda lm: -(lm[1].throughput or 0.0))[:k]
 
     def close(self) -> None:
         for ev in self.pools.values():
@@ -217,54 +240,55 @@ def _measured_items(workload: Workload, budget: float, planned_runs: int, rate: 
 
 
 # -- the strategies --------------------------------------------------------------------
-def _grid(bench: _Bench, plan: dict[int, list[int]], deadline: float) -> bool:
+def _grid(bench: _Bench, plan: dict[Lane, list[int]], deadline: float) -> bool:
     """Every point; returns False when the budget ran out first."""
-    for w, lengths in plan.items():
+    for lane, lengths in plan.items():
         for c in lengths:
             if time.monotonic() > deadline:
                 return False
-            bench.run(w, c, GRID_REPEATS, warmup=True)
+            bench.run(lane, c, GRID_REPEATS, warmup=True)
     return True
 
 
-def _auto(bench: _Bench, plan: dict[int, list[int]], deadline: float, mid_bytes: int) -> bool:
-    # 0. screen the worker counts at one mid-sized chunk; keep those near the best
-    mid = {
-        w: min(v[:-1] or v, key=lambda c: abs(c * bench.item_bytes - mid_bytes))
-        for w, v in plan.items()
-    }
-    for w in plan:
-        bench.run(w, mid[w], 1, warmup=True)
-    screen = {w: bench.measurement(w, mid[w]).throughput or 0.0 for w in plan}
+def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes: int) -> bool:
+    # 0. screen every (backend, workers) at one mid-sized chunk; keep those
+    #    near the best.  For threads this is the GIL test: a kernel that holds
+    #    the GIL gains nothing from a second thread and drops out here.
+    def nearest(lengths: list[int]) -> int:
+        return min(lengths[:-1] or lengths, key=lambda c: abs(c * bench.item_bytes - mid_bytes))
+
+    mid = {lane: nearest(v) for lane, v in plan.items()}
+    for lane in plan:
+        bench.run(lane, mid[lane], 1, warmup=True)
+    screen = {lane: bench.measurement(lane, mid[lane]).throughput or 0.0 for lane in plan}
     top = max(screen.values())
-    kept = {w: v for w, v in plan.items() if screen[w] >= SCREEN * top}
-    # 1. coarse: every other rung (and always the unchunked end) per kept count
-    for w, lengths in kept.items():
+    kept = {lane: v for lane, v in plan.items() if screen[lane] >= SCREEN * top}
+    # 1. coarse: every other rung (and always the unchunked end) per kept lane
+    for lane, lengths in kept.items():
         rungs = lengths[::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else [])
         for c in rungs:
-            if (w, c) not in bench.times:
-                bench.run(w, c, 1)
+            if (lane, c) not in bench.times:
+                bench.run(lane, c, 1)
     # 2. refine: ladder neighbours of the two best points
-    for m in sorted(bench.measured(), key=lambda m: -(m.throughput or 0))[:2]:
-        lengths = plan[m.workers]
+    for lane, m in bench.leaders(2):
+        lengths = plan[lane]
         i = lengths.index(m.chunk_len)
         for j in (i - 1, i + 1):
-            if 0 <= j < len(lengths) and (m.workers, lengths[j]) not in bench.times:
-                bench.run(m.workers, lengths[j], 1)
+            if 0 <= j < len(lengths) and (lane, lengths[j]) not in bench.times:
+                bench.run(lane, lengths[j], 1)
     # 3. successive halving among the leaders
     for keep, more in ((3, 2), (2, 2)):
         if time.monotonic() > deadline:
             return False
-        leaders = sorted(bench.measured(), key=lambda m: -(m.throughput or 0))[:keep]
-        for m in leaders:
-            bench.run(m.workers, m.chunk_len, more)
-    for m in sorted(bench.measured(), key=lambda m: -(m.throughput or 0))[:2]:
+        for lane, m in bench.leaders(keep):
+            bench.run(lane, m.chunk_len, more)
+    for lane, m in bench.leaders(2):
         if m.spread > NOISY and time.monotonic() < deadline:
-            bench.run(m.workers, m.chunk_len, 2)
+            bench.run(lane, m.chunk_len, 2)
     return True
 
 
-def _planned_runs(plan: dict[int, list[int]], strategy: str) -> int:
+def _planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
     points = sum(len(v) for v in plan.values())
     if strategy == "grid":
         return points * (GRID_REPEATS + 1)
@@ -279,6 +303,7 @@ def search(
     strategy: str = "auto",
     cpus: Iterable[int] | None = None,
     *,
+    backends: Sequence[str] = LOCAL_BACKENDS,
     items: int | None = None,
     progress: bool | None = None,
 ) -> SearchResult:
@@ -295,6 +320,9 @@ def search(
     strategy : {"auto", "grid"}
     cpus : iterable of int, optional
         Run on these CPUs only (affinity), to tune for a smaller machine.
+    backends : sequence of str
+        Backends to search: ``("processes", "threads")`` by default.  The
+        profile names the backend of its best point.
     items : int, optional
         Items per timed run (default: sized from ``budget``; at most ``n``).
     progress : bool, optional
@@ -318,6 +346,9 @@ def search(
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if workload.n < 1:
         raise ValueError("the workload has no items (n = 0)")
+    unknown = [b for b in backends if b not in LOCAL_BACKENDS]
+    if unknown or not backends:
+        raise ValueError(f"backends must be some of {', '.join(LOCAL_BACKENDS)}; got {backends!r}")
     if items is not None and (isinstance(items, bool) or not isinstance(items, int) or items < 1):
         raise ValueError(f"items must be an integer >= 1, got {items!r}")
 
@@ -332,7 +363,7 @@ def search(
             )
         os.sched_setaffinity(0, wanted)  # workers inherit it
     try:
-        return _search(workload, float(budget), workers, strategy, items, progress)
+        return _search(workload, float(budget), workers, strategy, tuple(backends), items, progress)
     finally:
         if saved_affinity is not None:
             os.sched_setaffinity(0, saved_affinity)
@@ -343,6 +374,7 @@ def _search(
     budget: float,
     workers: Sequence[int] | None,
     strategy: str,
+    backends: tuple[str, ...],
     items: int | None,
     progress: bool | None,
 ) -> SearchResult:
@@ -357,12 +389,13 @@ def _search(
     item_bytes = workload.item_bytes or DEFAULT_ITEM_BYTES
 
     rate = _items_per_second(workload)
-    rough = {w: chunk_ladder(cpu, item_bytes, workload.n, w) for w in counts}
+    lanes = [(b, w) for b in backends for w in counts]
+    rough = {lane: chunk_ladder(cpu, item_bytes, workload.n, lane[1]) for lane in lanes}
     if items is not None:
         n = min(int(items), workload.n)
     else:
         n = _measured_items(workload, budget, _planned_runs(rough, strategy) + 4, rate)
-    plan = {w: chunk_ladder(cpu, item_bytes, n, w) for w in counts}
+    plan = {lane: chunk_ladder(cpu, item_bytes, n, lane[1]) for lane in lanes}
     total = _planned_runs(plan, strategy) + 3
 
     bar = None
@@ -370,7 +403,7 @@ def _search(
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=f"search {workload.name}", unit="run", file=sys.stderr)
-    bench = _Bench(workload, n, item_bytes, bar)
+    bench = _Bench(workload, n, item_bytes, bar, label=len(backends) > 1)
     try:
         serial_s, serial_spread = _serial(workload, n, 3)
         bench.runs += 3
@@ -385,7 +418,7 @@ def _search(
         if bar is not None:
             bar.close()
 
-    measured = bench.measured()
+    measured = [m for _, m in bench.measured()]
     serial = Measurement(
         workers=1,
         chunk_len=n,
@@ -394,7 +427,7 @@ def _search(
         repeats=3,
         spread=serial_spread,
     )
-    if not any(m.workers == 1 and m.chunk_len >= n for m in measured):
+    if not any(m.workers == 1 and m.chunk_len >= n and m.backend != "threads" for m in measured):
         measured.append(serial)
     # A point timed once may have been lucky: the pick is among those that
     # were confirmed by more runs (all of them in the grid).
@@ -407,11 +440,15 @@ def _search(
         cpu=cpu_section(cpu),
         best=best,
         serial_throughput=serial.throughput,
-        measurements=tuple(sorted(measured, key=lambda m: (m.workers, m.chunk_len))),
+        measurements=tuple(
+            sorted(measured, key=lambda m: (m.backend == "threads", m.workers, m.chunk_len))
+        ),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         autotune_version=__version__,
         item_bytes=item_bytes,
         n=n,
+        backend=best.backend or "processes",
+        python=python_build(),
     )
     if not complete:
         import warnings

@@ -129,3 +129,18 @@ def test_cli_search_writes_profile_that_show_reads(tmp_path, capsys):
     assert "best" in printed and str(out) in printed
     assert main(["show", str(out)]) == 0
     assert "square: measured profile" in capsys.readouterr().out
+
+
+def test_search_covers_both_backends_and_records_the_build(tmp_path):
+    result = search(small_workload(), budget=5, strategy="grid", workers=[1, 2])
+    profile = result.profile
+    backends = {m.backend for m in profile.measurements if m.repeats == 3}
+    assert backends == {"processes", "threads"}
+    assert profile.backend == (profile.best.backend or "processes")
+    assert set(profile.python) == {"version", "gil"}
+    assert Profile.load(profile.save(tmp_path / "p.yaml")) == profile
+    assert "thr" in result.table()
+    only = search(small_workload(), budget=3, workers=[2], backends=("processes",))
+    assert {m.backend for m in only.profile.measurements} == {None}
+    with pytest.raises(ValueError, match="backends"):
+        search(small_workload(), budget=1, backends=("mpi",))
