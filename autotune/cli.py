@@ -150,13 +150,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     """Print a profile's table and best point; ``--plot PNG`` also draws the heatmap."""
     from autotune.profile import Profile
-    from autotune.report import PlotUnavailable, format_table, plot_heatmap, require_matplotlib
+    from autotune.report import (
+        PlotUnavailable,
+        backend_reason,
+        format_table,
+        plot_heatmap,
+        require_matplotlib,
+    )
 
     profile = Profile.load(args.path)
     try:
         if args.plot:
             require_matplotlib()  # before any output: fail whole, not half done
         print(format_table(profile))
+        reason = backend_reason(profile)
+        if reason:
+            print(f"backend {profile.backend}: {reason}")
         if args.plot:
             written = plot_heatmap(profile, args.plot)
             print(f"autotune show: heatmap written to {written}", file=sys.stderr)
@@ -174,6 +183,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
     from autotune.probe import probe
     from autotune.profile import recommend
+    from autotune.report import backend_reason
 
     item_bytes = None
     if args.item_bytes is not None:
@@ -195,8 +205,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         from autotune.workloads import ITEM_BYTES
 
         item_bytes = ITEM_BYTES.get(args.workload)
-    rec = recommend(args.workload, cpu=cpu, item_bytes=item_bytes)
+    rec = recommend(args.workload, cpu=cpu, item_bytes=item_bytes, backend="local")
     p = rec.profile
+    reason = backend_reason(p)
     for message in rec.warnings:
         print(f"autotune recommend: warning: {message}", file=sys.stderr)
     if args.json:
@@ -212,6 +223,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             "throughput": p.best.throughput,
             "origin": rec.origin,
             "why": rec.why,
+            "backend_why": reason,
         }
         print(json.dumps(answer, indent=2))
         return 0
@@ -220,6 +232,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     print(f"chunk_len    {p.chunk_len} items")
     per_item = f" ({p.item_bytes} B per item)" if p.item_bytes else ""
     print(f"chunk_bytes  {p.chunk_bytes}{per_item}")
+    print(f"backend      {p.backend}" + (f" ({reason})" if reason else ""))
     print(f"source       {rec.origin}")
     print(f"why          {rec.why}")
     return 0

@@ -351,3 +351,31 @@ def _save_atomic(fig: Any, target: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def backend_reason(profile: Profile) -> str | None:
+    """Why the profile's backend won, from its own measurements (None: one backend only).
+
+    E.g. "kernel holds the GIL: 2 threads ran 1.05x one thread; best threads
+    0.52x best processes".
+    """
+    threads = [m for m in profile.measurements if m.backend == "threads" and m.throughput]
+    procs = [
+        m
+        for m in profile.measurements
+        if m.backend == "processes" and m.throughput and m.workers > 0
+    ]
+    if not threads or not procs:
+        return None
+    parts = []
+    one = max((m.throughput or 0.0 for m in threads if m.workers == 1), default=0.0)
+    many = [m for m in threads if m.workers > 1]
+    if one and many:
+        top = max(many, key=lambda m: m.throughput or 0.0)
+        ratio = (top.throughput or 0.0) / one
+        verdict = "kernel releases the GIL" if ratio >= 1.3 else "kernel holds the GIL"
+        parts.append(f"{verdict}: {top.workers} threads ran {ratio:.2f}x one thread")
+    best_t = max(m.throughput or 0.0 for m in threads)
+    best_p = max(m.throughput or 0.0 for m in procs)
+    parts.append(f"best threads {best_t / best_p:.2f}x best processes")
+    return "; ".join(parts)

@@ -91,9 +91,11 @@ class SearchResult:
 
     def table(self) -> str:
         """The seed-style table, the serial baseline and the best point."""
-        from autotune.report import format_table
+        from autotune.report import backend_reason, format_table
 
-        return format_table(self.profile)
+        reason = backend_reason(self.profile)
+        text = format_table(self.profile)
+        return f"{text}\nbackend {self.profile.backend}: {reason}" if reason else text
 
 
 # -- pure parts: candidates and picking ----------------------------------------------

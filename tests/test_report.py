@@ -128,3 +128,38 @@ def test_heatmap_into_a_missing_directory_raises_oserror(tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(OSError):
         plot_heatmap(Profile.load(SHIPPED), tmp_path / "nowhere" / "h.png")
+
+
+def test_backend_reason_from_recorded_numbers():
+    from autotune.report import backend_reason
+
+    def m(backend, workers, thr):
+        return Measurement(workers, 1000, 16000, thr, repeats=3, backend=backend)
+
+    gil = Profile(
+        workload="spline",
+        source="measured",
+        cpu={
+            "brand": "x",
+            "fingerprint": "f",
+            "logical_cpus": 2,
+            "physical_cores": 2,
+            "caches": {"l1d": 1, "l2": 2, "l3": 3},
+        },
+        best=m("processes", 2, 2.0e6),
+        serial_throughput=1.0e6,
+        measurements=(
+            m("processes", 1, 1.0e6),
+            m("processes", 2, 2.0e6),
+            m("threads", 1, 1.0e6),
+            m("threads", 2, 1.05e6),
+        ),
+        created="2026-11-27T00:00:00Z",
+        autotune_version="0.1.0",
+        item_bytes=16,
+    )
+    assert backend_reason(gil) == (
+        "kernel holds the GIL: 2 threads ran 1.05x one thread; best threads 0.53x best processes"
+    )
+    only_processes = Profile(**{**gil.__dict__, "measurements": gil.measurements[:2]})
+    assert backend_reason(only_processes) is None
