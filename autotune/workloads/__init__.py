@@ -8,6 +8,9 @@
     A memory-bound multi-pass numpy expression in map mode.  Each pass
     reads and writes the whole chunk, so a chunk that fits the cache is
     several times faster than one that streams from memory.
+``ndimage``
+    A row filter in map mode: ``scipy.ndimage`` smoothing along each row of
+    an image (items are rows).
 
 A user's workload is ``MODULE:CALLABLE``, the callable returning a
 :class:`autotune.Workload` (called with no arguments).
@@ -22,10 +25,10 @@ import numpy as np
 
 from autotune.workload import Workload
 
-__all__ = ["BUILTIN", "ITEM_BYTES", "get_workload", "spline", "stream"]
+__all__ = ["BUILTIN", "ITEM_BYTES", "get_workload", "ndimage", "spline", "stream"]
 
 #: Bytes each built-in workload touches per item, known without building it.
-ITEM_BYTES = {"spline": 16, "stream": 32}
+ITEM_BYTES = {"spline": 16, "stream": 32, "ndimage": 1024 * 8 * 3}
 
 
 # -- spline ----------------------------------------------------------------------
@@ -96,7 +99,36 @@ def stream(n: int = 1 << 24, seed: int = 0) -> Workload:
     )
 
 
-BUILTIN: dict[str, Callable[..., Workload]] = {"spline": spline, "stream": stream}
+# -- ndimage ---------------------------------------------------------------------
+def ndimage_kernel(shared, start, stop):
+    """Smooth rows [start, stop) of the image along each row."""
+    from scipy import ndimage
+
+    block = shared.image[start:stop]
+    smooth = ndimage.uniform_filter1d(block, size=9, axis=1)
+    return ndimage.gaussian_filter1d(smooth, sigma=2.0, axis=1)
+
+
+def ndimage(rows: int = 8192, cols: int = 1024, seed: int = 0) -> Workload:
+    """Row filters over a ``rows x cols`` float64 image (``item_bytes``: a row in, out and
+    one temporary)."""
+    rng = np.random.default_rng(seed)
+    return Workload(
+        name="ndimage",
+        n=rows,
+        kernel=ndimage_kernel,
+        shared={"image": rng.random((rows, cols))},
+        mode="map",
+        item_bytes=cols * 8 * 3,
+        description=f"uniform then gaussian filter along the rows of a {rows}x{cols} image",
+    )
+
+
+BUILTIN: dict[str, Callable[..., Workload]] = {
+    "spline": spline,
+    "stream": stream,
+    "ndimage": ndimage,
+}
 
 
 def get_workload(spec: str, **kwargs: object) -> Workload:
