@@ -164,3 +164,66 @@ class RefusesPickle:
 
 def uses_counted(shared, start, stop):
     return float(shared.obj.data[start:stop].sum())
+
+
+# -- faults injected from inside a map (tests/test_faults.py) ---------------------------------
+class FaultAt:
+    """A map kernel (``2 * shared.x``) that injects a fault when it reaches item ``at``.
+
+    ``kind``: ``"sigkill"`` or ``"sigsegv"`` end the worker, once (``flag`` is created
+    atomically first, so the re-run of the chunk passes); ``"memoryerror"`` fails a real numpy
+    allocation, every time; ``"sigint"`` and ``"sigterm"`` are sent to process ``parent``, once.
+    An instance pickles by reference to this class, so spawn and forkserver workers load it.
+    """
+
+    def __init__(self, kind, at, flag, parent=None):
+        self.kind = kind
+        self.at = at
+        self.flag = flag
+        self.parent = parent
+
+    def __call__(self, shared, start, stop):
+        if start <= self.at < stop:
+            inject_fault(self.kind, self.flag, self.parent)
+        return shared.x[start:stop] * 2.0
+
+
+def inject_fault(kind, flag, parent=None):
+    if kind == "memoryerror":
+        np.empty(1 << 60, dtype=np.uint8)  # numpy raises a MemoryError subclass
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return  # fired already
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    if kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "sigsegv":
+        import ctypes
+        import faulthandler
+        import resource
+
+        faulthandler.disable()  # the crash is the test: keep the log quiet
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+        ctypes.string_at(0)
+    elif kind in ("sigint", "sigterm"):
+        os.kill(parent, signal.SIGINT if kind == "sigint" else signal.SIGTERM)
+
+
+def offset_map(shared, start, stop):
+    """``x + shared.offset``: two evaluators with different offsets must not mix results."""
+    return shared.x[start:stop] + shared.offset
+
+
+def offset_sum(shared, start, stop):
+    return float((shared.x[start:stop] + shared.offset).sum())
+
+
+#: A test stores an evaluator here, then starts a second (fork) pool whose workers inherit
+#: it; ``uses_inherited`` then tries to use the inherited copy from inside a kernel.
+INHERITED = None
+
+
+def uses_inherited(shared, start, stop):
+    return float(INHERITED.map(double, 10).sum())
