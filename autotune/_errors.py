@@ -14,7 +14,8 @@ class ProfileError(ValueError):
     def __init__(self, path: object, problem: str) -> None:
         self.path = None if path is None else str(path)
         self.problem = problem
-        where = f"{self.path}: " if self.path else ""
+        # An empty path is still a path the user gave: show it quoted.
+        where = "" if self.path is None else f"{self.path or repr(self.path)}: "
         super().__init__(f"{where}{problem}")
 
 

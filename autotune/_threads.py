@@ -22,7 +22,16 @@ from autotune._schedule import Batches, OrderedFold, n_chunks
 from autotune._shared import SharedNamespace
 from autotune._worker import _check_like, check_map_result
 
-__all__ = ["ThreadRunner"]
+__all__ = ["ThreadRunner", "in_thread_kernel"]
+
+# Set in the backend's threads while they run kernels: an evaluator used from
+# there would wait for the very threads that wait for it.
+_LOCAL = threading.local()
+
+
+def in_thread_kernel() -> bool:
+    """True inside a kernel run by the threads backend."""
+    return getattr(_LOCAL, "in_kernel", False)
 
 
 class _ThreadCall:
@@ -64,6 +73,13 @@ class _ThreadCall:
 
     def drain(self) -> None:
         """Run batches until none is left (or the call fails)."""
+        _LOCAL.in_kernel = True
+        try:
+            self._drain()
+        finally:
+            _LOCAL.in_kernel = False
+
+    def _drain(self) -> None:
         kernel, shared, n, cl = self.kernel, self.shared, self.n, self.chunk_len
         mapping = self.mode == "map"
         while True:
