@@ -80,7 +80,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import warnings
 
     from autotune.probe import probe
-    from autotune.profile import user_profile_dir
+    from autotune.profile import LOCAL_BACKENDS, user_profile_dir
     from autotune.report import PlotUnavailable, plot_heatmap, require_matplotlib
     from autotune.tuner import search
     from autotune.workloads import get_workload
@@ -91,14 +91,27 @@ def _cmd_search(args: argparse.Namespace) -> int:
         budget = float("nan")
     if not budget > 0 or budget == float("inf"):
         raise UsageError(f"--budget must be a number of seconds > 0, got {args.budget!r}")
+    # --scheduler means the dask backend; it must be the only one searched.
+    backend = args.backend or ("dask" if args.scheduler else None)
+    dask = backend == "dask"
+    if dask and not args.scheduler:
+        raise UsageError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
+    if args.scheduler and not dask:
+        raise UsageError(f"--scheduler is for --backend dask, not --backend {backend}")
+    if dask and args.cpus:
+        raise UsageError("--cpus restricts local CPUs; it does not apply to --backend dask")
     usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     cpus = _int_list(args.cpus, "--cpus") if args.cpus else None
     if cpus is not None and usable is not None and not set(cpus) <= set(usable):
         raise UsageError(f"--cpus {args.cpus!r} names CPUs outside the usable ones {usable}")
     workers = _int_list(args.workers, "--workers") if args.workers else None
-    limit = len(cpus) if cpus else (probe().usable_cpus or os.cpu_count() or 1)
-    if workers is not None and (workers[0] < 1 or workers[-1] > limit):
-        raise UsageError(f"--workers {args.workers!r} must be between 1 and {limit}")
+    if dask:  # tasks in flight on the cluster, not local CPUs
+        if workers is not None and workers[0] < 1:
+            raise UsageError(f"--workers {args.workers!r} must be tasks in flight >= 1")
+    else:
+        limit = len(cpus) if cpus else (probe().usable_cpus or os.cpu_count() or 1)
+        if workers is not None and (workers[0] < 1 or workers[-1] > limit):
+            raise UsageError(f"--workers {args.workers!r} must be between 1 and {limit}")
     if args.items is not None and (not args.items.isdigit() or int(args.items) < 1):
         raise UsageError(f"--items must be a positive integer, got {args.items!r}")
     if args.out:
@@ -113,16 +126,36 @@ def _cmd_search(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = search(
-            workload,
-            budget=budget,
-            workers=workers,
-            strategy=args.strategy,
-            cpus=cpus,
-            items=int(args.items) if args.items else None,
-        )
+    client = None
+    if dask:
+        from autotune._dask import connect
+
+        try:
+            client = connect(args.scheduler)
+        except (ImportError, ConnectionError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = search(
+                workload,
+                budget=budget,
+                workers=workers,
+                strategy=args.strategy,
+                cpus=cpus,
+                items=int(args.items) if args.items else None,
+                backends=(backend,) if backend else LOCAL_BACKENDS,
+                client=client,
+            )
+    except (TypeError, RuntimeError, OSError) as exc:
+        if not dask:
+            raise
+        # The cluster's bad input (no workers, a kernel or data that cannot be
+        # pickled, a lost connection): one line, no traceback.
+        raise UsageError(" ".join(str(exc).split())) from None
+    finally:
+        if client is not None:
+            client.close()
     for w in caught:
         print(f"autotune search: warning: {w.message}", file=sys.stderr)
     profile = result.profile
@@ -262,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", metavar="LIST", help="worker counts to try, e.g. 1,2,4")
     p.add_argument("--strategy", choices=("auto", "grid"), default="auto")
     p.add_argument("--cpus", metavar="LIST", help="restrict to these CPUs, e.g. 0-3,6")
+    p.add_argument(
+        "--backend",
+        choices=("processes", "threads", "dask"),
+        help="search only this backend (default: processes and threads)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="Dask scheduler for --backend dask (e.g. tcp://host:8786); --workers are then "
+        "tasks in flight",
+    )
     p.add_argument("--items", metavar="N", help="items per timed run (default: from the budget)")
     p.add_argument("--out", metavar="PATH", help="profile file to write")
     p.add_argument("--plot", metavar="PNG", help="also draw a heatmap (needs autotune[plot])")

@@ -42,6 +42,7 @@ from autotune._threads import ThreadRunner
 from autotune._worker import WorkerSpec, in_worker, wants_shared_output, worker_main
 
 if TYPE_CHECKING:
+    from autotune._dask import DaskRunner
     from autotune.profile import Profile
 
 __all__ = ["Evaluator", "BACKENDS"]
@@ -97,11 +98,15 @@ class _Resources:
     borrowed: list[Segment] = field(default_factory=list)  # shared_array segments, kept linked
     output_names: list[str] = field(default_factory=list)  # map outputs kept for reuse
     threads: ThreadRunner | None = None  # the threads backend instead of processes
+    dask: DaskRunner | None = None  # the dask backend instead of processes
 
     def shutdown(self) -> None:
         if self.threads is not None:
             self.threads.close()
             self.threads = None
+        if self.dask is not None:
+            self.dask.close()
+            self.dask = None
         if self.cancel is not None:
             # Cancels every call: workers drop the rest of their batch now
             # instead of finishing it before they read "stop".
@@ -201,13 +206,20 @@ class Evaluator:
     retries : int
         How many times a batch lost with a dying worker is re-run before
         :class:`autotune.WorkerLost` is raised.
-    backend : {"processes", "threads"}, optional
+    backend : {"processes", "threads", "dask"}, optional
         Default: the profile's (the backend measured fastest), else
         ``"processes"``.  ``"threads"`` runs the kernel in threads of this process: no copies
         and no start-up, and it scales when the kernel releases the GIL (numpy
         ufuncs do, ``RectBivariateSpline.ev`` does not).  The kernel then runs
-        concurrently in one process and must be thread-safe.  ``"dask"`` is
-        planned, not available yet.
+        concurrently in one process and must be thread-safe.  ``"dask"`` runs
+        it as tasks on a Dask cluster (``client`` or ``address``): ``shared`` is
+        sent to each Dask worker once, and ``workers`` means tasks in flight
+        (default two per worker thread); a profile name is matched to the cluster.
+    client : dask.distributed.Client, optional
+        The cluster for ``backend="dask"``; it is not closed by :meth:`close`.
+    address : str, optional
+        Instead of ``client``: a scheduler address (``"tcp://host:8786"``) to
+        connect to; that connection is closed by :meth:`close`.
 
     Notes
     -----
@@ -232,6 +244,7 @@ class Evaluator:
         retries: int = 2,
         backend: str | None = None,
         client: Any = None,
+        address: str | None = None,
     ) -> None:
         if in_worker():
             raise RuntimeError(
@@ -256,14 +269,27 @@ class Evaluator:
 
         self._profile = None
         if profile is not None and (workers is None or chunk_len is None or backend is None):
-            self._profile = _resolve_profile(profile)
+            self._profile = _resolve_profile(
+                profile, backend, client if client is not None else address
+            )
             workers = workers or self._profile.workers
             chunk_len = chunk_len or self._profile.chunk_len
             if backend is None and self._profile.source != "heuristic":
                 backend = self._profile.backend  # run what was measured fastest
         backend = backend or "processes"
+        dask_runner = None
         if backend == "dask":
-            raise NotImplementedError("backend='dask' is not available yet")
+            from autotune._dask import DaskRunner
+
+            if pin:
+                raise ValueError("pin=True needs backend='processes'")
+            # Connects, and sends `shared` to every Dask worker once.
+            dask_runner = DaskRunner(
+                workers, shared_dict, blas_threads, client=client, address=address
+            )
+            workers = dask_runner.workers
+        elif client is not None or address is not None:
+            raise ValueError("client= and address= are for backend='dask'")
         if backend == "threads" and pin:
             raise ValueError("pin=True needs backend='processes'")
         self._heuristic_chunks = chunk_len is None
@@ -277,7 +303,7 @@ class Evaluator:
 
         self.workers: int = workers
         self.chunk_len: int = chunk_len
-        self.start_method = None if backend == "threads" else method
+        self.start_method = None if backend in ("threads", "dask") else method
         self.blas_threads = blas_threads
         self.pin = bool(pin)
         self.retries = retries
@@ -293,6 +319,9 @@ class Evaluator:
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _Resources.shutdown, self._res)
         self._threads: ThreadRunner | None = None
+        self._dask = self._res.dask = dask_runner
+        if dask_runner is not None:
+            return
         if backend == "threads":
             self._threads = self._res.threads = ThreadRunner(workers, shared_dict, blas_threads)
             return
@@ -476,6 +505,9 @@ class Evaluator:
         if self._threads is not None:
             with self._lock:
                 return self._threads.run(kernel, n, self._chunk_len_for(n), mode, combine)
+        if self._dask is not None:
+            with self._lock:
+                return self._dask.run(kernel, n, self._chunk_len_for(n), mode, combine)
         kernel_bytes = dumps_callable(kernel, "kernel")
         with self._lock:
             if self._closed:
@@ -502,7 +534,7 @@ class Evaluator:
         return max(1, min(self.chunk_len, math.ceil(n / (4 * self.workers))))
 
 
-def _resolve_profile(profile: Any) -> Profile:
+def _resolve_profile(profile: Any, backend: str | None = None, cluster: Any = None) -> Profile:
     from autotune.profile import Profile, load_profile
 
     if isinstance(profile, Profile):
@@ -510,6 +542,11 @@ def _resolve_profile(profile: Any) -> Profile:
     if isinstance(profile, str):
         from autotune.workloads import ITEM_BYTES
 
+        if backend == "dask" and cluster is not None:
+            # Matched to the cluster's workers, never to a local profile.
+            from autotune._dask import load_cluster_profile
+
+            return load_cluster_profile(profile, cluster, item_bytes=ITEM_BYTES.get(profile))
         return load_profile(profile, item_bytes=ITEM_BYTES.get(profile), backend="local")
     raise TypeError(f"profile must be a Profile or a workload name, got {type(profile).__name__}")
 

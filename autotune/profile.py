@@ -656,37 +656,47 @@ class _Validator:
             ),
         )
 
-    def cpu(self, value: object) -> dict[str, Any]:
-        d = self.mapping(value, "cpu")
-        self.keys(d, "cpu.", None, ("logical_cpus", "physical_cores", "caches"))
+    def cpu(self, value: object, name: str = "cpu") -> dict[str, Any]:
+        d = self.mapping(value, name)
+        self.keys(d, f"{name}.", None, ("logical_cpus", "physical_cores", "caches"))
         out: dict[str, Any] = {}
         for key, v in d.items():
             if not isinstance(key, str):
-                raise self.fail(f"cpu keys must be strings, got {_show(key)}")
+                raise self.fail(f"{name} keys must be strings, got {_show(key)}")
             if key == "caches":
                 continue
             if key in ("brand", "fingerprint"):
-                out[key] = None if v is None else self.text(v, f"cpu.{key}")
+                out[key] = None if v is None else self.text(v, f"{name}.{key}")
             elif key in ("logical_cpus", "physical_cores"):
-                out[key] = self.opt_integer(v, f"cpu.{key}", hi=_MAX_WORKERS)
+                out[key] = self.opt_integer(v, f"{name}.{key}", hi=_MAX_WORKERS)
+            elif key in ("dask_workers", "threads", "threads_per_worker", "nthreads"):
+                # A Dask cluster's shape (backend: dask).
+                out[key] = self.opt_integer(v, f"{name}.{key}")
+            elif key == "worker_probes" and name == "cpu":
+                # Each Dask worker's probe: the same shape as this section, one
+                # level deep only.
+                if not isinstance(v, list) or len(v) > _MAX_WORKERS:
+                    raise self.fail(f"cpu.worker_probes must be a list, got {_show(v)}")
+                out[key] = [self.cpu(p, f"cpu.worker_probes[{i}]") for i, p in enumerate(v)]
             elif v is None or isinstance(v, (str, int, float, bool)):
                 # More figures from the probe are welcome; only scalars, so a
                 # hostile document cannot hide structures here.
                 out[key] = v
             else:
-                raise self.fail(f"cpu.{key} must be a number or a string, got {_show(v)}")
+                raise self.fail(f"{name}.{key} must be a number or a string, got {_show(v)}")
         logical, physical = out["logical_cpus"], out["physical_cores"]
         if logical is not None and physical is not None and physical > logical:
             raise self.fail(
-                f"cpu.physical_cores ({physical}) must not exceed cpu.logical_cpus ({logical})"
+                f"{name}.physical_cores ({physical}) must not exceed "
+                f"{name}.logical_cpus ({logical})"
             )
-        caches = self.mapping(d["caches"], "cpu.caches")
-        self.keys(caches, "cpu.caches.", None, ("l1d", "l2", "l3"))
+        caches = self.mapping(d["caches"], f"{name}.caches")
+        self.keys(caches, f"{name}.caches.", None, ("l1d", "l2", "l3"))
         out["caches"] = {}
         for key, v in caches.items():
             if not isinstance(key, str):
-                raise self.fail(f"cpu.caches keys must be strings, got {_show(key)}")
-            out["caches"][key] = self.opt_integer(v, f"cpu.caches.{key}")
+                raise self.fail(f"{name}.caches keys must be strings, got {_show(key)}")
+            out["caches"][key] = self.opt_integer(v, f"{name}.caches.{key}")
         return out
 
     def python_build(self, value: object) -> dict[str, Any]:
@@ -840,7 +850,14 @@ def _unusable(profile: Profile, cpu: CpuInfo | None, backend: str, any_cpu: bool
         mismatch = cpu_mismatch(profile.cpu, cpu)
         if mismatch:
             return mismatch
-    if cpu.usable_cpus is not None and profile.workers > cpu.usable_cpus:
+    # A dask profile's workers are tasks in flight on a cluster, not local
+    # CPUs; the cluster's shape is checked against the live one by the dask
+    # backend (autotune._dask.load_cluster_profile).
+    if (
+        profile.backend != "dask"
+        and cpu.usable_cpus is not None
+        and profile.workers > cpu.usable_cpus
+    ):
         # Same machine shape, but this process may use fewer CPUs (affinity,
         # a container quota): the profile's best point cannot run here.
         return f"wants {profile.workers} workers, only {cpu.usable_cpus} CPUs are usable here"

@@ -148,9 +148,16 @@ class _Bench:
     """Times points with one evaluator per (backend, workers); remembers every run."""
 
     def __init__(
-        self, workload: Workload, n: int, item_bytes: int, progress: Any, label: bool
+        self,
+        workload: Workload,
+        n: int,
+        item_bytes: int,
+        progress: Any,
+        label: bool,
+        client: Any = None,
     ) -> None:
         self.workload = workload
+        self.client = client  # the Dask cluster of the "dask" lanes
         self.n = n
         self.item_bytes = item_bytes
         self.progress = progress
@@ -163,7 +170,8 @@ class _Bench:
         ev = self.pools.get(lane)
         if ev is None:
             backend, workers = lane
-            ev = Evaluator(workers, 1, shared=self.workload.shared, backend=backend)
+            client = self.client if backend == "dask" else None
+            ev = Evaluator(workers, 1, shared=self.workload.shared, backend=backend, client=client)
             self.pools[lane] = ev
         return ev
 
@@ -308,6 +316,7 @@ def search(
     backends: Sequence[str] = LOCAL_BACKENDS,
     items: int | None = None,
     progress: bool | None = None,
+    client: Any = None,
 ) -> SearchResult:
     """Find the best worker count and chunk length for ``workload`` on this CPU.
 
@@ -329,6 +338,11 @@ def search(
         Items per timed run (default: sized from ``budget``; at most ``n``).
     progress : bool, optional
         A progress bar on stderr (default: when stderr is a terminal).
+    client : dask.distributed.Client, optional
+        The cluster for ``backends=("dask",)``.  There ``workers`` are tasks
+        in flight (default 1, 2 and 4 per worker thread), chunk sizes come
+        from the workers' caches, and the profile's ``cpu`` section describes
+        the cluster (each worker's probe included).
 
     Returns
     -------
@@ -348,9 +362,20 @@ def search(
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if workload.n < 1:
         raise ValueError("the workload has no items (n = 0)")
-    unknown = [b for b in backends if b not in LOCAL_BACKENDS]
-    if unknown or not backends:
-        raise ValueError(f"backends must be some of {', '.join(LOCAL_BACKENDS)}; got {backends!r}")
+    if tuple(backends) == ("dask",):
+        if client is None:
+            raise ValueError("backends=('dask',) needs client=, a dask.distributed.Client")
+        if cpus is not None:
+            raise ValueError("cpus= restricts local CPUs; it does not apply to the dask backend")
+    else:
+        unknown = [b for b in backends if b not in LOCAL_BACKENDS]
+        if unknown or not backends:
+            raise ValueError(
+                f"backends must be some of {', '.join(LOCAL_BACKENDS)}, or ('dask',) alone; "
+                f"got {backends!r}"
+            )
+        if client is not None:
+            raise ValueError("client= is for backends=('dask',)")
     if items is not None and (isinstance(items, bool) or not isinstance(items, int) or items < 1):
         raise ValueError(f"items must be an integer >= 1, got {items!r}")
 
@@ -365,7 +390,9 @@ def search(
             )
         os.sched_setaffinity(0, wanted)  # workers inherit it
     try:
-        return _search(workload, float(budget), workers, strategy, tuple(backends), items, progress)
+        return _search(
+            workload, float(budget), workers, strategy, tuple(backends), items, progress, client
+        )
     finally:
         if saved_affinity is not None:
             os.sched_setaffinity(0, saved_affinity)
@@ -379,15 +406,27 @@ def _search(
     backends: tuple[str, ...],
     items: int | None,
     progress: bool | None,
+    client: Any = None,
 ) -> SearchResult:
     started = time.monotonic()
     deadline = started + budget
-    cpu = probe()
-    counts = candidate_workers(cpu, workers)
-    usable = cpu.usable_cpus or os.cpu_count() or 1
-    bad = [w for w in counts if not 1 <= w <= usable]
-    if bad:
-        raise ValueError(f"workers {bad} outside the usable CPUs 1..{usable}")
+    cluster = None
+    if client is not None:
+        from autotune._dask import describe_cluster
+
+        # Chunk sizes come from the workers' caches; "workers" are tasks in flight.
+        cluster = describe_cluster(client)
+        cpu = cluster.cpu
+        counts = sorted(set(workers or [k * cluster.threads for k in (1, 2, 4)]))
+        if counts[0] < 1:
+            raise ValueError(f"tasks in flight must be >= 1, got {counts}")
+    else:
+        cpu = probe()
+        counts = candidate_workers(cpu, workers)
+        usable = cpu.usable_cpus or os.cpu_count() or 1
+        bad = [w for w in counts if not 1 <= w <= usable]
+        if bad:
+            raise ValueError(f"workers {bad} outside the usable CPUs 1..{usable}")
     item_bytes = workload.item_bytes or DEFAULT_ITEM_BYTES
 
     rate = _items_per_second(workload)
@@ -405,7 +444,7 @@ def _search(
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=f"search {workload.name}", unit="run", file=sys.stderr)
-    bench = _Bench(workload, n, item_bytes, bar, label=len(backends) > 1)
+    bench = _Bench(workload, n, item_bytes, bar, label=len(backends) > 1, client=client)
     try:
         serial_s, serial_spread = _serial(workload, n, 3)
         bench.runs += 3
@@ -429,7 +468,10 @@ def _search(
         repeats=3,
         spread=serial_spread,
     )
-    if not any(m.workers == 1 and m.chunk_len >= n and m.backend != "threads" for m in measured):
+    if cluster is None and not any(
+        m.workers == 1 and m.chunk_len >= n and m.backend != "threads" for m in measured
+    ):
+        # (On a cluster, one local process is the baseline, not a point to pick.)
         measured.append(serial)
     # A point timed once may have been lucky: the pick is among those that
     # were confirmed by more runs (all of them in the grid).
@@ -439,7 +481,7 @@ def _search(
     profile = Profile(
         workload=workload.name,
         source="measured",
-        cpu=cpu_section(cpu),
+        cpu=cluster.section if cluster is not None else cpu_section(cpu),
         best=best,
         serial_throughput=serial.throughput,
         measurements=tuple(
@@ -449,9 +491,18 @@ def _search(
         autotune_version=__version__,
         item_bytes=item_bytes,
         n=n,
-        backend=best.backend or "processes",
+        backend=best.backend or backends[0],
         python=python_build(),
     )
+    if cluster is not None and (best.throughput or 0.0) < n / serial_s:
+        import warnings
+
+        warnings.warn(
+            f"on this Dask cluster the best point ({best.throughput or 0.0:.4g} items/s) is "
+            f"slower than one local process ({n / serial_s:.4g} items/s): the tasks' "
+            f"overhead and data transfer outweigh the work; a local backend fits better",
+            stacklevel=3,
+        )
     if not complete:
         import warnings
 

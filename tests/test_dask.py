@@ -1,0 +1,382 @@
+"""The dask backend: the same map/reduce contract, on a LocalCluster the tests start.
+
+One 2-worker cluster (processes, one thread each) serves the module.  Kernels
+and helpers live at module level: the cluster's spawned workers import this
+module to unpickle them.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+import autotune  # noqa: E402
+from autotune import Evaluator, WorkerLost, Workload  # noqa: E402
+from autotune._shared import SharedNamespace  # noqa: E402
+from autotune.workloads import stream_kernel  # noqa: E402
+
+N = 200_003
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = distributed.LocalCluster(
+        processes=True,
+        n_workers=2,
+        threads_per_worker=1,
+        dashboard_address=":0",
+        silence_logs=logging.CRITICAL,
+    )
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def client(cluster):
+    with distributed.Client(cluster, set_as_default=False) as client:
+        # A test that kills a worker leaves the nanny restarting it.
+        client.wait_for_workers(2, timeout=60)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(11).random(N)
+
+
+# -- kernels and helpers (module level: the workers import them) ------------------------
+def exp_sum(shared, start, stop):
+    return float(np.exp(shared["x"][start:stop]).sum())
+
+
+def histogram(shared, start, stop):
+    return np.bincount((shared.x[start:stop] * 4).astype(np.int64), minlength=4).astype(float)
+
+
+def pairs(shared, start, stop):
+    x = shared.x[start:stop]
+    return np.stack([x, x * x], axis=1)
+
+
+def tagged_sum(shared, start, stop):
+    return float(shared.x[start:stop].sum()) + shared.tag.value
+
+
+def fails_at_100k(shared, start, stop):
+    if start <= 100_000 < stop:
+        raise ValueError("bad item")
+    return 0.0
+
+
+def die_once(shared, start, stop):
+    """SIGKILL our own worker the first time the chunk holding item 100000 runs."""
+    if start <= 100_000 < stop:
+        try:
+            os.close(os.open(shared.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return float(np.exp(shared.x[start:stop]).sum())
+
+
+def die_always(shared, start, stop):
+    if start <= 100_000 < stop:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 0.0
+
+
+def _revive(path, value):
+    with open(path, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return Counted(path, value)
+
+
+class Counted:
+    """Writes a line to ``path`` each time it is unpickled: counts deliveries."""
+
+    def __init__(self, path, value):
+        self.path = path
+        self.value = value
+
+    def __reduce__(self):
+        return (_revive, (self.path, self.value))
+
+
+def small_stream():
+    """A small workload for the search tests (``MODULE:CALLABLE``)."""
+    x = np.random.default_rng(3).random(60_000)
+    return Workload("stream", len(x), stream_kernel, {"x": x}, mode="map", item_bytes=32)
+
+
+def serial_parts(kernel, shared, n, chunk_len):
+    ns = SharedNamespace(shared)
+    return [kernel(ns, s, min(n, s + chunk_len)) for s in range(0, n, chunk_len)]
+
+
+def fold(parts, combine=operator.add):
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = combine(acc, p)
+    return acc
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the contract -----------------------------------------------------------------------
+def test_map_reduce_equal_serial(client, x):
+    with Evaluator(2, 3_000, shared={"x": x}, backend="dask", client=client) as ev:
+        assert ev.backend == "dask" and ev.pids == [] and ev.start_method is None
+        out = ev.map(stream_kernel, N)
+        assert np.array_equal(out, np.concatenate(serial_parts(stream_kernel, {"x": x}, N, 3_000)))
+        total = ev.reduce(exp_sum, N)
+        assert total == fold(serial_parts(exp_sum, {"x": x}, N, 3_000))  # same bits
+        hist = ev.reduce(histogram, N)
+        assert np.array_equal(hist, fold(serial_parts(histogram, {"x": x}, N, 3_000)))
+        assert ev.map(pairs, 10).shape == (10, 2)
+        maxed = ev.reduce(exp_sum, N, combine=max)  # combine runs here, never pickled
+        assert maxed == max(serial_parts(exp_sum, {"x": x}, N, 3_000))
+        assert ev.reduce(exp_sum, 0) == 0 and ev.map(stream_kernel, 0).shape == (0,)
+
+
+def test_shared_data_sent_once_per_worker(client, x, tmp_path):
+    log = tmp_path / "unpickled"
+    shared = {"x": x, "tag": Counted(str(log), 0.5)}
+    with Evaluator(4, 1_000, shared=shared, backend="dask", client=client) as ev:
+        for _ in range(3):  # 3 calls of dozens of tasks each
+            total = ev.reduce(tagged_sum, N)
+            # Dask's memory manager drops "extra" replicas of data no task
+            # waits for; that must not make a worker fetch it again.
+            client.amm.run_once()
+    assert total == fold(serial_parts(tagged_sum, {"x": x, "tag": Counted(None, 0.5)}, N, 1_000))
+    pids = log.read_text().split()
+    assert len(pids) == 2 and len(set(pids)) == 2  # one delivery to each worker, no more
+
+
+def test_kernel_error_keeps_its_type_and_the_evaluator(client, x):
+    with Evaluator(shared={"x": x}, chunk_len=10_000, backend="dask", client=client) as ev:
+        with pytest.raises(ValueError, match="bad item") as info:
+            ev.reduce(fails_at_100k, N)
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        assert "[100000, 110000)" in notes or not hasattr(info.value, "add_note")
+        assert ev.reduce(exp_sum, N) == fold(serial_parts(exp_sum, {"x": x}, N, 10_000))
+
+
+def test_worker_killed_mid_run_result_complete(client, x, tmp_path):
+    marker = tmp_path / "killed"
+    shared = {"x": x, "marker": str(marker)}
+    with Evaluator(2, 5_000, shared=shared, backend="dask", client=client) as ev:
+        total = ev.reduce(die_once, N)
+    assert marker.exists()  # a worker really died during the run
+    assert total == fold(serial_parts(exp_sum, {"x": x}, N, 5_000))
+
+
+def test_worker_lost_when_retries_run_out(cluster, client, x):
+    scheduler = cluster.scheduler
+    saved = scheduler.allowed_failures
+    scheduler.allowed_failures = 0  # the first death of a task's worker is final
+    try:
+        # One task in flight: only the culprit is on the worker that dies.
+        with (
+            Evaluator(1, 10_000, shared={"x": x}, backend="dask", client=client) as ev,
+            pytest.raises(WorkerLost, match="died") as info,
+        ):
+            ev.reduce(die_always, N)
+    finally:
+        scheduler.allowed_failures = saved
+    assert info.value.start <= 100_000 < info.value.stop
+
+
+def test_a_worker_without_the_shared_data_gets_it(client, x):
+    """A worker that joined later (here: one made to forget) is sent the data with a task."""
+    from autotune._dask import _forget
+
+    with Evaluator(4, 2_000, shared={"x": x}, backend="dask", client=client) as ev:
+        expected = ev.reduce(exp_sum, N)
+        some = sorted(client.nthreads())[:1]
+        client.run(_forget, ev._dask.token, workers=some)
+        assert ev.reduce(exp_sum, N) == expected
+        assert ev.map(stream_kernel, N).shape == (N,)
+
+
+@pytest.mark.slow
+def test_shared_data_sent_again_after_a_restart(client, x):
+    """A restart loses every copy of the shared data: the next call sends it again."""
+    with Evaluator(2, 10_000, shared={"x": x}, backend="dask", client=client) as ev:
+        expected = ev.reduce(exp_sum, N)
+        client.restart()
+        assert ev.reduce(exp_sum, N) == expected
+
+
+# -- bad input: one-line errors that name the fix ---------------------------------------
+def test_unpicklable_kernel(client, x):
+    lock = threading.Lock()
+
+    def kernel(shared, start, stop):
+        with lock:
+            return 0.0
+
+    with Evaluator(shared={"x": x}, backend="dask", client=client) as ev:
+        with pytest.raises(TypeError, match="cannot be pickled for the Dask cluster") as info:
+            ev.reduce(kernel, 100)
+        assert "\n" not in str(info.value) and "module level" in str(info.value)
+        assert ev.reduce(exp_sum, 100) > 0  # still usable
+
+
+def test_unpicklable_shared(client):
+    with pytest.raises(TypeError, match="cannot be sent to the Dask cluster") as info:
+        Evaluator(shared={"lock": threading.Lock()}, backend="dask", client=client)
+    assert "\n" not in str(info.value)
+
+
+def test_client_closed_under_the_evaluator(cluster, x):
+    client = distributed.Client(cluster, set_as_default=False)
+    ev = Evaluator(shared={"x": x}, backend="dask", client=client)
+    client.close()
+    with pytest.raises(RuntimeError, match="close the Evaluator before its client") as info:
+        ev.reduce(exp_sum, N)
+    assert "\n" not in str(info.value)
+    ev.close()  # still closes cleanly
+
+
+def test_unreachable_scheduler(monkeypatch, tmp_path, capsys):
+    import autotune._dask as dask_backend
+    from autotune.cli import main
+
+    monkeypatch.setattr(dask_backend, "CONNECT_TIMEOUT", 0.5)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="cannot connect to a Dask scheduler") as info:
+        Evaluator(backend="dask", address=address)
+    assert time.monotonic() - t0 < 15
+    assert "\n" not in str(info.value) and "dask scheduler" in str(info.value)
+    out = tmp_path / "p.yaml"
+    assert main(["search", "--backend", "dask", "--scheduler", address, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot connect to a Dask scheduler" in err
+
+
+def test_usage_errors(client, cluster, capsys):
+    from autotune.cli import main
+
+    with pytest.raises(ValueError, match="needs client="):
+        Evaluator(backend="dask")
+    with pytest.raises(ValueError, match="for backend='dask'"):
+        Evaluator(1, backend="threads", client=client)
+    with pytest.raises(ValueError, match="not both"):
+        Evaluator(backend="dask", client=client, address=cluster.scheduler_address)
+    with pytest.raises(TypeError, match="dask.distributed.Client"):
+        Evaluator(backend="dask", client="tcp://nowhere:1")
+    assert main(["search", "--backend", "dask"]) == 2
+    assert "--scheduler" in capsys.readouterr().err
+    assert main(["search", "--scheduler", cluster.scheduler_address, "--cpus", "0"]) == 2
+    assert "--cpus" in capsys.readouterr().err
+
+
+def test_address_connection_is_owned(cluster, x):
+    address = cluster.scheduler_address
+    with Evaluator(chunk_len=1000, shared={"x": x}, backend="dask", address=address) as ev:
+        assert ev.reduce(exp_sum, 1000) == fold(serial_parts(exp_sum, {"x": x}, 1000, 1000))
+        own = ev._dask.client
+    assert own.status == "closed"
+
+
+# -- the tuner on dask ------------------------------------------------------------------
+def test_search_writes_a_cluster_profile(client, tmp_path):
+    from autotune._dask import describe_cluster, load_cluster_profile
+    from autotune.profile import Profile, ProfileWarning, load_profile
+
+    # 60k items of a fast map: a few ms of Dask tasks lose to one local process.
+    with pytest.warns(UserWarning, match="slower than one local process"):
+        result = autotune.search(
+            small_stream(), budget=5, backends=("dask",), client=client, progress=False
+        )
+    p = result.profile
+    assert p.backend == "dask"
+    assert p.cpu["dask_workers"] == 2 and p.cpu["threads"] == 2
+    assert p.cpu["threads_per_worker"] == 1 and len(p.cpu["worker_probes"]) == 2
+    assert {m.workers for m in p.measurements} >= {2, 4}  # tasks in flight: 1, 2 per thread
+    path = p.save(tmp_path / "stream-dask.yaml")
+    loaded = Profile.load(path)
+    assert loaded.cpu == p.cpu and loaded.best == p.best
+
+    # Never to a local evaluator ...
+    with pytest.warns(ProfileWarning, match="backend 'dask'"):
+        local = load_profile("stream", path, backend="local")
+    assert local.source == "heuristic"
+    # ... and found again for this cluster.
+    found = load_cluster_profile("stream", client, path=path)
+    assert found.best == p.best and found.path == str(path)
+    # A cluster of another shape does not get it.
+    other = dict(p.cpu, worker_probes=p.cpu["worker_probes"][:1], dask_workers=1)
+    from autotune._dask import cluster_mismatch
+
+    assert "1 workers" in cluster_mismatch(other, describe_cluster(client))
+
+    with Evaluator(profile=loaded, shared=small_stream().shared, client=client) as ev:
+        assert ev.backend == "dask" and ev.workers == p.workers
+        assert ev.map(stream_kernel, 100).shape == (100,)
+
+
+def test_local_profile_never_runs_on_dask(client, tmp_path, monkeypatch):
+    """A dask evaluator given a workload name looks for a dask profile only."""
+    from dataclasses import replace
+
+    from autotune.profile import ProfileWarning, heuristic_profile
+
+    monkeypatch.setenv("AUTOTUNE_PROFILE_DIR", str(tmp_path))
+    rule = heuristic_profile(autotune.probe(), "stream", 32)
+    measured = replace(rule.best, throughput=1e8)
+    local = replace(rule, source="measured", best=measured, measurements=(measured,))
+    replace(local, serial_throughput=5e7).save(tmp_path / "stream-local.yaml")
+    with pytest.warns(ProfileWarning):
+        ev = Evaluator(profile="stream", backend="dask", client=client)
+    with ev:
+        assert ev._profile is not None and ev._profile.backend == "dask"
+        assert ev._profile.source == "heuristic" and ev.workers == 4  # 2 per worker thread
+
+
+def test_cli_search_on_the_cluster(cluster, tmp_path, capsys):
+    from autotune.cli import main
+    from autotune.profile import Profile
+
+    out = tmp_path / "p.yaml"
+    argv = ["search", "--backend", "dask", "--scheduler", cluster.scheduler_address]
+    argv += ["--workload", "test_dask:small_stream", "--budget", "5", "--out", str(out)]
+    assert main(argv) == 0
+    assert Profile.load(out).backend == "dask"
+    assert "profile written" in capsys.readouterr().out
+
+
+def test_cluster_section_is_validated(client):
+    """The cluster's ``cpu`` section round-trips; malformed ones name the field."""
+    from autotune._dask import describe_cluster
+    from autotune.profile import ProfileError, _Validator
+
+    section = describe_cluster(client).section
+    assert _Validator("p.yaml").cpu(section) == section
+    bad = [
+        (dict(section, worker_probes="all of them"), "cpu.worker_probes must be a list"),
+        (dict(section, dask_workers=-1), "cpu.dask_workers must be an integer"),
+        (
+            dict(section, worker_probes=[dict(section["worker_probes"][0], worker_probes=[])]),
+            "cpu.worker_probes[0].worker_probes must be a number or a string",
+        ),
+    ]
+    for doc, problem in bad:
+        with pytest.raises(ProfileError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+            _Validator("p.yaml").cpu(doc)
