@@ -60,17 +60,21 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def _check_out(path: str) -> None:
-    """Refuse an --out that cannot be written before spending a minute measuring."""
+def _check_writable(path: str, flag: str) -> None:
+    """Refuse an output path that cannot be written, before spending a minute measuring."""
     import os
 
+    if not path or "\0" in path:
+        raise UsageError(f"{flag} must be a file name, got {path!r}")
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise UsageError(f"--out {path!r} is a directory; give a file name")
+        raise UsageError(f"{flag} {path!r} is a directory; give a file name")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r} exists and is not a regular file")
     if not os.path.isdir(directory):
-        raise UsageError(f"--out {path!r}: directory {directory!r} does not exist")
+        raise UsageError(f"{flag} {path!r}: cannot write: directory {directory!r} does not exist")
     if not os.access(directory, os.W_OK):
-        raise UsageError(f"--out {path!r}: directory {directory!r} is not writable")
+        raise UsageError(f"{flag} {path!r}: cannot write: directory {directory!r} is not writable")
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -98,13 +102,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
     if args.scheduler and not dask:
         raise UsageError(f"--scheduler is for --backend dask, not --backend {backend}")
-    if dask and args.cpus:
+    if dask and args.cpus is not None:
         raise UsageError("--cpus restricts local CPUs; it does not apply to --backend dask")
     usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    cpus = _int_list(args.cpus, "--cpus") if args.cpus else None
+    cpus = _int_list(args.cpus, "--cpus") if args.cpus is not None else None
     if cpus is not None and usable is not None and not set(cpus) <= set(usable):
         raise UsageError(f"--cpus {args.cpus!r} names CPUs outside the usable ones {usable}")
-    workers = _int_list(args.workers, "--workers") if args.workers else None
+    workers = _int_list(args.workers, "--workers") if args.workers is not None else None
     if dask:  # tasks in flight on the cluster, not local CPUs
         if workers is not None and workers[0] < 1:
             raise UsageError(f"--workers {args.workers!r} must be tasks in flight >= 1")
@@ -112,10 +116,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
         limit = len(cpus) if cpus else (probe().usable_cpus or os.cpu_count() or 1)
         if workers is not None and (workers[0] < 1 or workers[-1] > limit):
             raise UsageError(f"--workers {args.workers!r} must be between 1 and {limit}")
-    if args.items is not None and (not args.items.isdigit() or int(args.items) < 1):
+    if args.items is not None and not (
+        args.items.isascii() and args.items.isdigit() and int(args.items) >= 1
+    ):
         raise UsageError(f"--items must be a positive integer, got {args.items!r}")
-    if args.out:
-        _check_out(args.out)
+    if args.out is not None:
+        _check_writable(args.out, "--out")
+    if args.plot is not None:
+        _check_writable(args.plot, "--plot")
     if args.plot:
         try:
             require_matplotlib()
@@ -159,7 +167,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"autotune search: warning: {w.message}", file=sys.stderr)
     profile = result.profile
-    if args.out:
+    if args.out is not None:
         out = args.out
     else:
         directory = user_profile_dir()
@@ -192,6 +200,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     )
 
     profile = Profile.load(args.path)
+    if args.plot is not None:
+        _check_writable(args.plot, "--plot")
     try:
         if args.plot:
             require_matplotlib()  # before any output: fail whole, not half done

@@ -38,7 +38,7 @@ from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 from autotune._shared import _ALLOCATED, check_names, dumps_callable, pack
 from autotune._shm import Segment
 from autotune._shm import unlink as unlink_segment
-from autotune._threads import ThreadRunner
+from autotune._threads import ThreadRunner, in_thread_kernel
 from autotune._worker import WorkerSpec, in_worker, wants_shared_output, worker_main
 
 if TYPE_CHECKING:
@@ -99,8 +99,13 @@ class _Resources:
     output_names: list[str] = field(default_factory=list)  # map outputs kept for reuse
     threads: ThreadRunner | None = None  # the threads backend instead of processes
     dask: DaskRunner | None = None  # the dask backend instead of processes
+    owner_pid: int = field(default_factory=os.getpid)
 
     def shutdown(self) -> None:
+        if os.getpid() != self.owner_pid:
+            # A copy inherited by a forked process: the pool is not its to end
+            # (and writing the control word would cancel the owner's calls).
+            return
         if self.threads is not None:
             self.threads.close()
             self.threads = None
@@ -246,7 +251,7 @@ class Evaluator:
         client: Any = None,
         address: str | None = None,
     ) -> None:
-        if in_worker():
+        if in_worker() or in_thread_kernel():
             raise RuntimeError(
                 "autotune.Evaluator cannot be created inside an evaluator's kernel: nested "
                 "process pools oversubscribe the cores and can deadlock; parallelise the outer "
@@ -311,7 +316,12 @@ class Evaluator:
 
         self._ctx = mp.get_context(method)
         self._shared = shared_dict
-        self._lock = threading.Lock()
+        # Calls from several threads are serialised; close() from another
+        # thread waits for the call in progress.  Reentrant so that a call that
+        # fails can close the evaluator while holding it.
+        self._lock = threading.RLock()
+        self._busy: int | None = None  # thread running a call
+        self._owner_pid = os.getpid()
         self._closed = False
         self._call_id = 0
         self._batch_id = 0
@@ -328,7 +338,9 @@ class Evaluator:
         try:
             self._control = Segment.create(64)
             self._res.segments.append(self._control)
-            self._cancelled = np.frombuffer(self._control.mmap, dtype=np.int64, count=1)
+            self._cancelled: np.ndarray | None = np.frombuffer(
+                self._control.mmap, dtype=np.int64, count=1
+            )
             self._res.cancel = self._cancelled
             self._packed = None
             if method != "fork":
@@ -384,12 +396,19 @@ class Evaluator:
         return self._call(kernel, n, "reduce", combine)
 
     def close(self) -> None:
-        """End the workers and unlink every shared-memory segment (idempotent)."""
-        self._closed = True
-        self._finalizer()
-        # Let the user's data go with the pool, even if this object lingers.
-        self._shared = {}
-        self._packed = None
+        """End the workers and unlink every shared-memory segment (idempotent).
+
+        Called from another thread while a call runs, it waits for that call.
+        """
+        with self._lock:
+            self._closed = True
+            # Our view of the control word would keep its mapping (and a file
+            # descriptor) alive past the shutdown.
+            self._cancelled = None
+            self._finalizer()
+            # Let the user's data go with the pool, even if this object lingers.
+            self._shared = {}
+            self._packed = None
 
     def __enter__(self) -> Evaluator:
         return self
@@ -494,6 +513,7 @@ class Evaluator:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
         n = int(n)
+        self._check_not_nested()
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
         if n == 0:
@@ -502,29 +522,47 @@ class Evaluator:
             if combine in _IDENTITY:
                 return _IDENTITY[combine]
             raise ValueError("reduce over n=0 items with a combine function of unknown identity")
-        if self._threads is not None:
-            with self._lock:
-                return self._threads.run(kernel, n, self._chunk_len_for(n), mode, combine)
-        if self._dask is not None:
-            with self._lock:
-                return self._dask.run(kernel, n, self._chunk_len_for(n), mode, combine)
-        kernel_bytes = dumps_callable(kernel, "kernel")
+        runner = self._threads or self._dask
+        kernel_bytes = None if runner is not None else dumps_callable(kernel, "kernel")
         with self._lock:
             if self._closed:
                 raise RuntimeError("this Evaluator is closed")
-            call = _Call(self, kernel_bytes, n, mode, combine)
+            self._busy = threading.get_ident()
             try:
-                result = call.run()
-            except BaseException:
-                # KeyboardInterrupt, or a failure of our own: workers may be
-                # mid-batch; end them rather than leave them in an unknown state.
-                self.close()
-                raise
-        if call.failure is not None:
+                if runner is not None:
+                    return runner.run(kernel, n, self._chunk_len_for(n), mode, combine)
+                assert kernel_bytes is not None
+                call = _Call(self, kernel_bytes, n, mode, combine)
+                try:
+                    result = call.run()
+                except BaseException:
+                    # KeyboardInterrupt, or a failure of our own: workers may
+                    # be mid-batch; end them rather than leave them unknown.
+                    self.close()
+                    raise
+            finally:
+                self._busy = None
+        failure, call.failure, call.out = call.failure, None, None
+        del call  # the traceback below must not keep the call's output mapped
+        if failure is not None:
             # A kernel error, a bad map result or WorkerLost: the call was
             # drained, so the pool is idle and stays usable.
-            raise call.failure
+            raise failure
         return result
+
+    def _check_not_nested(self) -> None:
+        """Refuse use from inside a kernel or a combine function: it would deadlock."""
+        if in_worker() or in_thread_kernel() or os.getpid() != self._owner_pid:
+            raise RuntimeError(
+                "nested use of an autotune Evaluator from inside a kernel is not supported "
+                "(nested pools oversubscribe the cores and can deadlock); parallelise the "
+                "outer level only"
+            )
+        if self._busy == threading.get_ident():
+            raise RuntimeError(
+                "nested use: this Evaluator is already running a call in this thread "
+                "(a combine function cannot call the evaluator that runs it)"
+            )
 
     def _chunk_len_for(self, n: int) -> int:
         if not self._heuristic_chunks:
@@ -644,7 +682,10 @@ class _Call:
             self._fail(_rebuild_exception(msg))
             if batch is None:  # the kernel could not be loaded: no batch will run
                 self._forget(w, None)
-        # "cancelled": the batch is dropped; the call is failing anyway.
+        elif kind == "cancelled" and batch is not None and self.failure is None:
+            # Only a failing call cancels its batches; anything else that
+            # cancels one (a stray write to the control word) must not lose it.
+            self.batches.requeue(batch)
         if self.failure is None:
             self._refill(w)
 
@@ -767,7 +808,8 @@ class _Call:
             self.failure = exc
             # Workers check this word between chunks and drop the rest of
             # their batches, so the call drains in about one chunk's time.
-            self.ev._cancelled[0] = self.call_id
+            if self.ev._cancelled is not None:
+                self.ev._cancelled[0] = self.call_id
 
     def _end(self) -> None:
         for w in self.ev._res.workers:

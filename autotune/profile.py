@@ -489,6 +489,10 @@ def _write_atomic(target: Path, data: bytes) -> None:
         raise ProfileError(target, f"cannot write: directory {str(directory)!r} does not exist")
     if target.is_dir():
         raise ProfileError(target, "cannot write: is a directory")
+    # Never rename over a FIFO, a device or a socket: run as root, a profile
+    # saved to /dev/null would replace the device with a regular file.
+    if target.exists() and not target.is_file():
+        raise ProfileError(target, "cannot write: is not a regular file")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:

@@ -4,8 +4,8 @@ out of range.
 The contract (DESIGN.md): exit status 2, exactly one line on stderr that names the argument,
 no traceback, nothing on stdout.  A bad ``search`` is refused before anything is measured:
 here the tuner is replaced by one that fails the test if it runs, so a case that slipped
-through validation costs nothing and writes nothing.  Tests marked ``xfail(strict=True)``
-pin bugs: they fail as XPASS once fixed.
+through validation costs nothing and writes nothing.  The last group pins bugs this matrix
+found (and that were fixed).
 """
 
 from __future__ import annotations
@@ -278,32 +278,18 @@ def test_python_dash_m_autotune_bad_input(tmp_path, argv, fragment):
     assert_usage_error(done.returncode, done.stdout, done.stderr, fragment)
 
 
-# -- bugs (xfail until fixed) ---------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug: '²'.isdigit() but int('²') fails")
+# -- bugs found by this matrix, fixed: these pin the fixes ----------------------------------
 def test_search_items_superscript_digit(capsys):
     code, out, err = run(capsys, ["search", "--items", "²"])
     assert_usage_error(code, out, err, "--items")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SearchRan,
-    reason="bug: an empty --workers, --cpus or --out is taken as 'not given' (a full default "
-    "search runs; --out '' writes into the user's profile directory)",
-)
 @pytest.mark.parametrize("option", ["--workers", "--cpus", "--out"])
 def test_search_empty_list_or_path_is_refused(capsys, option):
     code, out, err = run(capsys, ["search", option, ""])
     assert_usage_error(code, out, err, option)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SearchRan,
-    reason="bug: --out onto an existing non-regular file (FIFO, device) is not refused; "
-    "Profile.save then os.replace()s it: run as root, 'search --out /dev/null' replaced "
-    "/dev/null with a regular file",
-)
 @pytest.mark.parametrize("kind", ["fifo", "socket"])
 def test_search_out_onto_a_special_file_is_refused(tmp_path, capsys, kind):
     path = special(tmp_path, kind)
@@ -311,38 +297,22 @@ def test_search_out_onto_a_special_file_is_refused(tmp_path, capsys, kind):
     assert_usage_error(code, out, err, "--out")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SearchRan,
-    reason="bug: --plot's directory is checked only after the whole search (and the profile "
-    "is written before the plot fails with exit 2)",
-)
 def test_search_plot_into_a_missing_directory_is_refused_first(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     code, out, err = run(capsys, ["search", "--plot", str(tmp_path / "no" / "h.png")])
     assert_usage_error(code, out, err, "--plot")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: 'show \"\"' says 'no such file' without a name")
 def test_show_empty_path_is_named(capsys):
     code, out, err = run(capsys, ["show", ""])
     assert_usage_error(code, out, err, "''")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SearchRan,
-    reason="bug: --out with a NUL byte passes the checks; after the search, save raises "
-    "ValueError (a traceback)",
-)
 def test_search_out_with_a_nul_byte(capsys):
     code, out, err = run(capsys, ["search", "--out", "a\x00b"])
     assert_usage_error(code, out, err, "--out")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: Profile.save replaces a FIFO (or a device) with a regular file"
-)
 def test_profile_save_onto_a_fifo_is_refused_and_keeps_the_fifo(tmp_path):
     """The library side of the --out bug, without the command line."""
     from autotune.profile import Profile

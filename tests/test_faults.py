@@ -4,8 +4,8 @@ The fast part of the fault campaign (``scripts/fault_campaign.py`` is the full r
 SIGKILLed, crashed with SIGSEGV or out of memory in the middle of a map, and the parent
 terminated; each time the result equals the serial one or the documented error comes, and
 no process, zombie, segment or file descriptor is left.  Then two evaluators at once, one
-evaluator from several threads, and nested use.  Tests marked ``xfail(strict=True)`` pin
-bugs found by the campaign: they start passing (and then fail as XPASS) once fixed.
+evaluator from several threads, and nested use.  The last group pins bugs the campaign found
+(and that were fixed): nested and re-entrant use, close() from another thread, descriptors.
 """
 
 from __future__ import annotations
@@ -319,13 +319,7 @@ def test_nested_evaluator_refused_under_every_start_method(method, no_leaks):
         assert ev.map(kernels.arange_map, 50).tolist() == list(range(50))  # still serves
 
 
-# -- bugs found by the campaign (xfail until fixed) ------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: map/reduce on an Evaluator inherited by a forked worker are not refused; the "
-    "worker's copy closes itself, writes CANCEL_ALL into the parent's control word, and the "
-    "parent's evaluator then hangs on its next call",
-)
+# -- bugs found by the campaign, fixed: these pin the fixes ---------------------------------
 def test_inherited_evaluator_used_in_a_kernel_is_refused(no_leaks):
     kernels.INHERITED = Evaluator(2, 10)
     try:
@@ -345,10 +339,6 @@ def test_inherited_evaluator_used_in_a_kernel_is_refused(no_leaks):
         kernels.INHERITED = None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a threads-backend kernel may create a process Evaluator (no nested check)",
-)
 def test_threads_backend_kernel_creating_an_evaluator_is_refused(no_leaks):
     def kernel(shared, start, stop):
         with Evaluator(1, 5, start_method="fork") as inner:
@@ -358,10 +348,6 @@ def test_threads_backend_kernel_creating_an_evaluator_is_refused(no_leaks):
         ev.reduce(kernel, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: close() from another thread during a call makes that call raise IndexError",
-)
 def test_close_from_another_thread_during_a_call(no_leaks):
     ev = Evaluator(2, 10, shared={"delay": 0.02})
     outcome: list = []
@@ -384,11 +370,6 @@ def test_close_from_another_thread_during_a_call(no_leaks):
     ), repr(outcome[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a closed Evaluator keeps its control segment mapped (one descriptor) "
-    "until the object itself is collected",
-)
 def test_close_releases_every_descriptor(x, no_leaks):
     fds0 = open_fds()
     ev = Evaluator(2, CHUNK, shared={"x": x})
@@ -397,12 +378,6 @@ def test_close_releases_every_descriptor(x, no_leaks):
     assert settle(lambda: open_fds() - fds0, 1.0) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a kernel error leaves a reference cycle (exception -> traceback -> _call "
-    "frame -> _Call -> exception) that keeps the evaluator and the map output mapped until "
-    "the cyclic garbage collector runs",
-)
 def test_kernel_error_releases_the_output_without_the_collector(x, tmp_path, no_leaks):
     fds0 = open_fds()
     gc.disable()
@@ -432,11 +407,6 @@ NESTED_DEADLOCKS = {
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: re-entering an evaluator from its own kernel (threads backend) or combine "
-    "function deadlocks on the call lock instead of raising",
-)
 @pytest.mark.parametrize("case", sorted(NESTED_DEADLOCKS))
 def test_reentrant_use_is_refused_not_deadlocked(case, tmp_path):
     body = textwrap.indent(textwrap.dedent(NESTED_DEADLOCKS[case]).strip(), " " * 8)
