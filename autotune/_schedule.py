@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Batches", "OrderedFold", "chunk_bounds", "n_chunks"]
+__all__ = ["Batches", "OrderedFold", "balanced_chunk_len", "chunk_bounds", "n_chunks"]
 
 #: Each batch takes 1/(GUIDE * workers) of the chunks not yet handed out: a
 #: slow worker can hold back at most about that share of the work.
@@ -27,6 +27,22 @@ GUIDE = 8
 def n_chunks(n: int, chunk_len: int) -> int:
     """Number of chunks covering ``n`` items."""
     return -(-n // chunk_len)
+
+
+def balanced_chunk_len(n: int, chunk_len: int, workers: int) -> int:
+    """``chunk_len``, shortened a little when a few chunks would split unevenly.
+
+    With 7.6 chunks for 2 workers, one worker does 4 and the other 3.6: the
+    call takes 5% longer than it needs.  With up to eight chunks per worker,
+    they are made just short enough to be equal and a
+    multiple of ``workers`` in number (8 chunks of 125000 items instead of
+    7.6 of 131072).  Many chunks balance themselves.
+    """
+    total = n_chunks(n, chunk_len)
+    if workers <= 1 or total > 8 * workers:
+        return chunk_len
+    even = -(-total // workers) * workers
+    return max(1, min(chunk_len, -(-n // even)))
 
 
 def chunk_bounds(c0: int, c1: int, chunk_len: int, n: int) -> tuple[int, int]:

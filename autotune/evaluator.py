@@ -26,7 +26,7 @@ import pickle
 import signal
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autotune._errors import WorkerLost
-from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
+from autotune._schedule import Batches, OrderedFold, balanced_chunk_len, chunk_bounds, n_chunks
 from autotune._shared import _ALLOCATED, check_names, dumps_callable, pack
 from autotune._shm import Segment
 from autotune._shm import unlink as unlink_segment
@@ -100,6 +100,7 @@ class _Resources:
     threads: ThreadRunner | None = None  # the threads backend instead of processes
     dask: DaskRunner | None = None  # the dask backend instead of processes
     owner_pid: int = field(default_factory=os.getpid)
+    blas_held: bool = False  # this evaluator holds the parent's BLAS limit
 
     def shutdown(self) -> None:
         if os.getpid() != self.owner_pid:
@@ -131,10 +132,72 @@ class _Resources:
         names, self.output_names = self.output_names, []
         for name in names:
             unlink_segment(name)
+        if self.blas_held:
+            self.blas_held = False
+            _BLAS_HOLD.release()
         segments, self.segments = self.segments, []
         for seg in segments:
             seg.unlink()
             seg.close()
+
+
+#: Read by OpenBLAS, OpenMP, MKL and Accelerate when a process first loads them.
+_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+@contextlib.contextmanager
+def _environ(names: tuple[str, ...], value: str) -> Iterator[None]:
+    """Set environment variables for the duration (a spawned child inherits them)."""
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, value))
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+class _BlasHold:
+    """This process's BLAS limit while fork evaluators are open (a refcount).
+
+    Setting the limit inside a freshly forked worker makes OpenBLAS start its
+    thread pool there, and those threads spin for about a fifth of a second
+    of CPU: a core stolen from the other workers.  Setting it in the parent
+    and restoring it right after the fork only moves the spin into the
+    parent.  So the parent keeps the limit while an evaluator is open (its
+    workers occupy the cores anyway), forked workers inherit it and start no
+    thread, and the last evaluator to close restores the original limits.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._threads: int | None = None
+        self._limiter: Any = None
+
+    def acquire(self, threads: int) -> None:
+        from threadpoolctl import threadpool_limits
+
+        with self._lock:
+            if self._holders == 0:
+                self._limiter = threadpool_limits(limits=threads)
+            elif threads != self._threads:
+                threadpool_limits(limits=threads)  # undone by the first limiter's restore
+            self._threads = threads
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._limiter is not None:
+                self._limiter.restore_original_limits()
+                self._limiter = self._threads = None
+
+
+_BLAS_HOLD = _BlasHold()
 
 
 def _fileno(conn: Any) -> int:
@@ -190,8 +253,10 @@ class Evaluator:
         Worker processes.  Default: the profile's, else the physical cores
         this process may use.
     chunk_len : int, optional
-        Items per chunk.  Default: the profile's, else the heuristic (about
-        an eighth of the per-core L2 cache).
+        Items per chunk, honoured exactly.  Default: the profile's, else the
+        heuristic (about an eighth of the per-core L2 cache); those are
+        fitted to each call's ``n`` (shortened a little so that few chunks
+        split evenly over the workers).
     shared : dict of str to object, optional
         Data the kernels read: arrays, or any object (a list of scipy
         splines...).  Kernels receive it as a read-only namespace
@@ -206,6 +271,9 @@ class Evaluator:
         Default ``"fork"`` where the platform has it, else ``"spawn"``.
     blas_threads : int or None
         BLAS/OpenMP threads per worker (threadpoolctl); ``None`` leaves them.
+        Under ``fork`` the limit is also in force in this process while the
+        evaluator is open: forked workers inherit it without starting a BLAS
+        thread pool of their own (whose threads would spin on the cores).
     pin : bool
         Pin workers to distinct physical cores first, then their siblings.
     retries : int
@@ -260,7 +328,7 @@ class Evaluator:
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         workers = _positive_int("workers", workers)
-        chunk_len = _positive_int("chunk_len", chunk_len)
+        chunk_len = explicit_chunk_len = _positive_int("chunk_len", chunk_len)
         blas_threads = _positive_int("blas_threads", blas_threads)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
@@ -298,6 +366,9 @@ class Evaluator:
         if backend == "threads" and pin:
             raise ValueError("pin=True needs backend='processes'")
         self._heuristic_chunks = chunk_len is None
+        # An explicit chunk_len is honoured to the item; one from a profile or
+        # the heuristic was measured at another n and is fitted to each call's.
+        self._fit_chunks = explicit_chunk_len is None
         if workers is None or chunk_len is None:
             from autotune.probe import probe
             from autotune.profile import heuristic_profile
@@ -351,8 +422,9 @@ class Evaluator:
                     else:
                         self._res.borrowed.append(seg)  # the user's shared_array
             self._cpus = self._pin_cpus() if self.pin else None
-            for i in range(self.workers):
-                self._res.workers.append(self._start_worker(i))
+            with self._blas_limited():
+                for i in range(self.workers):
+                    self._res.workers.append(self._start_worker(i))
         except BaseException:
             self.close()
             raise
@@ -444,7 +516,8 @@ class Evaluator:
             packed=self._packed,
             control_name=self._control.name,
             control_size=self._control.size,
-            blas_threads=self.blas_threads,
+            # Under fork the limit is set in the parent around the fork (below).
+            blas_threads=None if fork else self.blas_threads,
             cpu=None if self._cpus is None else self._cpus[index],
             close_fds=tuple(_PARENT_FDS | {parent_conn.fileno()}) if fork else (),
         )
@@ -470,12 +543,29 @@ class Evaluator:
         _PARENT_FDS.add(parent_conn.fileno())
         return _Worker(index, process, parent_conn)
 
+    def _blas_limited(self) -> contextlib.AbstractContextManager[Any]:
+        """BLAS thread limits in force while workers start.
+
+        A spawned interpreter reads the limit from its environment when it
+        first imports numpy, and starts no BLAS thread beyond it.  A forked
+        worker inherits the parent's BLAS state: see :class:`_BlasHold`.
+        """
+        if self.blas_threads is None:
+            return contextlib.nullcontext()
+        if self.start_method == "fork":
+            if not self._res.blas_held:
+                _BLAS_HOLD.acquire(self.blas_threads)
+                self._res.blas_held = True
+            return contextlib.nullcontext()
+        return _environ(_BLAS_ENV, str(self.blas_threads))
+
     def _replace(self, dead: _Worker) -> _Worker:
         _PARENT_FDS.discard(_fileno(dead.conn))
         dead.conn.close()
         _join_all([dead.process], JOIN_TIMEOUT)
         dead.process.close()
-        new = self._start_worker(dead.index)
+        with self._blas_limited():
+            new = self._start_worker(dead.index)
         self._res.workers[dead.index] = new
         return new
 
@@ -565,11 +655,14 @@ class Evaluator:
             )
 
     def _chunk_len_for(self, n: int) -> int:
-        if not self._heuristic_chunks:
-            return self.chunk_len
-        # The heuristic chunk may be larger than a small n deserves: keep a
-        # few chunks per worker so all of them get work.
-        return max(1, min(self.chunk_len, math.ceil(n / (4 * self.workers))))
+        chunk_len = self.chunk_len
+        if self._heuristic_chunks:
+            # The heuristic chunk may be larger than a small n deserves: keep
+            # a few chunks per worker so all of them get work.
+            chunk_len = max(1, min(chunk_len, math.ceil(n / (4 * self.workers))))
+        if not self._fit_chunks:
+            return chunk_len
+        return balanced_chunk_len(n, chunk_len, self.workers)
 
 
 def _resolve_profile(profile: Any, backend: str | None = None, cluster: Any = None) -> Profile:

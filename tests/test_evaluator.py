@@ -392,3 +392,29 @@ def test_shared_array_is_not_copied(start_method, no_leaks):
     assert len(created) == 2
     del x
     gc.collect()  # the segment goes with the last view
+
+
+def test_forked_workers_start_no_blas_threads_and_the_limit_is_restored(no_leaks):
+    from threadpoolctl import threadpool_info
+
+    before = [i["num_threads"] for i in threadpool_info()]
+    with Evaluator(2, 10, blas_threads=1) as ev:
+        assert set(ev.map(kernels.blas_threads, 40).tolist()) == {1}
+        # a worker has its main thread only: no BLAS pool spinning on the cores
+        assert set(ev.map(kernels.thread_count, 40).tolist()) == {1}
+    assert [i["num_threads"] for i in threadpool_info()] == before
+
+
+def test_profile_chunks_are_fitted_to_n_explicit_ones_are_not(no_leaks):
+    from pathlib import Path
+
+    from autotune import Profile
+
+    shipped = Profile.load(Path(__file__).parent.parent / "profiles" / "i3-3227u-spline.yaml")
+    with Evaluator(profile=shipped) as ev:
+        assert (ev.workers, ev.chunk_len) == (2, 7812)
+        # 7.5 chunks of 7812 would leave one worker idle for half a chunk: 8 even ones
+        assert ev._chunk_len_for(58_590) == 7_324
+        assert ev._chunk_len_for(10_000_000) == 7_812  # many chunks balance themselves
+    with Evaluator(2, 7812) as ev:
+        assert ev._chunk_len_for(58_590) == 7_812

@@ -50,3 +50,14 @@ def test_ordered_fold_matches_serial_whatever_the_arrival_order():
         fold.extend(c0, partials[c0:c1])
     assert fold.done == 1_000
     assert fold.result() == serial  # bit for bit
+
+
+def test_balanced_chunk_len_evens_out_few_chunks():
+    from autotune._schedule import balanced_chunk_len
+
+    assert balanced_chunk_len(1_000_000, 131_072, 2) == 125_000  # 7.6 chunks -> 8
+    assert n_chunks(1_000_000, balanced_chunk_len(1_000_000, 131_072, 2)) % 2 == 0
+    assert balanced_chunk_len(1_000_000, 125_000, 2) == 125_000  # already even
+    assert balanced_chunk_len(1_000_000, 1_000, 2) == 1_000  # many chunks: untouched
+    assert balanced_chunk_len(10, 100, 3) == 4  # one chunk -> one per worker
+    assert balanced_chunk_len(1_000, 300, 1) == 300
