@@ -73,6 +73,11 @@ class Batches:
     def __bool__(self) -> bool:
         return bool(self._requeued) or self._next < self.total
 
+    @property
+    def remaining(self) -> int:
+        """Chunks not handed out yet (re-queued ones included)."""
+        return self.total - self._next + sum(c1 - c0 for c0, c1 in self._requeued)
+
     def take(self, max_batch: int | None = None) -> tuple[int, int]:
         """The next batch; call only while ``bool(self)``."""
         if self._requeued:

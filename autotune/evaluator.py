@@ -707,8 +707,11 @@ class _Call:
         """The call's result, or None with ``self.failure`` set."""
         ev = self.ev
         try:
-            for w in list(ev._res.workers):
-                self._refill(w)
+            # One batch for every worker first, then the queued second ones:
+            # with few chunks, the first worker must not take them all.
+            for depth in range(1, DEPTH + 1):
+                for w in list(ev._res.workers):
+                    self._refill(w, depth)
             while self.completed < self.total or any(w.inflight for w in ev._res.workers):
                 if self.failure is not None and not any(w.inflight for w in ev._res.workers):
                     break
@@ -828,8 +831,8 @@ class _Call:
         for w in self.ev._res.workers:
             self._send(w, ("out", self.call_id, seg.name, seg.size, shape, dtype))
 
-    def _refill(self, w: _Worker) -> None:
-        """Keep DEPTH batches queued on worker ``w``."""
+    def _refill(self, w: _Worker, depth: int = DEPTH) -> None:
+        """Keep ``depth`` batches queued on worker ``w``."""
         if w.call_id != self.call_id:
             w.call_id = self.call_id
             msg = ("call", self.call_id, self.kernel_bytes, self.mode, self.n, self.chunk_len)
@@ -840,7 +843,10 @@ class _Call:
                 out_msg = ("out", self.call_id, name, size, self.out.shape, self.out.dtype)
                 if not self._send(w, out_msg):
                     return
-        while len(w.inflight) < DEPTH and self.batches and self.failure is None:
+        while len(w.inflight) < depth and self.batches and self.failure is None:
+            if w.inflight and self.batches.remaining < len(self.ev._res.workers):
+                break  # the last chunks go to idle workers, not into a queue
+
             # Until a map knows its output's shape, results come back through
             # the pipe: keep those batches to one chunk.
             limit = 1 if self.mode == "map" and self.out is None else None

@@ -418,3 +418,11 @@ def test_profile_chunks_are_fitted_to_n_explicit_ones_are_not(no_leaks):
         assert ev._chunk_len_for(10_000_000) == 7_812  # many chunks balance themselves
     with Evaluator(2, 7812) as ev:
         assert ev._chunk_len_for(58_590) == 7_812
+
+
+def test_as_many_chunks_as_workers_go_one_to_each(start_method, no_leaks):
+    # the first worker must not queue both chunks while the second one idles
+    with Evaluator(2, 50_000, start_method=start_method) as ev:
+        pids = ev.map(kernels.pid, 100_000)
+        assert len(set(pids[:50_000].tolist())) == 1
+        assert len(set(pids.tolist())) == 2
