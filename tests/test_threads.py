@@ -71,3 +71,26 @@ def test_threads_bad_arguments():
     ev.close()
     with pytest.raises(RuntimeError, match="closed"):
         ev.map(kernels.double, 10)
+
+
+def test_map_output_reused_only_when_released(x):
+    with Evaluator(2, 10_000, shared={"x": x}, backend="threads") as ev:
+        first = ev.map(kernels.double, len(x))
+        second = ev.map(kernels.double, len(x))
+        assert second is not first  # first is still held: never overwritten
+        assert np.array_equal(first, x * 2.0) and np.array_equal(second, x * 2.0)
+        view = second[10:]
+        del second
+        third = ev.map(kernels.pairs, len(x))  # another shape: fresh memory
+        assert np.array_equal(view, x[10:] * 2.0)  # a view keeps its base from reuse
+        assert third.shape == (len(x), 2)
+
+
+def test_released_map_output_is_reused(x):
+    with Evaluator(2, 10_000, shared={"x": x}, backend="threads") as ev:
+        first = ev.map(kernels.double, len(x))
+        address = first.__array_interface__["data"][0]
+        del first
+        again = ev.map(kernels.double, len(x))
+        assert again.__array_interface__["data"][0] == address  # no fresh pages to fault in
+        assert np.array_equal(again, x * 2.0)
