@@ -373,7 +373,11 @@ def backend_reason(profile: Profile) -> str | None:
     if one and many:
         top = max(many, key=lambda m: m.throughput or 0.0)
         ratio = (top.throughput or 0.0) / one
-        verdict = "kernel releases the GIL" if ratio >= 1.3 else "kernel holds the GIL"
+        verdict = (
+            "threads scale"
+            if ratio >= 1.3
+            else "threads do not scale (the kernel holds the GIL, or its GIL-free calls are short)"
+        )
         parts.append(f"{verdict}: {top.workers} threads ran {ratio:.2f}x one thread")
     best_t = max(m.throughput or 0.0 for m in threads)
     best_p = max(m.throughput or 0.0 for m in procs)

@@ -159,7 +159,8 @@ def test_backend_reason_from_recorded_numbers():
         item_bytes=16,
     )
     assert backend_reason(gil) == (
-        "kernel holds the GIL: 2 threads ran 1.05x one thread; best threads 0.53x best processes"
+        "threads do not scale (the kernel holds the GIL, or its GIL-free calls are short): "
+        "2 threads ran 1.05x one thread; best threads 0.53x best processes"
     )
     only_processes = Profile(**{**gil.__dict__, "measurements": gil.measurements[:2]})
     assert backend_reason(only_processes) is None
