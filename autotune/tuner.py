@@ -15,8 +15,9 @@ its best point and the Python build (GIL or free-threaded) it ran on.
 ``strategy="grid"`` times every point (a warm-up, then 3 runs, the median).
 ``strategy="auto"`` reaches nearly the same pick for a fraction of that:
 
-0. a screening run of every worker count at a mid-sized chunk (an eighth of
-   the L2 per core); counts below 80% of the best are not searched further;
+0. a screening run of every (backend, worker count) at a mid-sized chunk (an
+   eighth of the L2 per core) and at one eight times longer; those below 80%
+   of the best are not searched further;
 1. a coarse pass over every other chunk size for each remaining count, one
    run each (the pool is already warm);
 2. the ladder neighbours of the two best points;
@@ -261,16 +262,23 @@ def _grid(bench: _Bench, plan: dict[Lane, list[int]], deadline: float) -> bool:
 
 
 def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes: int) -> bool:
-    # 0. screen every (backend, workers) at one mid-sized chunk; keep those
-    #    near the best.  For threads this is the GIL test: a kernel that holds
-    #    the GIL gains nothing from a second thread and drops out here.
+    # 0. screen every (backend, workers) at a mid-sized chunk and at one eight
+    #    times longer; keep the lanes near the best.  For threads this is the
+    #    GIL test: a kernel that holds the GIL gains nothing from a second
+    #    thread; one whose GIL-free numpy calls are short gains only with the
+    #    longer chunk, hence two lengths.
     def nearest(lengths: list[int]) -> int:
         return min(lengths[:-1] or lengths, key=lambda c: abs(c * bench.item_bytes - mid_bytes))
 
-    mid = {lane: nearest(v) for lane, v in plan.items()}
-    for lane in plan:
-        bench.run(lane, mid[lane], 1, warmup=True)
-    screen = {lane: bench.measurement(lane, mid[lane]).throughput or 0.0 for lane in plan}
+    screen = {}
+    for lane, lengths in plan.items():
+        mid = nearest(lengths)
+        i = lengths.index(mid)
+        probes = [mid] + ([lengths[i + 3]] if i + 3 < len(lengths) - 1 else [])
+        bench.run(lane, probes[0], 1, warmup=True)
+        for c in probes[1:]:
+            bench.run(lane, c, 1)
+        screen[lane] = max(bench.measurement(lane, c).throughput or 0.0 for c in probes)
     top = max(screen.values())
     kept = {lane: v for lane, v in plan.items() if screen[lane] >= SCREEN * top}
     # 1. coarse: every other rung (and always the unchunked end) per kept lane
@@ -303,7 +311,7 @@ def _planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
     if strategy == "grid":
         return points * (GRID_REPEATS + 1)
     longest = max(len(v) for v in plan.values())
-    return len(plan) + longest // 2 + 1 + 4 + 10
+    return 2 * len(plan) + longest // 2 + 1 + 4 + 10
 
 
 def search(

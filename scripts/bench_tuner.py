@@ -29,26 +29,31 @@ from autotune.workloads import get_workload
 
 
 def head_to_head(workload, n, points, repeats):
-    """Median throughput of each (workers, chunk_len), runs interleaved so drift hits all."""
-    pools = {w: Evaluator(w, 1, shared=workload.shared) for w in {p[0] for p in points}}
+    """Median throughput of each (backend, workers, chunk_len), runs interleaved."""
+    lanes = {(b, w) for b, w, _ in points}
+    pools = {(b, w): Evaluator(w, 1, shared=workload.shared, backend=b) for b, w in lanes}
     times = {p: [] for p in points}
     try:
         for ev in pools.values():  # warm every pool once
             ev.chunk_len = max(1, n // 8)
             (ev.map if workload.mode == "map" else ev.reduce)(workload.kernel, n)
         for _ in range(repeats):
-            for w, c in points:
-                ev = pools[w]
+            for b, w, c in points:
+                ev = pools[(b, w)]
                 ev.chunk_len = c
                 call = ev.map if workload.mode == "map" else ev.reduce
                 t0 = time.perf_counter()
                 result = call(workload.kernel, n)
-                times[(w, c)].append(time.perf_counter() - t0)
+                times[(b, w, c)].append(time.perf_counter() - t0)
                 del result
     finally:
         for ev in pools.values():
             ev.close()
     return {p: n / statistics.median(t) for p, t in times.items()}
+
+
+def key(m):
+    return (m.backend or "processes", m.workers, m.chunk_len)
 
 
 def bench(name: str, budget: float, items: int | None, repeats: int) -> dict:
@@ -65,20 +70,18 @@ def bench(name: str, budget: float, items: int | None, repeats: int) -> dict:
     cpu = probe()
     heur = heuristic_profile(cpu, name, workload.item_bytes)
     g, a = grid.profile.best, auto.profile.best
-    h = (heur.workers, min(heur.chunk_len, n))
-    points = list(dict.fromkeys([(g.workers, g.chunk_len), (a.workers, a.chunk_len), h]))
+    h = ("processes", heur.workers, min(heur.chunk_len, n))
+    points = list(dict.fromkeys([key(g), key(a), h]))
     speed = head_to_head(workload, n, points, repeats)
-    table = {(m.workers, m.chunk_len): m.throughput for m in grid.profile.measurements}
+    table = {key(m): m.throughput for m in grid.profile.measurements}
     return {
         "workload": name,
         "items_per_run": n,
-        "grid": {"seconds": grid_s, "runs": grid.runs, "best": [g.workers, g.chunk_len]},
-        "auto": {"seconds": auto_s, "runs": auto.runs, "pick": [a.workers, a.chunk_len]},
+        "grid": {"seconds": grid_s, "runs": grid.runs, "best": list(key(g))},
+        "auto": {"seconds": auto_s, "runs": auto.runs, "pick": list(key(a))},
         "heuristic": {"point": list(h)},
-        "auto_vs_grid_head_to_head": speed[(a.workers, a.chunk_len)]
-        / speed[(g.workers, g.chunk_len)],
-        "auto_vs_grid_in_grid_table": (table.get((a.workers, a.chunk_len)) or float("nan"))
-        / g.throughput,
+        "auto_vs_grid_head_to_head": speed[key(a)] / speed[key(g)],
+        "auto_vs_grid_in_grid_table": (table.get(key(a)) or float("nan")) / g.throughput,
         "time_ratio": auto_s / grid_s,
         "heuristic_vs_best": speed[h] / max(speed.values()),
     }
@@ -107,23 +110,19 @@ def main() -> int:
         return 0
     for r in results:
         print(f"{r['workload']}: {r['items_per_run']} items per timed run")
-        print(
-            f"  grid  {r['grid']['seconds']:6.1f} s  {r['grid']['runs']:4d} runs  "
-            f"best {r['grid']['best'][0]} workers x {r['grid']['best'][1]} items"
-        )
-        print(
-            f"  auto  {r['auto']['seconds']:6.1f} s  {r['auto']['runs']:4d} runs  "
-            f"pick {r['auto']['pick'][0]} workers x {r['auto']['pick'][1]} items"
-        )
+        for name, label in (("grid", "best"), ("auto", "pick")):
+            b, w, c = r[name]["best" if name == "grid" else "pick"]
+            print(
+                f"  {name}  {r[name]['seconds']:6.1f} s  {r[name]['runs']:4d} runs  "
+                f"{label} {w} workers ({b}) x {c} items"
+            )
         print(
             f"  auto pick / grid best: {r['auto_vs_grid_head_to_head']:.3f} head to head, "
             f"{r['auto_vs_grid_in_grid_table']:.3f} in the grid's table   (target >= 0.95)"
         )
         print(f"  auto time / grid time: {r['time_ratio']:.3f}   (target <= 0.30)")
-        print(
-            f"  heuristic ({r['heuristic']['point'][0]} workers x {r['heuristic']['point'][1]} "
-            f"items) / best: {r['heuristic_vs_best']:.3f}"
-        )
+        _, hw, hc = r["heuristic"]["point"]
+        print(f"  heuristic ({hw} workers x {hc} items) / best: {r['heuristic_vs_best']:.3f}")
     return 0
 
 

@@ -409,6 +409,10 @@ def driver(spec: dict[str, Any]) -> int:
     from multiprocessing import forkserver, resource_tracker
 
     me = os.getpid()
+    # A shell starts background jobs with SIGINT ignored, and Python then never installs
+    # its KeyboardInterrupt handler: the SIGINT runs would test nothing.  Ctrl-C is what
+    # this driver stands in for, so it gets Python's usual handler whatever started it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Start the helpers first, so that their descriptors are not counted as leaks.
     resource_tracker.ensure_running()
     if spec["method"] == "forkserver":
