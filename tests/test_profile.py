@@ -949,3 +949,19 @@ def test_huge_and_nan_values_in_memory_profiles_do_not_save(tmp_path):
         with pytest.raises(ProfileError, match="best.throughput"):
             replace_best(p, throughput=bad).save(tmp_path / "p.yaml")
     assert _entries(tmp_path) == []
+
+
+def test_threads_profile_needs_the_same_gil_setting(tmp_path, isolated):
+    from autotune.profile import gil_enabled
+
+    here = {"version": "3.11.7", "gil": gil_enabled()}
+    other = {"version": "3.14.0", "gil": not gil_enabled()}
+    same = write(tmp_path / "same.yaml", doc_for(backend="threads", python=here))
+    assert load_quietly("spline", same, cpu=I3, backend="local").backend == "threads"
+    built_elsewhere = write(tmp_path / "other.yaml", doc_for(backend="threads", python=other))
+    with pytest.warns(ProfileWarning, match="GIL"):
+        assert load_profile("spline", built_elsewhere, cpu=I3, backend="local").source == (
+            "heuristic"
+        )
+    with pytest.raises(ProfileError, match="python.gil must be true or false"):
+        Profile.load(write(tmp_path / "bad.yaml", doc_for(python={"version": "3", "gil": 1})))
