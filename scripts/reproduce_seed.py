@@ -46,6 +46,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+from _bench_common import CpuWitness  # this folder is sys.path[0]
 
 import autotune
 from autotune import Evaluator
@@ -198,52 +199,6 @@ def measure(forms: list[dict[str, Any]], repeats: int, progress: bool) -> None:
             result = form["run"]()
             form.setdefault("times", []).append(time.perf_counter() - t0)
             form.setdefault("result", result)
-
-
-class CpuWitness:
-    """How much of the machine's CPU other processes took while we measured.
-
-    The machine's busy CPU time (psutil) minus ours and our children's, as a
-    fraction of all CPUs over the wall time; hypervisor steal counts as taken.
-    Ratios measured while others held a CPU are not to be trusted.  ``None``
-    where psutil (the ``[bench]`` extra) is not installed.
-    """
-
-    def __init__(self) -> None:
-        try:
-            import psutil
-        except ImportError:
-            self.psutil = None
-            return
-        self.psutil = psutil
-        self.start = (time.perf_counter(), self._machine_busy(), self._ours())
-
-    def _machine_busy(self) -> float:
-        t = self.psutil.cpu_times()
-        # guest time is already inside user on Linux; idle and iowait are not busy
-        skip = {"idle", "iowait", "guest", "guest_nice"}
-        return sum(getattr(t, f) for f in t._fields if f not in skip)
-
-    def _ours(self) -> float:
-        me = self.psutil.Process()
-        t = me.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in me.children(recursive=True):  # live workers (joblib keeps its own)
-            try:
-                c = child.cpu_times()
-                total += c.user + c.system
-            except self.psutil.Error:
-                pass
-        return total
-
-    def others(self) -> float | None:
-        """Fraction of the machine's CPU time taken by others since construction."""
-        if self.psutil is None:
-            return None
-        wall0, busy0, ours0 = self.start
-        wall = time.perf_counter() - wall0
-        others = (self._machine_busy() - busy0) - (self._ours() - ours0)
-        return max(0.0, others / (wall * (self.psutil.cpu_count() or 1)))
 
 
 def contention_note(fraction: float | None) -> str:
