@@ -7,8 +7,15 @@ this folder is on ``sys.path``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["CpuWitness"]
+import numpy as np
+
+__all__ = ["CpuWitness", "NOISY", "agrees", "contention_note", "time_interleaved"]
+
+#: Above this fraction of the machine's CPU taken by others, a run is flagged as noisy.
+NOISY = 0.10
 
 
 class CpuWitness:
@@ -55,3 +62,38 @@ class CpuWitness:
         wall = time.perf_counter() - wall0
         others = (self._machine_busy() - busy0) - (self._ours() - ours0)
         return max(0.0, others / (wall * (self.psutil.cpu_count() or 1)))
+
+
+def contention_note(fraction: float | None) -> str:
+    """One line saying how busy the machine was while we measured."""
+    if fraction is None:
+        return "CPU taken by other processes: unknown (install psutil)"
+    note = f"CPU taken by other processes during the run: {fraction:.0%} of the machine"
+    if fraction > NOISY:
+        note += " -- WARNING: the machine was not idle, so the ratios are not reliable; rerun"
+    return note
+
+
+def agrees(a: Any, b: Any) -> bool:
+    """A result equal to the serial one: arrays to 1e-12, numbers to 1e-9 (relative)."""
+    if isinstance(a, np.ndarray):
+        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-12, atol=0))
+    return abs(a - b) <= 1e-9 * abs(b)
+
+
+def time_interleaved(
+    runners: dict[str, Callable[[], Any]], expected: Any, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, bool]]:
+    """Seconds of each runner over ``repeats`` rounds, runs interleaved so drift hits all.
+
+    A first round warms every runner up and checks its result against ``expected``.
+    """
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    ok = {name: agrees(fn(), expected) for name, fn in runners.items()}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            result = fn()
+            times[name].append(time.perf_counter() - t0)
+            del result
+    return times, ok

@@ -20,11 +20,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from _bench_common import time_interleaved  # this folder is sys.path[0]
 
 from autotune import Evaluator
 from autotune._shared import SharedNamespace
@@ -53,12 +53,6 @@ def combine(workload, parts):
     for p in parts[1:]:
         total = total + p
     return total
-
-
-def agrees(a, b) -> bool:
-    if isinstance(a, np.ndarray):
-        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-12, atol=0))
-    return abs(a - b) <= 1e-9 * abs(b)
 
 
 def bench(workload, budget: float, repeats: int) -> dict:
@@ -90,17 +84,8 @@ def bench(workload, budget: float, repeats: int) -> dict:
     for b, ev in pools.items():
         call = ev.map if workload.mode == "map" else ev.reduce
         runners[f"autotune {b} (tuned)"] = lambda call=call: call(workload.kernel, n)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    ok = {}
     try:
-        for name, fn in runners.items():  # warm-up, and the agreement check
-            ok[name] = agrees(fn(), expected)
-        for _ in range(repeats):
-            for name, fn in runners.items():
-                t0 = time.perf_counter()
-                result = fn()
-                times[name].append(time.perf_counter() - t0)
-                del result
+        times, ok = time_interleaved(runners, expected, repeats)
     finally:
         for ev in pools.values():
             ev.close()

@@ -32,6 +32,7 @@ import time
 import warnings
 
 import numpy as np
+from _bench_common import time_interleaved  # this folder is sys.path[0]
 
 from autotune import Evaluator, search
 from autotune._shared import SharedNamespace
@@ -100,12 +101,6 @@ def client_map_runner(client, workload, data):
     return run
 
 
-def agrees(a, b) -> bool:
-    if isinstance(a, np.ndarray):
-        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-12, atol=0))
-    return abs(a - b) <= 1e-9 * abs(b)
-
-
 def bench(client, workload, budget: float, repeats: int) -> dict:
     n = workload.n
     ns = SharedNamespace(dict(workload.shared))
@@ -137,17 +132,8 @@ def bench(client, workload, budget: float, repeats: int) -> dict:
         f"autotune dask, heuristic ({plain.chunk_len})": autotune_runner(plain),
         "autotune dask, tuned": autotune_runner(tuned),
     }
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    ok = {}
     try:
-        for name, fn in runners.items():  # warm-up, and the agreement check
-            ok[name] = agrees(fn(), expected)
-        for _ in range(repeats):
-            for name, fn in runners.items():
-                t0 = time.perf_counter()
-                result = fn()
-                times[name].append(time.perf_counter() - t0)
-                del result
+        times, ok = time_interleaved(runners, expected, repeats)
     finally:
         tuned.close()
         plain.close()

@@ -70,15 +70,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from _bench_common import CpuWitness  # this folder is sys.path[0]
+from _bench_common import CpuWitness, contention_note  # this folder is sys.path[0]
 
 import autotune
 from autotune import Evaluator
 from autotune.workloads import spline_data, spline_kernel, stream_kernel
 
 CTX = mp.get_context("fork")
-#: Above this fraction of the machine's CPU taken by others, a run is flagged as noisy.
-NOISY = 0.10
 #: Relative difference from the serial result below which a contender agrees.
 AGREE_REL = 1e-9
 #: Tasks per worker in the peers' default split: what ``Pool.map`` picks for a
@@ -607,15 +605,6 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     for t in out:
         t["met"] = bool(t["value"] >= t["goal"])
     return out
-
-
-def contention_note(fraction: float | None) -> str:
-    if fraction is None:
-        return "CPU taken by other processes: unknown (install psutil)"
-    note = f"CPU taken by other processes during the run: {fraction:.0%} of the machine"
-    if fraction > NOISY:
-        note += " -- WARNING: the machine was not idle, so the ratios are not reliable; rerun"
-    return note
 
 
 def machine() -> dict[str, Any]:

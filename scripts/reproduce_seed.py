@@ -46,7 +46,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from _bench_common import CpuWitness  # this folder is sys.path[0]
+from _bench_common import CpuWitness, contention_note  # this folder is sys.path[0]
 
 import autotune
 from autotune import Evaluator
@@ -74,8 +74,6 @@ PUBLISHED = {
     4: [2.17, 1.27, 1.23, 1.28, None],
 }
 PUBLISHED_LABEL = "published (Intel i3-3227U, from the seed)"
-#: Above this fraction of the machine's CPU taken by others, a run is flagged as noisy.
-NOISY = 0.10
 #: Relative difference from the serial result below which a form agrees.
 AGREE_REL = 1e-9
 
@@ -199,15 +197,6 @@ def measure(forms: list[dict[str, Any]], repeats: int, progress: bool) -> None:
             result = form["run"]()
             form.setdefault("times", []).append(time.perf_counter() - t0)
             form.setdefault("result", result)
-
-
-def contention_note(fraction: float | None) -> str:
-    if fraction is None:
-        return "CPU taken by other processes: unknown (install psutil)"
-    note = f"CPU taken by other processes during the run: {fraction:.0%} of the machine"
-    if fraction > NOISY:
-        note += " -- WARNING: the machine was not idle, so the ratios are not reliable; rerun"
-    return note
 
 
 def machine() -> dict[str, Any]:
