@@ -1,13 +1,33 @@
-"""Shared fixtures: start methods, and a check that nothing leaks."""
+"""Shared fixtures: start methods, a check that nothing leaks, the shipped i3 profile and CPU."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from pathlib import Path
 
 import pytest
 
 from autotune._shm import list_segments
+from autotune.probe import CacheLevel, CpuInfo
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The seed's published profile, shipped with the project.
+SHIPPED = ROOT / "profiles" / "i3-3227u-spline.yaml"
+#: The CPU that profile was published for (Intel Core i3-3227U).
+I3 = CpuInfo(
+    brand="Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz",
+    logical_cpus=4,
+    physical_cores=2,
+    threads_per_core=2,
+    usable_cpus=4,
+    cpu_quota=None,
+    caches=(
+        CacheLevel(1, "data", 32768, 2, 2),
+        CacheLevel(2, "unified", 262144, 2, 2),
+        CacheLevel(3, "unified", 3145728, 4, 1),
+    ),
+)
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 

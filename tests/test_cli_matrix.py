@@ -19,14 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SHIPPED
 
 import autotune.profile as profile_mod
 import autotune.tuner as tuner_mod
 from autotune import Workload
 from autotune.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "profiles" / "i3-3227u-spline.yaml"
 
 
 def tiny_kernel(shared, start, stop):

@@ -6,31 +6,16 @@ import importlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import I3, ROOT, SHIPPED
 
 import autotune.profile as profile_mod
 from autotune.cli import main
 from autotune.probe import CacheLevel, CpuInfo
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "profiles" / "i3-3227u-spline.yaml"
 I3_SYSFS = ROOT / "tests" / "fixtures" / "sysfs" / "i3-3227u"
 
-I3 = CpuInfo(
-    brand="Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz",
-    logical_cpus=4,
-    physical_cores=2,
-    threads_per_core=2,
-    usable_cpus=4,
-    cpu_quota=None,
-    caches=(
-        CacheLevel(1, "data", 32768, 2, 2),
-        CacheLevel(2, "unified", 262144, 2, 2),
-        CacheLevel(3, "unified", 3145728, 4, 1),
-    ),
-)
 OTHER = CpuInfo(
     brand="Other",
     logical_cpus=2,

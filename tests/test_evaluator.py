@@ -406,11 +406,11 @@ def test_forked_workers_start_no_blas_threads_and_the_limit_is_restored(no_leaks
 
 
 def test_profile_chunks_are_fitted_to_n_explicit_ones_are_not(no_leaks):
-    from pathlib import Path
+    from conftest import SHIPPED
 
     from autotune import Profile
 
-    shipped = Profile.load(Path(__file__).parent.parent / "profiles" / "i3-3227u-spline.yaml")
+    shipped = Profile.load(SHIPPED)
     with Evaluator(profile=shipped) as ev:
         assert (ev.workers, ev.chunk_len) == (2, 7812)
         # 7.5 chunks of 7812 would leave one worker idle for half a chunk: 8 even ones

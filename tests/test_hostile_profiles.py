@@ -25,29 +25,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import I3, SHIPPED
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import autotune.profile as profile_mod
 from autotune import ProfileError
-from autotune.probe import CacheLevel, CpuInfo
 from autotune.profile import MAX_PROFILE_BYTES, Profile, ProfileWarning, load_profile
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "profiles" / "i3-3227u-spline.yaml"
-I3 = CpuInfo(
-    brand="Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz",
-    logical_cpus=4,
-    physical_cores=2,
-    threads_per_core=2,
-    usable_cpus=4,
-    cpu_quota=None,
-    caches=(
-        CacheLevel(1, "data", 32768, 2, 2),
-        CacheLevel(2, "unified", 262144, 2, 2),
-        CacheLevel(3, "unified", 3145728, 4, 1),
-    ),
-)
 BASE = yaml.safe_load(SHIPPED.read_text())
 
 # A payload that creates {marker} when a loader executes it; MARKER is formatted in per test.

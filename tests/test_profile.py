@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import SHIPPED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +36,6 @@ from autotune.profile import (
     recommend,
 )
 
-SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "i3-3227u-spline.yaml"
 I3_BRAND = "Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz"
 
 

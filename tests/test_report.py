@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import SHIPPED
 
 from autotune.profile import Measurement, Profile
 from autotune.report import (
@@ -17,8 +17,6 @@ from autotune.report import (
     plot_heatmap,
     render_table,
 )
-
-SHIPPED = Path(__file__).resolve().parent.parent / "profiles" / "i3-3227u-spline.yaml"
 
 SEED_TABLE = """\
 spline: published profile, Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz (4 logical / 2 cores, \
