@@ -50,7 +50,7 @@ import numpy as np
 from autotune._errors import WorkerLost
 from autotune._schedule import OrderedFold, chunk_bounds, n_chunks
 from autotune._shared import SharedNamespace
-from autotune._worker import _check_like, check_map_result
+from autotune._worker import check_map_result, check_row_like
 
 if TYPE_CHECKING:
     from autotune.probe import CpuInfo
@@ -270,7 +270,7 @@ def _run_batch(
             if rows is None:
                 rows = np.empty((s1 - s0, *arr.shape[1:]), dtype=arr.dtype)
             else:
-                _check_like(arr, rows, start, stop)
+                check_row_like(arr, rows, start, stop)
             rows[start - s0 : stop - s0] = arr
         return rows
     except Exception as exc:
@@ -376,7 +376,7 @@ class _DaskCall:
         arr = check_map_result(rows, start, stop)
         if self.out is None:
             self.out = np.empty((self.n, *arr.shape[1:]), dtype=arr.dtype)
-        _check_like(arr, self.out, start, stop)
+        check_row_like(arr, self.out, start, stop)
         self.out[start:stop] = arr
 
     def failure(self, fut: Any) -> BaseException:

@@ -27,7 +27,7 @@ from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 from autotune._shm import Segment
 from autotune._shm import unlink as unlink_segment
 from autotune._threads import ThreadRunner
-from autotune._worker import wants_shared_output
+from autotune._worker import check_row_like, wants_shared_output
 
 if TYPE_CHECKING:
     from autotune._dask import DaskRunner
@@ -339,13 +339,7 @@ class _Call:
         if self.out is None:
             self._allocate(arr.shape[1:], arr.dtype)
         assert self.out is not None
-        if arr.shape[1:] != self.out.shape[1:] or arr.dtype != self.out.dtype:
-            raise ValueError(
-                f"map kernel returned shape {arr.shape} dtype {arr.dtype} for items "
-                f"[{start}, {stop}), but the first chunk gave rows of shape "
-                f"{self.out.shape[1:]} dtype {self.out.dtype}; every chunk must return "
-                f"the same row shape and dtype"
-            )
+        check_row_like(arr, self.out, start, stop)
         self.out[start:stop] = arr
 
     def _allocate(self, tail: tuple[int, ...], dtype: np.dtype) -> None:

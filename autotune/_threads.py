@@ -21,7 +21,7 @@ import numpy as np
 
 from autotune._schedule import Batches, OrderedFold, n_chunks
 from autotune._shared import SharedNamespace
-from autotune._worker import _check_like, check_map_result
+from autotune._worker import check_map_result, check_row_like
 
 __all__ = ["ThreadRunner", "in_thread_kernel"]
 
@@ -108,7 +108,7 @@ class _ThreadCall:
                                 if self.out is None:
                                     self.out = self.allocate((n, *arr.shape[1:]), arr.dtype)
                                 out = self.out
-                        _check_like(arr, out, start, stop)
+                        check_row_like(arr, out, start, stop)
                         out[start:stop] = arr  # disjoint rows: no lock needed
                     else:
                         partials.append(r)

@@ -38,7 +38,7 @@ from autotune._shm import Segment
 #: workers write into a shared-memory output that becomes the result.
 SHM_OUTPUT_MIN = 256 * 1024
 
-__all__ = ["WorkerSpec", "worker_main", "in_worker", "check_map_result"]
+__all__ = ["WorkerSpec", "worker_main", "in_worker", "check_map_result", "check_row_like"]
 
 _IN_WORKER = False
 
@@ -74,7 +74,8 @@ def check_map_result(result: Any, start: int, stop: int) -> np.ndarray:
     return arr
 
 
-def _check_like(arr: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+def check_row_like(arr: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    """Refuse a map result whose rows differ in shape or dtype from the output's."""
     if arr.shape[1:] != out.shape[1:] or arr.dtype != out.dtype:
         raise ValueError(
             f"map kernel returned shape {arr.shape} dtype {arr.dtype} for items [{start}, {stop}), "
@@ -278,7 +279,7 @@ def _run_batch(
             if out is None:
                 append(arr)
             else:
-                _check_like(arr, out, start, stop)
+                check_row_like(arr, out, start, stop)
                 out[start:stop] = arr
     except Exception as exc:
         return _error_message(call_id, batch_id, start, stop, exc)
