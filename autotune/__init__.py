@@ -12,8 +12,8 @@ production code with it::
 
 from autotune._errors import ProfileError, WorkerLost
 from autotune._shared import shared_array
+from autotune.cpu import CacheLevel, CpuInfo, probe
 from autotune.evaluator import Evaluator
-from autotune.probe import CacheLevel, CpuInfo, probe
 from autotune.profile import Measurement, Profile, load_profile
 from autotune.tuner import SearchResult, search
 from autotune.workload import Workload

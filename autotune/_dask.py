@@ -53,7 +53,7 @@ from autotune._shared import SharedNamespace
 from autotune._worker import check_map_result, check_row_like
 
 if TYPE_CHECKING:
-    from autotune.probe import CpuInfo
+    from autotune.cpu import CpuInfo
     from autotune.profile import Profile
 
 __all__ = [
@@ -539,7 +539,7 @@ class DaskRunner:
 # -- describing a cluster (for profiles) -----------------------------------------------
 def _probe_worker() -> dict[str, Any]:
     """Run on each worker by :func:`describe_cluster`."""
-    from autotune.probe import probe
+    from autotune.cpu import probe
 
     return probe().to_dict()
 
@@ -570,7 +570,7 @@ class ClusterInfo:
 
 def describe_cluster(client: Any) -> ClusterInfo:
     """Probe every worker of ``client``'s cluster (one ``client.run``)."""
-    from autotune.probe import CpuInfo
+    from autotune.cpu import CpuInfo
 
     _check_client(client)
     nthreads = client.nthreads()

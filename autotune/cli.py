@@ -30,7 +30,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     """Print what this CPU (or the ``--sysfs-root`` tree) is: a table, JSON or YAML."""
     import json
 
-    from autotune.probe import format_table, probe
+    from autotune.cpu import format_table, probe
 
     try:
         info = probe(args.sysfs_root)
@@ -49,7 +49,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _int_list(text: str, flag: str) -> list[int]:
     """``1,2,4`` (and ranges ``0-3``) as a sorted list of distinct ints."""
-    from autotune._probe_linux import parse_cpu_list
+    from autotune.cpu.linux import parse_cpu_list
 
     try:
         values = sorted(set(parse_cpu_list(text)))
@@ -83,7 +83,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import os
     import warnings
 
-    from autotune.probe import probe
+    from autotune.cpu import probe
     from autotune.profile import LOCAL_BACKENDS, user_profile_dir
     from autotune.report import PlotUnavailable, plot_heatmap, require_matplotlib
     from autotune.tuner import search
@@ -224,7 +224,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from autotune.probe import probe
+    from autotune.cpu import probe
     from autotune.profile import recommend
     from autotune.report import backend_reason
 

@@ -207,7 +207,7 @@ class Evaluator:
         # the heuristic was measured at another n and is fitted to each call's.
         self._fit_chunks = explicit_chunk_len is None
         if workers is None or chunk_len is None:
-            from autotune.probe import probe
+            from autotune.cpu import probe
             from autotune.profile import heuristic_profile
 
             guess = heuristic_profile(probe(), "default", None)
@@ -339,7 +339,7 @@ class Evaluator:
 
     # -- workers ----------------------------------------------------------
     def _pin_cpus(self) -> list[int]:
-        from autotune.probe import probe
+        from autotune.cpu import probe
 
         order = list(probe().pin_order) or sorted(os.sched_getaffinity(0))
         return [order[i % len(order)] for i in range(self.workers)]

@@ -54,7 +54,7 @@ from typing import Any
 import yaml
 
 from autotune._errors import ProfileError
-from autotune.probe import CpuInfo
+from autotune.cpu import CpuInfo
 
 __all__ = [
     "DEFAULT_ITEM_BYTES",
@@ -1056,7 +1056,7 @@ def _scan(directory: Path, workload: str, notes: list[str]) -> Iterator[Profile]
 
 @functools.lru_cache(maxsize=1)
 def _this_cpu() -> CpuInfo:
-    from autotune.probe import probe
+    from autotune.cpu import probe
 
     return probe()
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from autotune.probe import CpuInfo
+from autotune.cpu import CpuInfo
 from autotune.profile import Measurement, Profile, is_unchunked
 
 __all__ = [

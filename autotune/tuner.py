@@ -42,8 +42,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from autotune._shared import SharedNamespace
+from autotune.cpu import CpuInfo, probe
 from autotune.evaluator import Evaluator
-from autotune.probe import CpuInfo, probe
 from autotune.profile import (
     DEFAULT_ITEM_BYTES,
     LOCAL_BACKENDS,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from autotune._shm import list_segments
-from autotune.probe import CacheLevel, CpuInfo
+from autotune.cpu import CacheLevel, CpuInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The seed's published profile, shipped with the project.

@@ -12,7 +12,7 @@ from conftest import I3, ROOT, SHIPPED
 
 import autotune.profile as profile_mod
 from autotune.cli import main
-from autotune.probe import CacheLevel, CpuInfo
+from autotune.cpu import CacheLevel, CpuInfo
 
 I3_SYSFS = ROOT / "tests" / "fixtures" / "sysfs" / "i3-3227u"
 
@@ -43,7 +43,7 @@ def fake_probe(monkeypatch, cpu):
         seen.append(sysfs_root)
         return cpu
 
-    monkeypatch.setattr(importlib.import_module("autotune.probe"), "probe", probe)
+    monkeypatch.setattr(importlib.import_module("autotune.cpu"), "probe", probe)
     return seen
 
 

@@ -20,27 +20,26 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autotune import CacheLevel, CpuInfo, probe
-from autotune._probe_cgroup import (
+from autotune.cpu.cgroup import (
     _up_to,
     own_cgroup_paths,
     parse_cfs,
     parse_cpu_max,
     read_cgroup_limit,
 )
-from autotune._probe_common import CacheSpec, Found, Topology, format_bytes, format_cpu_list
-from autotune._probe_linux import (
+from autotune.cpu.common import CacheSpec, Found, Topology, format_bytes, format_cpu_list
+from autotune.cpu.linux import (
     parse_cache_size,
     parse_cpu_list,
     parse_cpuinfo_brand,
     read_caches,
     read_topology,
 )
-from autotune._probe_pycpuinfo import caches_from_pycpuinfo, cross_check
-from autotune._probe_sysctl import facts_from_sysctl, parse_sysctl
+from autotune.cpu.pycpuinfo import caches_from_pycpuinfo, cross_check
+from autotune.cpu.sysctl import facts_from_sysctl, parse_sysctl
 
-# `autotune.probe` the attribute is the function (the package re-exports it);
-# the module is only reachable through the import system.
-probe_mod = importlib.import_module("autotune.probe")
+# The module whose globals probe() reads (readers are patched there).
+probe_mod = importlib.import_module("autotune.cpu.detect")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SYSFS = FIXTURES / "sysfs"

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import autotune.profile as profile_mod
 from autotune._errors import ProfileError
-from autotune.probe import CacheLevel, CpuInfo
+from autotune.cpu import CacheLevel, CpuInfo
 from autotune.profile import (
     MAX_PROFILE_BYTES,
     MIN_CHUNK_ITEMS,
@@ -900,7 +900,7 @@ def test_missing_env_dir_is_warned(monkeypatch, tmp_path):
 def test_cpu_is_probed_lazily_and_once(tmp_path, monkeypatch):
     import importlib
 
-    probe_mod = importlib.import_module("autotune.probe")
+    probe_mod = importlib.import_module("autotune.cpu")
     calls = []
 
     def fake_probe(sysfs_root=None):

@@ -7,7 +7,7 @@ import pytest
 
 from autotune import Workload
 from autotune.cli import main
-from autotune.probe import CacheLevel, CpuInfo
+from autotune.cpu import CacheLevel, CpuInfo
 from autotune.profile import Measurement, Profile
 from autotune.tuner import candidate_workers, chunk_ladder, pick_best, search
 from autotune.workloads import get_workload

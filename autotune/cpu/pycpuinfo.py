@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autotune._probe_common import CacheSpec, Found, format_bytes, merge_specs
+from autotune.cpu.common import CacheSpec, Found, format_bytes, merge_specs
 
 __all__ = ["brand_from_pycpuinfo", "caches_from_pycpuinfo", "cross_check", "load_pycpuinfo"]
 

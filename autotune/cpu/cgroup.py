@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 
-from autotune._probe_common import Found, parse_int, read_text, shorten
+from autotune.cpu.common import Found, parse_int, read_text, shorten
 
 __all__ = [
     "cgroup_dirs_live",

@@ -20,7 +20,7 @@ import re
 import shutil
 import subprocess
 
-from autotune._probe_common import CacheSpec, Found, Topology, merge_specs, parse_int
+from autotune.cpu.common import CacheSpec, Found, Topology, merge_specs, parse_int
 
 __all__ = ["facts_from_sysctl", "parse_sysctl", "read_sysctl"]
 

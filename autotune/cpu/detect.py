@@ -7,11 +7,11 @@ missing, which assumption was made, and where two sources disagreed.
 
 The readers, in the order they are trusted:
 
-- Linux sysfs (``_probe_linux``): online CPUs, cores, packages, caches;
-- the cgroup CPU quota and the affinity mask (``_probe_cgroup``);
+- Linux sysfs (``linux``): online CPUs, cores, packages, caches;
+- the cgroup CPU quota and the affinity mask (``cgroup``);
 - ``/proc/cpuinfo`` for the brand;
-- macOS ``sysctl`` (``_probe_sysctl``), on Darwin only;
-- py-cpuinfo (``_probe_pycpuinfo``), slow and faulty in known ways, asked
+- macOS ``sysctl`` (``sysctl``), on Darwin only;
+- py-cpuinfo (``pycpuinfo``), slow and faulty in known ways, asked
   only for what the others lack.
 
 A figure nobody can give is ``None`` with a reason, never a guess.
@@ -19,203 +19,26 @@ A figure nobody can give is ``None`` with a reason, never a guess.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autotune._probe_cgroup import cgroup_dirs_live, read_affinity, read_cgroup_limit
-from autotune._probe_common import CacheSpec, Found, Topology, format_bytes, format_cpu_list
-from autotune._probe_linux import read_caches, read_cpuinfo_brand, read_topology
-from autotune._probe_pycpuinfo import (
+from autotune.cpu.cgroup import cgroup_dirs_live, read_affinity, read_cgroup_limit
+from autotune.cpu.common import CacheSpec, Found, Topology, format_cpu_list
+from autotune.cpu.linux import read_caches, read_cpuinfo_brand, read_topology
+from autotune.cpu.model import CacheLevel, CpuInfo
+from autotune.cpu.pycpuinfo import (
     brand_from_pycpuinfo,
     caches_from_pycpuinfo,
     cross_check,
     load_pycpuinfo,
 )
-from autotune._probe_sysctl import read_sysctl
+from autotune.cpu.sysctl import read_sysctl
 
-__all__ = ["CacheLevel", "CpuInfo", "format_table", "probe"]
-
-
-@dataclass(frozen=True)
-class CacheLevel:
-    """One kind of cache: a (level, type, size, shared_cpus) group.
-
-    Attributes
-    ----------
-    level : int
-        1, 2, 3 ...
-    type : str
-        ``"data"``, ``"instruction"`` or ``"unified"``.
-    size_bytes : int
-        Size of one instance.
-    shared_cpus : int
-        Logical CPUs sharing one instance.
-    instances : int
-        How many instances of this kind there are.
-    line_bytes : int or None
-        Coherency line size, where known.
-    """
-
-    level: int
-    type: str
-    size_bytes: int
-    shared_cpus: int
-    instances: int
-    line_bytes: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON/YAML form; ``line_bytes`` only where known."""
-        d: dict[str, Any] = {
-            "level": self.level,
-            "type": self.type,
-            "size_bytes": self.size_bytes,
-            "shared_cpus": self.shared_cpus,
-            "instances": self.instances,
-        }
-        if self.line_bytes is not None:
-            d["line_bytes"] = self.line_bytes
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CacheLevel:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            level=int(d["level"]),
-            type=str(d["type"]),
-            size_bytes=int(d["size_bytes"]),
-            shared_cpus=int(d["shared_cpus"]),
-            instances=int(d["instances"]),
-            line_bytes=None if d.get("line_bytes") is None else int(d["line_bytes"]),
-        )
-
-
-@dataclass(frozen=True)
-class CpuInfo:
-    """What :func:`probe` found.  Figures it could not find are ``None``.
-
-    ``sources`` maps a figure's name to where it came from (``"sysfs"``,
-    ``"cgroup v2"``, ``"py-cpuinfo"`` ...); ``notes`` says why a figure is
-    missing and where sources disagreed.
-
-    Attributes
-    ----------
-    brand : str or None
-        The model name, e.g. ``"Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz"``.
-    logical_cpus : int or None
-        Online logical CPUs (hardware threads).
-    physical_cores : int or None
-        Physical cores with at least one online CPU.
-    threads_per_core : int or None
-        Hardware threads per core; the largest where cores differ (hybrid
-        CPUs, a core with an offline sibling), with a note.
-    usable_cpus : int or None
-        CPUs this process can keep busy: online, narrowed by the affinity
-        mask, then by ``ceil(cpu_quota)``.
-    cpu_quota : float or None
-        The cgroup CPU quota in CPUs (1.5 = one and a half CPUs' time), or
-        ``None`` where no quota is set.
-    caches : tuple of CacheLevel
-        One entry per distinct (level, type, size, shared_cpus).
-    pin_order : tuple of int
-        Usable logical CPU ids in the order workers should be pinned: one
-        hardware thread of each physical core first, then their siblings.
-    sources : dict of str to str
-        Where each figure came from.
-    notes : tuple of str
-        Why figures are missing, assumptions made, disagreements seen.
-    packages : int or None
-        CPU packages (sockets).
-    """
-
-    brand: str | None
-    logical_cpus: int | None
-    physical_cores: int | None
-    threads_per_core: int | None
-    usable_cpus: int | None
-    cpu_quota: float | None
-    caches: tuple[CacheLevel, ...] = ()
-    #: usable logical CPU ids, in the order workers should be pinned: one
-    #: hardware thread of each physical core first, then their siblings.
-    pin_order: tuple[int, ...] = ()
-    sources: dict[str, str] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-    packages: int | None = None
-
-    # -- cache figures the tuner and the heuristic use --------------------
-    def cache_bytes(self, level: int) -> int | None:
-        """Size of one instance of the level's data (or unified) cache.
-
-        With several entries at a level (hybrid CPUs), the largest, which
-        belongs to the performance cores.
-        """
-        sizes = [
-            c.size_bytes for c in self.caches if c.level == level and c.type in ("data", "unified")
-        ]
-        return max(sizes) if sizes else None
-
-    @property
-    def l1d(self) -> int | None:
-        """Bytes of one L1 data cache, or ``None``."""
-        return self.cache_bytes(1)
-
-    @property
-    def l2(self) -> int | None:
-        """Bytes of one L2 cache, or ``None``."""
-        return self.cache_bytes(2)
-
-    @property
-    def l3(self) -> int | None:
-        """Bytes of one L3 cache, or ``None``."""
-        return self.cache_bytes(3)
-
-    @property
-    def fingerprint(self) -> str:
-        """A short stable hash of the topology and cache sizes (not the brand)."""
-        key = json.dumps(
-            [self.logical_cpus, self.physical_cores, self.l1d, self.l2, self.l3], sort_keys=True
-        )
-        return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-    def to_dict(self) -> dict[str, Any]:
-        """What ``autotune probe --json`` prints."""
-        return {
-            "brand": self.brand,
-            "logical_cpus": self.logical_cpus,
-            "physical_cores": self.physical_cores,
-            "threads_per_core": self.threads_per_core,
-            "packages": self.packages,
-            "usable_cpus": self.usable_cpus,
-            "cpu_quota": self.cpu_quota,
-            "caches": [c.to_dict() for c in self.caches],
-            "pin_order": list(self.pin_order),
-            "fingerprint": self.fingerprint,
-            "sources": dict(self.sources),
-            "notes": list(self.notes),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CpuInfo:
-        """Inverse of :meth:`to_dict` (``fingerprint`` is recomputed, not read)."""
-        return cls(
-            brand=d.get("brand"),
-            logical_cpus=d.get("logical_cpus"),
-            physical_cores=d.get("physical_cores"),
-            threads_per_core=d.get("threads_per_core"),
-            usable_cpus=d.get("usable_cpus"),
-            cpu_quota=d.get("cpu_quota"),
-            caches=tuple(CacheLevel.from_dict(c) for c in d.get("caches", ())),
-            pin_order=tuple(d.get("pin_order", ())),
-            sources=dict(d.get("sources", {})),
-            notes=tuple(d.get("notes", ())),
-            packages=d.get("packages"),
-        )
+__all__ = ["probe"]
 
 
 def probe(sysfs_root: str | os.PathLike[str] | None = None) -> CpuInfo:
@@ -500,84 +323,3 @@ def _usable(
         sources["pin_order"] = "CPU ids (core layout unknown)"
         notes.append("pin order is plain CPU id order: which CPUs share a core is unknown")
     return usable, quota, pin_order
-
-
-# -- the table `autotune probe` prints --------------------------------------
-
-
-def format_table(info: CpuInfo) -> str:
-    """The readable summary ``autotune probe`` prints (like ``lscpu``).
-
-    Parameters
-    ----------
-    info : CpuInfo
-
-    Returns
-    -------
-    str
-        Model, cores and threads, usable CPUs and why, one row per cache kind
-        (size of one instance, instances, CPUs sharing one), sources and notes.
-    """
-
-    def known(value: object, unit: str = "") -> str:
-        return "unknown" if value is None else f"{value}{unit}"
-
-    def plural(n: int | None, word: str) -> str:
-        return f"{known(n)} {word}{'' if n == 1 else 's'}"
-
-    topo = ", ".join(
-        [
-            plural(info.logical_cpus, "logical CPU"),
-            plural(info.physical_cores, "physical core"),
-            f"{plural(info.threads_per_core, 'thread')} per core",
-            plural(info.packages, "socket"),
-        ]
-    )
-    usable = known(info.usable_cpus)
-    if "usable_cpus" in info.sources:
-        usable += f" ({info.sources['usable_cpus']})"
-    if info.cpu_quota is not None:
-        quota = f"{info.cpu_quota:g} CPUs"
-    else:
-        quota = "none" if "cpu_quota" in info.sources else "unknown (see notes)"
-    lines = [
-        f"Model:        {known(info.brand)}",
-        f"Topology:     {topo}",
-        f"Usable CPUs:  {usable}",
-        f"CPU quota:    {quota}",
-        f"Pin order:    {' '.join(map(str, info.pin_order)) or 'none'}",
-        f"Fingerprint:  {info.fingerprint}",
-        "",
-    ]
-    if info.caches:
-        rows = [("Cache", "Type", "Size/instance", "Instances", "CPUs sharing one", "Line")]
-        for c in info.caches:
-            line = "" if c.line_bytes is None else f"{c.line_bytes} B"
-            rows.append(
-                (
-                    f"L{c.level}",
-                    c.type,
-                    format_bytes(c.size_bytes),
-                    str(c.instances),
-                    str(c.shared_cpus),
-                    line,
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            cells = [
-                r[i].ljust(widths[i]) if i < 2 else r[i].rjust(widths[i]) for i in range(len(r))
-            ]
-            lines.append("  ".join(cells).rstrip())
-    else:
-        lines.append("Caches:       unknown (see notes)")
-    lines.append("")
-    shown = (("brand", "brand"), ("topology", "physical_cores"), ("caches", "caches"))
-    lines.append(
-        "Sources:      "
-        + "; ".join(f"{label} from {info.sources[k]}" for label, k in shown if k in info.sources)
-    )
-    if info.notes:
-        lines.append("Notes:")
-        lines.extend(f"  - {n}" for n in info.notes)
-    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 ``cpu_dir`` is ``/sys/devices/system/cpu`` on a live system, or
 ``DIR/devices/system/cpu`` under a fixture tree.  Each reader returns a
-:class:`~autotune._probe_common.Found`; parsing the kernel's text is done by
+:class:`~autotune.cpu.common.Found`; parsing the kernel's text is done by
 pure functions (``parse_*``, :func:`group_caches`) that the tests call
 directly.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from autotune._probe_common import (
+from autotune.cpu.common import (
     CACHE_TYPES,
     CacheSpec,
     Found,

@@ -1,8 +1,8 @@
 """The probe's internal vocabulary: what a reader returns, and small text helpers.
 
-Every reader of :mod:`autotune.probe` (sysfs, cgroup, py-cpuinfo, macOS
+Every reader of :mod:`autotune.cpu` (sysfs, cgroup, py-cpuinfo, macOS
 ``sysctl``) reads one source and answers with a :class:`Found`: the value, or
-``None`` with the reason in ``notes``.  The one merge in :mod:`autotune.probe`
+``None`` with the reason in ``notes``.  The one merge in :mod:`autotune.cpu.detect`
 picks among them and records where each figure came from.  Readers describe
 caches as :class:`CacheSpec` tuples, not as the public ``CacheLevel``, so that
 they do not import the module that imports them.
