@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ProfileError", "WorkerLost"]
+__all__ = ["ProfileError", "ProfileWarning", "RemoteError", "WorkerLost"]
 
 
 class ProfileError(ValueError):
@@ -30,3 +30,11 @@ class WorkerLost(RuntimeError):
         super().__init__(message)
         self.start = start
         self.stop = stop
+
+
+class ProfileWarning(UserWarning):
+    """A profile was skipped or not used, or the heuristic stood in for one."""
+
+
+class RemoteError(RuntimeError):
+    """A kernel raised an exception that could not be sent back as itself."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autotune._errors import WorkerLost
+from autotune._errors import RemoteError, WorkerLost
 from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 from autotune._shm import Segment
 from autotune._shm import unlink as unlink_segment
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from autotune._dask import DaskRunner
     from autotune.evaluator import Evaluator
 
-__all__ = ["RemoteError"]
+__all__: list[str] = []
 
 #: Batches queued per worker: one running, one waiting, so the worker never
 #: idles while the parent reads its last result.
@@ -57,10 +57,6 @@ class _RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n\n" + self.tb
-
-
-class RemoteError(RuntimeError):
-    """A kernel raised an exception that could not be sent back as itself."""
 
 
 @dataclass

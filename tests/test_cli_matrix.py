@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHIPPED
 
-import autotune.profile as profile_mod
+import autotune
+import autotune.profile.lookup as profile_mod
 import autotune.tuner as tuner_mod
 from autotune import Workload
 from autotune.cli import main
@@ -316,6 +317,6 @@ def test_profile_save_onto_a_fifo_is_refused_and_keeps_the_fifo(tmp_path):
     from autotune.profile import Profile
 
     fifo = Path(special(tmp_path, "fifo"))
-    with pytest.raises(profile_mod.ProfileError, match="not a regular file"):
+    with pytest.raises(autotune.ProfileError, match="not a regular file"):
         Profile.load(SHIPPED).save(fifo)
     assert fifo.is_fifo()

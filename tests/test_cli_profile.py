@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import I3, ROOT, SHIPPED
 
-import autotune.profile as profile_mod
+import autotune.profile.lookup as profile_mod
 from autotune.cli import main
 from autotune.cpu import CacheLevel, CpuInfo
 

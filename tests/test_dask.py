@@ -364,8 +364,9 @@ def test_cli_search_on_the_cluster(cluster, tmp_path, capsys):
 
 def test_cluster_section_is_validated(client):
     """The cluster's ``cpu`` section round-trips; malformed ones name the field."""
+    from autotune import ProfileError
     from autotune._dask import describe_cluster
-    from autotune.profile import ProfileError, _Validator
+    from autotune.profile.validate import _Validator
 
     section = describe_cluster(client).section
     assert _Validator("p.yaml").cpu(section) == section

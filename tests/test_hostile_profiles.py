@@ -29,7 +29,7 @@ from conftest import I3, SHIPPED
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import autotune.profile as profile_mod
+import autotune.profile.lookup as profile_mod
 from autotune import ProfileError
 from autotune.profile import MAX_PROFILE_BYTES, Profile, ProfileWarning, load_profile
 

@@ -18,7 +18,9 @@ from conftest import SHIPPED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import autotune.profile as profile_mod
+import autotune
+import autotune.profile.lookup as profile_mod
+import autotune.profile.model as model_mod
 from autotune._errors import ProfileError
 from autotune.cpu import CacheLevel, CpuInfo
 from autotune.profile import (
@@ -321,7 +323,7 @@ def test_python_tag_inside_a_valid_profile_is_refused(tmp_path):
 
 
 def test_no_unsafe_yaml_loader_in_the_package():
-    package = Path(profile_mod.__file__).parent
+    package = Path(autotune.__file__).parent
     for source in package.rglob("*.py"):
         text = source.read_text()
         for unsafe in ("yaml.load(", "yaml.unsafe_load", "yaml.full_load", "yaml.Loader"):
@@ -409,14 +411,14 @@ yaml_values = st.recursive(
     | st.sampled_from(["spline", "measured", 1, 2, 16, 4096]),
     lambda children: (
         st.lists(children, max_size=4)
-        | st.dictionaries(st.sampled_from(sorted(profile_mod._TOP_KEYS)), children, max_size=5)
+        | st.dictionaries(st.sampled_from(sorted(model_mod._TOP_KEYS)), children, max_size=5)
     ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(profile_mod._TOP_KEYS)), yaml_values))
+@given(st.dictionaries(st.sampled_from(sorted(model_mod._TOP_KEYS)), yaml_values))
 def test_arbitrary_documents_raise_nothing_but_profile_error(doc):
     doc = {**doc, "schema": 1}
     try:

@@ -1,0 +1,134 @@
+"""Profile files: read as hostile, written atomically.
+
+Reading is the trust boundary.  A profile can come from a shared directory or
+an environment variable, so every file is read as hostile:
+
+- only regular files (checked with ``stat`` before opening, so a FIFO never
+  blocks), at most :data:`MAX_PROFILE_BYTES`, strict UTF-8;
+- ``yaml.safe_load`` only: a ``!!python/...`` tag is refused, never executed;
+- whatever goes wrong becomes a one-line :class:`~autotune.ProfileError`
+  naming the file (the fields are checked by :mod:`autotune.profile.validate`).
+
+Writing is atomic: a temporary file in the target's directory, then
+``os.replace``; a failed save leaves no partial file and an existing profile
+untouched.  The file ends with the measurements as one bracketed list, so a
+profile truncated anywhere (a partial copy) fails to load instead of loading
+with points missing (:func:`~autotune.profile.model.dump_yaml`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from autotune._errors import ProfileError
+
+#: Larger files are refused unread: a real profile is a few KiB.
+MAX_PROFILE_BYTES = 1 << 20
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> object:
+    """Parse one untrusted YAML file; every failure is a ProfileError."""
+    name = os.fspath(path)
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise ProfileError(name, "no such file") from None
+    except OSError as exc:
+        raise ProfileError(name, f"cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte in the name
+        raise ProfileError(repr(name), "is not a usable file name") from None
+    # Checked before opening: open() on a FIFO blocks until a writer comes.
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ProfileError(name, f"is {kind}, expected a profile YAML file")
+    if st.st_size > MAX_PROFILE_BYTES:
+        raise ProfileError(
+            name, f"is {st.st_size} bytes, larger than the {MAX_PROFILE_BYTES} a profile may be"
+        )
+    try:
+        # O_NONBLOCK and the fstat close the race where the file is swapped
+        # for a FIFO between the stat and the open.
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ProfileError(name, "is not a regular file, expected a profile YAML file")
+            raw = f.read(MAX_PROFILE_BYTES + 1)
+    except OSError as exc:
+        raise ProfileError(name, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise ProfileError(name, f"is larger than the {MAX_PROFILE_BYTES} bytes a profile may be")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError(name, f"is not UTF-8 text (bad byte at offset {exc.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        raise ProfileError(name, _yaml_problem(exc)) from None
+    except RecursionError:
+        raise ProfileError(name, "YAML nested too deeply") from None
+    except Exception as exc:
+        # safe_load only parses, so whatever else it raises (a date such as
+        # 2026-02-30, an integer over Python's digit limit, ...) is a bad
+        # file, and the contract is a ProfileError, never a traceback.
+        raise ProfileError(name, f"unreadable YAML: {_one_line(str(exc))}") from None
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    where = ""
+    mark = exc.problem_mark or exc.context_mark
+    if mark is not None:
+        where = f" at line {mark.line + 1}, column {mark.column + 1}"
+    problem = exc.problem or exc.context or "invalid YAML"
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        # The only way safe_load meets a constructor it lacks is a tag such
+        # as !!python/object/apply: say plainly that it was refused.
+        return f"refused YAML tag{where}: {_one_line(problem)} (profiles are plain YAML)"
+    return f"YAML syntax error{where}: {_one_line(problem)}"
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    directory = target.parent
+    if not directory.is_dir():
+        raise ProfileError(target, f"cannot write: directory {str(directory)!r} does not exist")
+    if target.is_dir():
+        raise ProfileError(target, "cannot write: is a directory")
+    # Never rename over a FIFO, a device or a socket: run as root, a profile
+    # saved to /dev/null would replace the device with a regular file.
+    if target.exists() and not target.is_file():
+        raise ProfileError(target, "cannot write: is not a regular file")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise ProfileError(target, f"cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            # mkstemp makes the file 0600; a profile is meant to be shared,
+            # so keep the mode of the file being replaced, else rw-r--r--.
+            try:
+                mode = stat.S_IMODE(os.stat(target).st_mode)
+            except OSError:
+                mode = 0o644
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        # Also on KeyboardInterrupt: never leave the temporary file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ProfileError(target, f"cannot write: {exc.strerror or exc}") from None
+        raise
