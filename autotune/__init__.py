@@ -11,7 +11,7 @@ production code with it::
 """
 
 from autotune._errors import ProfileError, WorkerLost
-from autotune._shared import shared_array
+from autotune.backends.shared import shared_array
 from autotune.cpu import CacheLevel, CpuInfo, probe
 from autotune.evaluator import Evaluator
 from autotune.profile import Measurement, Profile, load_profile

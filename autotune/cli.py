@@ -136,7 +136,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     client = None
     if dask:
-        from autotune._dask import connect
+        from autotune.backends.dask.runner import connect
 
         try:
             client = connect(args.scheduler)

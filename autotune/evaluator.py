@@ -15,7 +15,8 @@ no shared lock a dying worker could take with it.
 
 This module is the public front: arguments, profiles, backend choice,
 starting and replacing workers.  The dispatch loop of one call and the pool's
-resources are in ``_pool.py``; the worker's side in ``_worker.py``.
+resources are in ``backends/processes/pool.py``; the worker's side in
+``backends/processes/worker.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autotune._pool import (
+from autotune.backends.processes.pool import (
     _BLAS_ENV,
     _BLAS_HOLD,
     _PARENT_FDS,
@@ -46,12 +47,12 @@ from autotune._pool import (
     _Resources,
     _Worker,
 )
-from autotune._schedule import balanced_chunk_len
-from autotune._shared import _ALLOCATED, check_names, dumps_callable, pack
-from autotune._shm import Segment
-from autotune._shm import unlink as unlink_segment
-from autotune._threads import ThreadRunner, in_thread_kernel
-from autotune._worker import WorkerSpec, in_worker, worker_main
+from autotune.backends.processes.worker import WorkerSpec, in_worker, worker_main
+from autotune.backends.schedule import balanced_chunk_len
+from autotune.backends.shared import _ALLOCATED, check_names, dumps_callable, pack
+from autotune.backends.shm import Segment
+from autotune.backends.shm import unlink as unlink_segment
+from autotune.backends.threads import ThreadRunner, in_thread_kernel
 
 if TYPE_CHECKING:
     from autotune.profile import Profile
@@ -189,7 +190,7 @@ class Evaluator:
         backend = backend or "processes"
         dask_runner = None
         if backend == "dask":
-            from autotune._dask import DaskRunner
+            from autotune.backends.dask.runner import DaskRunner
 
             if pin:
                 raise ValueError("pin=True needs backend='processes'")
@@ -512,7 +513,7 @@ def _resolve_profile(profile: Any, backend: str | None = None, cluster: Any = No
 
         if backend == "dask" and cluster is not None:
             # Matched to the cluster's workers, never to a local profile.
-            from autotune._dask import load_cluster_profile
+            from autotune.backends.dask.cluster import load_cluster_profile
 
             return load_cluster_profile(profile, cluster, item_bytes=ITEM_BYTES.get(profile))
         return load_profile(profile, item_bytes=ITEM_BYTES.get(profile), backend="local")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from autotune._shared import SharedNamespace
+from autotune.backends.shared import SharedNamespace
 from autotune.cpu import CpuInfo, probe
 from autotune.evaluator import Evaluator
 from autotune.profile import (
@@ -420,7 +420,7 @@ def _search(
     deadline = started + budget
     cluster = None
     if client is not None:
-        from autotune._dask import describe_cluster
+        from autotune.backends.dask.cluster import describe_cluster
 
         # Chunk sizes come from the workers' caches; "workers" are tasks in flight.
         cluster = describe_cluster(client)

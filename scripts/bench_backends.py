@@ -27,7 +27,7 @@ import numpy as np
 from _bench_common import time_interleaved  # this folder is sys.path[0]
 
 from autotune import Evaluator
-from autotune._shared import SharedNamespace
+from autotune.backends.shared import SharedNamespace
 from autotune.tuner import search
 from autotune.workloads import ndimage, spline, stream
 

@@ -35,7 +35,7 @@ import numpy as np
 from _bench_common import time_interleaved  # this folder is sys.path[0]
 
 from autotune import Evaluator, search
-from autotune._shared import SharedNamespace
+from autotune.backends.shared import SharedNamespace
 from autotune.workloads import spline, spline_kernel, stream, stream_kernel
 
 BLOCKS = 8  # what a user picks: four per worker

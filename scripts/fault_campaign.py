@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from autotune import Evaluator
-from autotune._shm import list_segments
+from autotune.backends.shm import list_segments
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 WORKER_FAULTS = ("sigkill", "sigsegv", "memoryerror")

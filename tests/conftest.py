@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune._shm import list_segments
+from autotune.backends.shm import list_segments
 from autotune.cpu import CacheLevel, CpuInfo
 
 ROOT = Path(__file__).resolve().parent.parent

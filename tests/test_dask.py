@@ -22,7 +22,7 @@ distributed = pytest.importorskip("distributed")
 
 import autotune  # noqa: E402
 from autotune import Evaluator, WorkerLost, Workload  # noqa: E402
-from autotune._shared import SharedNamespace  # noqa: E402
+from autotune.backends.shared import SharedNamespace  # noqa: E402
 from autotune.workloads import stream_kernel  # noqa: E402
 
 N = 200_003
@@ -203,7 +203,7 @@ def test_worker_lost_when_retries_run_out(cluster, client, x):
 
 def test_a_worker_without_the_shared_data_gets_it(client, x):
     """A worker that joined later (here: one made to forget) is sent the data with a task."""
-    from autotune._dask import _forget
+    from autotune.backends.dask.tasks import _forget
 
     with Evaluator(4, 2_000, shared={"x": x}, backend="dask", client=client) as ev:
         expected = ev.reduce(exp_sum, N)
@@ -254,7 +254,7 @@ def test_client_closed_under_the_evaluator(cluster, x):
 
 
 def test_unreachable_scheduler(monkeypatch, tmp_path, capsys):
-    import autotune._dask as dask_backend
+    import autotune.backends.dask.runner as dask_backend
     from autotune.cli import main
 
     monkeypatch.setattr(dask_backend, "CONNECT_TIMEOUT", 0.5)
@@ -297,7 +297,7 @@ def test_address_connection_is_owned(cluster, x):
 
 # -- the tuner on dask ------------------------------------------------------------------
 def test_search_writes_a_cluster_profile(client, tmp_path):
-    from autotune._dask import describe_cluster, load_cluster_profile
+    from autotune.backends.dask.cluster import describe_cluster, load_cluster_profile
     from autotune.profile import Profile, ProfileWarning, load_profile
 
     # 60k items of a fast map: a few ms of Dask tasks lose to one local process.
@@ -323,7 +323,7 @@ def test_search_writes_a_cluster_profile(client, tmp_path):
     assert found.best == p.best and found.path == str(path)
     # A cluster of another shape does not get it.
     other = dict(p.cpu, worker_probes=p.cpu["worker_probes"][:1], dask_workers=1)
-    from autotune._dask import cluster_mismatch
+    from autotune.profile.match import cluster_mismatch
 
     assert "1 workers" in cluster_mismatch(other, describe_cluster(client))
 
@@ -365,7 +365,7 @@ def test_cli_search_on_the_cluster(cluster, tmp_path, capsys):
 def test_cluster_section_is_validated(client):
     """The cluster's ``cpu`` section round-trips; malformed ones name the field."""
     from autotune import ProfileError
-    from autotune._dask import describe_cluster
+    from autotune.backends.dask.cluster import describe_cluster
     from autotune.profile.validate import _Validator
 
     section = describe_cluster(client).section

@@ -18,11 +18,11 @@ from conftest import START_METHODS, process_gone
 from scipy.interpolate import RectBivariateSpline
 
 from autotune import Evaluator, WorkerLost
-from autotune._shm import list_segments
+from autotune.backends.shm import list_segments
 
 
 def serial_fold(kernel, shared, n, chunk_len, combine=operator.add):
-    from autotune._shared import SharedNamespace
+    from autotune.backends.shared import SharedNamespace
 
     ns = SharedNamespace(shared)
     acc = None
@@ -295,7 +295,7 @@ def test_ctrl_c_ends_workers_and_unlinks(method):
         import numpy as np
         import kernels
         from autotune import Evaluator
-        from autotune._shm import list_segments
+        from autotune.backends.shm import list_segments
         from conftest import process_gone
 
         if __name__ == "__main__":

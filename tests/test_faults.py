@@ -27,7 +27,7 @@ import pytest
 from conftest import START_METHODS, process_gone
 
 from autotune import Evaluator
-from autotune._shm import list_segments
+from autotune.backends.shm import list_segments
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -176,7 +176,7 @@ def test_ctrl_c_mid_map_leaves_no_descriptor_or_zombie(tmp_path):
         import kernels
         from multiprocessing import resource_tracker
         from autotune import Evaluator
-        from autotune._shm import list_segments
+        from autotune.backends.shm import list_segments
         from conftest import process_gone
         from test_faults import zombies_below
 

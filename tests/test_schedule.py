@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import random
 
-from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
+from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 
 
 def test_chunk_arithmetic():
@@ -53,7 +53,7 @@ def test_ordered_fold_matches_serial_whatever_the_arrival_order():
 
 
 def test_balanced_chunk_len_evens_out_few_chunks():
-    from autotune._schedule import balanced_chunk_len
+    from autotune.backends.schedule import balanced_chunk_len
 
     assert balanced_chunk_len(1_000_000, 131_072, 2) == 125_000  # 7.6 chunks -> 8
     assert n_chunks(1_000_000, balanced_chunk_len(1_000_000, 131_072, 2)) % 2 == 0

@@ -10,7 +10,7 @@ import pytest
 from conftest import children_of
 
 from autotune import Evaluator
-from autotune._shm import list_segments
+from autotune.backends.shm import list_segments
 
 pytestmark = pytest.mark.slow
 

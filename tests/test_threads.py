@@ -19,7 +19,7 @@ def x():
 
 
 def serial(kernel, shared, n, chunk_len):
-    from autotune._shared import SharedNamespace
+    from autotune.backends.shared import SharedNamespace
 
     ns = SharedNamespace(shared)
     parts = [kernel(ns, s, min(n, s + chunk_len)) for s in range(0, n, chunk_len)]

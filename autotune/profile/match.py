@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from autotune.cpu import CpuInfo
@@ -96,7 +99,7 @@ def _unusable(profile: Profile, cpu: CpuInfo | None, backend: str, any_cpu: bool
             return mismatch
     # A dask profile's workers are tasks in flight on a cluster, not local
     # CPUs; the cluster's shape is checked against the live one by the dask
-    # backend (autotune._dask.load_cluster_profile).
+    # backend (autotune.backends.dask.runner.load_cluster_profile).
     if (
         profile.backend != "dask"
         and cpu.usable_cpus is not None
@@ -136,3 +139,92 @@ def is_unchunked(m: Measurement, n: int | None) -> bool:
     point is ``workers: 1, chunk_len: n``.  Unknown ``n``: ``False``.
     """
     return n is not None and m.chunk_len * m.workers >= n
+
+
+# -- Dask clusters -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What :func:`describe_cluster` found.
+
+    Attributes
+    ----------
+    section : dict
+        The profile's ``cpu`` section for this cluster (see :func:`cluster_section`).
+    cpus : tuple of CpuInfo
+        Each worker's probe, in the order of ``section["worker_probes"]``.
+    threads : int
+        Worker threads in all.
+    """
+
+    section: dict[str, Any]
+    cpus: tuple[CpuInfo, ...]
+    threads: int
+
+    @property
+    def cpu(self) -> CpuInfo:
+        """The first worker's CPU: what chunk sizes and profile matching go by."""
+        return self.cpus[0]
+
+
+def cluster_section(workers: list[tuple[str, int]], cpus: tuple[CpuInfo, ...]) -> dict[str, Any]:
+    """A profile's ``cpu`` section for a Dask cluster.
+
+    The usual keys (brand, topology, caches) describe the first worker's
+    machine, so a profile is matched like a local one; ``dask_workers``,
+    ``threads``, ``threads_per_worker`` (null when workers differ) and
+    ``worker_probes`` (each worker's address, threads and CPU) describe the
+    cluster.
+    """
+    probes: list[dict[str, Any]] = []
+    for (address, threads), cpu in zip(workers, cpus, strict=True):
+        probes.append(
+            {
+                "address": address,
+                "nthreads": threads,
+                "brand": cpu.brand,
+                "fingerprint": cpu.fingerprint,
+                "logical_cpus": cpu.logical_cpus,
+                "physical_cores": cpu.physical_cores,
+                "usable_cpus": cpu.usable_cpus,
+                "caches": {"l1d": cpu.l1d, "l2": cpu.l2, "l3": cpu.l3},
+            }
+        )
+    per_worker = {t for _, t in workers}
+    first = probes[0]
+    return {
+        "brand": first["brand"],
+        "fingerprint": _cluster_fingerprint(probes),
+        "logical_cpus": first["logical_cpus"],
+        "physical_cores": first["physical_cores"],
+        "caches": dict(first["caches"]),
+        "dask_workers": len(probes),
+        "threads": sum(t for _, t in workers),
+        "threads_per_worker": per_worker.pop() if len(per_worker) == 1 else None,
+        "worker_probes": probes,
+    }
+
+
+def _shape(section: Mapping[str, Any]) -> list[Any]:
+    """What must be equal for two clusters to count as the same (addresses are not)."""
+    probes = section.get("worker_probes") or []
+    return sorted([p.get("nthreads"), p.get("fingerprint")] for p in probes)
+
+
+def _cluster_fingerprint(probes: list[dict[str, Any]]) -> str:
+    key = json.dumps(_shape({"worker_probes": probes}), sort_keys=True)
+    return "dask-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def cluster_mismatch(section: Mapping[str, Any], info: ClusterInfo) -> str | None:
+    """Why a profile's cluster is not the connected one (``None``: same shape)."""
+    if _shape(section) == _shape(info.section):
+        return None
+
+    def describe(s: Mapping[str, Any]) -> str:
+        per = s.get("threads_per_worker")
+        return f"{s.get('dask_workers', '?')} workers x {per if per else 'mixed'} threads"
+
+    return (
+        f"measured on a Dask cluster of {describe(section)} ({section.get('fingerprint')}), "
+        f"this one has {describe(info.section)} ({info.section['fingerprint']})"
+    )

@@ -9,7 +9,7 @@ task is and how results come back:
   it received for the evaluator's life (see :data:`_SHARED` for why tasks do
   not name it as a dependency); a worker that joins later gets it with its
   first task.  Kernels see it as the same read-only
-  :class:`~autotune._shared.SharedNamespace`;
+  :class:`~autotune.backends.shared.SharedNamespace`;
 - a task is a batch of chunks ``[c0, c1)``: the kernel still runs on
   cache-sized ``(start, stop)`` ranges, but a Dask task costs milliseconds
   of scheduling where a local pipe costs microseconds, so a call is a few
@@ -20,7 +20,7 @@ task is and how results come back:
 - ``map`` rows are written into the output as tasks finish (fetched straight
   from the workers where that is safe, see :func:`_gather_direct`);
   ``reduce`` partials come back per chunk and are folded strictly in chunk
-  order (:class:`~autotune._schedule.OrderedFold`): the same bits as a serial
+  order (:class:`~autotune.backends.schedule.OrderedFold`): the same bits as a serial
   loop over the same chunks;
 - a worker that dies is Dask's to handle: its tasks are re-run elsewhere,
   and when a task has been on more dying workers than the scheduler's
@@ -36,35 +36,22 @@ and finds the profile measured on a cluster like the connected one
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import uuid
-import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from autotune._errors import WorkerLost
-from autotune._schedule import OrderedFold, chunk_bounds, n_chunks
-from autotune._shared import SharedNamespace
-from autotune._worker import check_map_result, check_row_like
+from autotune.backends.dask.tasks import _adopt, _forget, _Missing, _run_batch
+from autotune.backends.rows import check_map_result, check_row_like
+from autotune.backends.schedule import OrderedFold, chunk_bounds, n_chunks
 
 if TYPE_CHECKING:
-    from autotune.cpu import CpuInfo
-    from autotune.profile import Profile
+    pass
 
-__all__ = [
-    "DaskRunner",
-    "ClusterInfo",
-    "connect",
-    "describe_cluster",
-    "cluster_mismatch",
-    "load_cluster_profile",
-    "CONNECT_TIMEOUT",
-]
+__all__ = ["CONNECT_TIMEOUT", "DaskRunner", "connect"]
 
 #: Seconds to wait for a scheduler given by address before giving up.
 CONNECT_TIMEOUT = 10.0
@@ -176,107 +163,6 @@ def _check_kernel(kernel: Callable[..., Any]) -> None:
             f"({type(exc).__name__}: {_one_line(exc)}); define it at module level in a module "
             f"the workers can import, and read data from `shared` instead of capturing it"
         ) from exc
-
-
-# -- what runs on a worker -------------------------------------------------------------
-_blas_limit: int | None = None
-_blas_limiter: Any = None
-
-
-def _limit_blas(threads: int | None) -> None:
-    """Cap BLAS/OpenMP threads in this worker process, once (threadpoolctl is not cheap)."""
-    global _blas_limit, _blas_limiter
-    if threads is None or threads == _blas_limit:
-        return
-    from threadpoolctl import threadpool_limits
-
-    _blas_limiter = threadpool_limits(limits=threads)  # process-wide until changed
-    _blas_limit = threads
-
-
-# The shared dicts this worker process holds, by evaluator token.  Tasks read
-# them from here rather than naming the scattered data as a dependency: the
-# scheduler's Active Memory Manager drops "extra" replicas of data no task is
-# waiting for (every 2 s by default), and each later task naming it would make
-# the worker fetch it again, once per call instead of once per evaluator.
-_SHARED: dict[str, Mapping[str, Any]] = {}
-
-
-@dataclass(frozen=True)
-class _Missing:
-    """A task's answer when its worker lacks the shared data (a new or restarted worker)."""
-
-    worker: str
-
-
-def _adopt(token: str, key: str, dask_worker: Any = None) -> bool:
-    """Run on every worker after the broadcast: keep the copy it received."""
-    if dask_worker is None or key not in dask_worker.data:
-        return False
-    _SHARED[token] = dask_worker.data[key]
-    return True
-
-
-def _forget(token: str) -> None:
-    """Run on every worker when the evaluator closes."""
-    _SHARED.pop(token, None)
-
-
-def _run_batch(
-    kernel: Callable[..., Any],
-    token: str,
-    data: Mapping[str, Any] | None,
-    mode: str,
-    n: int,
-    chunk_len: int,
-    c0: int,
-    c1: int,
-    blas_threads: int | None,
-) -> Any:
-    """One task: chunks ``[c0, c1)``; partials (reduce) or the batch's rows (map).
-
-    ``data`` is the shared dict only where the client resent the task with
-    the scattered data as a dependency, after this worker answered
-    :class:`_Missing`.
-    """
-    if data is not None:
-        _SHARED[token] = data
-    else:
-        found = _SHARED.get(token)
-        if found is None:
-            from distributed import get_worker
-
-            return _Missing(get_worker().address)
-        data = found
-    _limit_blas(blas_threads)
-    shared = SharedNamespace(data)  # read-only views; the data itself is not copied
-    start = stop = c0 * chunk_len
-    try:
-        if mode == "reduce":
-            partials = []
-            for c in range(c0, c1):
-                start = c * chunk_len
-                stop = min(n, start + chunk_len)
-                partials.append(kernel(shared, start, stop))
-            return partials
-        s0, s1 = chunk_bounds(c0, c1, chunk_len, n)
-        rows: np.ndarray | None = None
-        for c in range(c0, c1):
-            start = c * chunk_len
-            stop = min(n, start + chunk_len)
-            arr = check_map_result(kernel(shared, start, stop), start, stop)
-            if c1 - c0 == 1:
-                return arr
-            if rows is None:
-                rows = np.empty((s1 - s0, *arr.shape[1:]), dtype=arr.dtype)
-            else:
-                check_row_like(arr, rows, start, stop)
-            rows[start - s0 : stop - s0] = arr
-        return rows
-    except Exception as exc:
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"[raised by the kernel on a Dask worker on items [{start}, {stop})]")
-        raise
 
 
 # -- the client side -------------------------------------------------------------------
@@ -534,147 +420,3 @@ class DaskRunner:
             self._owned = False
             with contextlib.suppress(Exception):
                 client.close()
-
-
-# -- describing a cluster (for profiles) -----------------------------------------------
-def _probe_worker() -> dict[str, Any]:
-    """Run on each worker by :func:`describe_cluster`."""
-    from autotune.cpu import probe
-
-    return probe().to_dict()
-
-
-@dataclass(frozen=True)
-class ClusterInfo:
-    """What :func:`describe_cluster` found.
-
-    Attributes
-    ----------
-    section : dict
-        The profile's ``cpu`` section for this cluster (see :func:`cluster_section`).
-    cpus : tuple of CpuInfo
-        Each worker's probe, in the order of ``section["worker_probes"]``.
-    threads : int
-        Worker threads in all.
-    """
-
-    section: dict[str, Any]
-    cpus: tuple[CpuInfo, ...]
-    threads: int
-
-    @property
-    def cpu(self) -> CpuInfo:
-        """The first worker's CPU: what chunk sizes and profile matching go by."""
-        return self.cpus[0]
-
-
-def describe_cluster(client: Any) -> ClusterInfo:
-    """Probe every worker of ``client``'s cluster (one ``client.run``)."""
-    from autotune.cpu import CpuInfo
-
-    _check_client(client)
-    nthreads = client.nthreads()
-    if not nthreads:
-        raise RuntimeError("the Dask cluster has no workers to describe")
-    probes = client.run(_probe_worker)
-    addresses = sorted(a for a in probes if a in nthreads)
-    cpus = tuple(CpuInfo.from_dict(probes[a]) for a in addresses)
-    section = cluster_section([(a, int(nthreads[a])) for a in addresses], cpus)
-    return ClusterInfo(section, cpus, int(sum(nthreads[a] for a in addresses)))
-
-
-def cluster_section(workers: list[tuple[str, int]], cpus: tuple[CpuInfo, ...]) -> dict[str, Any]:
-    """A profile's ``cpu`` section for a Dask cluster.
-
-    The usual keys (brand, topology, caches) describe the first worker's
-    machine, so a profile is matched like a local one; ``dask_workers``,
-    ``threads``, ``threads_per_worker`` (null when workers differ) and
-    ``worker_probes`` (each worker's address, threads and CPU) describe the
-    cluster.
-    """
-    probes: list[dict[str, Any]] = []
-    for (address, threads), cpu in zip(workers, cpus, strict=True):
-        probes.append(
-            {
-                "address": address,
-                "nthreads": threads,
-                "brand": cpu.brand,
-                "fingerprint": cpu.fingerprint,
-                "logical_cpus": cpu.logical_cpus,
-                "physical_cores": cpu.physical_cores,
-                "usable_cpus": cpu.usable_cpus,
-                "caches": {"l1d": cpu.l1d, "l2": cpu.l2, "l3": cpu.l3},
-            }
-        )
-    per_worker = {t for _, t in workers}
-    first = probes[0]
-    return {
-        "brand": first["brand"],
-        "fingerprint": _cluster_fingerprint(probes),
-        "logical_cpus": first["logical_cpus"],
-        "physical_cores": first["physical_cores"],
-        "caches": dict(first["caches"]),
-        "dask_workers": len(probes),
-        "threads": sum(t for _, t in workers),
-        "threads_per_worker": per_worker.pop() if len(per_worker) == 1 else None,
-        "worker_probes": probes,
-    }
-
-
-def _shape(section: Mapping[str, Any]) -> list[Any]:
-    """What must be equal for two clusters to count as the same (addresses are not)."""
-    probes = section.get("worker_probes") or []
-    return sorted([p.get("nthreads"), p.get("fingerprint")] for p in probes)
-
-
-def _cluster_fingerprint(probes: list[dict[str, Any]]) -> str:
-    key = json.dumps(_shape({"worker_probes": probes}), sort_keys=True)
-    return "dask-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def cluster_mismatch(section: Mapping[str, Any], info: ClusterInfo) -> str | None:
-    """Why a profile's cluster is not the connected one (``None``: same shape)."""
-    if _shape(section) == _shape(info.section):
-        return None
-
-    def describe(s: Mapping[str, Any]) -> str:
-        per = s.get("threads_per_worker")
-        return f"{s.get('dask_workers', '?')} workers x {per if per else 'mixed'} threads"
-
-    return (
-        f"measured on a Dask cluster of {describe(section)} ({section.get('fingerprint')}), "
-        f"this one has {describe(info.section)} ({info.section['fingerprint']})"
-    )
-
-
-def load_cluster_profile(
-    workload: str, cluster: Any, *, item_bytes: int | None = None, path: Any = None
-) -> Profile:
-    """The dask profile for ``workload`` measured on a cluster like ``cluster``'s.
-
-    ``cluster`` is a Client or a scheduler address.  Profiles are looked up
-    as :func:`autotune.load_profile` does, with ``backend="dask"`` and the
-    first worker's CPU, then the cluster's shape (workers, threads, each
-    worker's CPU) must match too.  Otherwise the heuristic, with a warning:
-    its chunk length from the workers' caches, two tasks in flight per thread.
-    """
-    from autotune.profile import ProfileWarning, load_profile
-
-    client = connect(cluster) if isinstance(cluster, str) else cluster
-    try:
-        info = describe_cluster(client)
-    finally:
-        if client is not cluster:
-            with contextlib.suppress(Exception):
-                client.close()
-    profile = load_profile(workload, path, info.cpu, item_bytes=item_bytes, backend="dask")
-    if profile.source != "heuristic":
-        why = cluster_mismatch(profile.cpu, info)
-        if why is None:
-            return profile
-        warnings.warn(f"profile {profile.path} not used: {why}", ProfileWarning, stacklevel=2)
-        from autotune.profile import heuristic_profile
-
-        profile = heuristic_profile(info.cpu, workload, item_bytes)
-    best = replace(profile.best, workers=DEFAULT_INFLIGHT * info.threads)
-    return replace(profile, best=best, backend="dask", cpu=info.section)

@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autotune._errors import RemoteError, WorkerLost
-from autotune._schedule import Batches, OrderedFold, chunk_bounds, n_chunks
-from autotune._shm import Segment
-from autotune._shm import unlink as unlink_segment
-from autotune._threads import ThreadRunner
-from autotune._worker import check_row_like, wants_shared_output
+from autotune.backends.processes.worker import wants_shared_output
+from autotune.backends.rows import check_row_like
+from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
+from autotune.backends.shm import Segment
+from autotune.backends.shm import unlink as unlink_segment
+from autotune.backends.threads import ThreadRunner
 
 if TYPE_CHECKING:
-    from autotune._dask import DaskRunner
+    from autotune.backends.dask.runner import DaskRunner
     from autotune.evaluator import Evaluator
 
 __all__: list[str] = []

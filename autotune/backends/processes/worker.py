@@ -31,14 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from autotune._shared import PackedShared, SharedNamespace, unpack
-from autotune._shm import Segment
+from autotune.backends.rows import check_map_result, check_row_like
+from autotune.backends.shared import PackedShared, SharedNamespace, unpack
+from autotune.backends.shm import Segment
 
 #: Below this many bytes a map result comes back through the pipe; above it,
 #: workers write into a shared-memory output that becomes the result.
 SHM_OUTPUT_MIN = 256 * 1024
 
-__all__ = ["WorkerSpec", "worker_main", "in_worker", "check_map_result", "check_row_like"]
+__all__ = ["WorkerSpec", "worker_main", "in_worker"]
 
 _IN_WORKER = False
 
@@ -60,28 +61,6 @@ class WorkerSpec:
     blas_threads: int | None
     cpu: int | None  # pin to this logical CPU
     close_fds: tuple[int, ...]  # fork: parent-side pipe ends inherited from the parent
-
-
-def check_map_result(result: Any, start: int, stop: int) -> np.ndarray:
-    """A map kernel's result as an array whose first axis is ``stop - start`` long."""
-    arr = np.asarray(result)
-    if arr.ndim == 0 or arr.shape[0] != stop - start:
-        got = "a scalar" if arr.ndim == 0 else f"first axis {arr.shape[0]}"
-        raise ValueError(
-            f"map kernel returned {got} for items [{start}, {stop}); it must return an array "
-            f"whose first axis has length stop - start = {stop - start}"
-        )
-    return arr
-
-
-def check_row_like(arr: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
-    """Refuse a map result whose rows differ in shape or dtype from the output's."""
-    if arr.shape[1:] != out.shape[1:] or arr.dtype != out.dtype:
-        raise ValueError(
-            f"map kernel returned shape {arr.shape} dtype {arr.dtype} for items [{start}, {stop}), "
-            f"but the first chunk gave rows of shape {out.shape[1:]} dtype {out.dtype}; "
-            f"every chunk must return the same row shape and dtype"
-        )
 
 
 def _error_message(call_id: int, batch_id: int, start: int, stop: int, exc: BaseException) -> tuple:

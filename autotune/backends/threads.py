@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from autotune._schedule import Batches, OrderedFold, n_chunks
-from autotune._shared import SharedNamespace
-from autotune._worker import check_map_result, check_row_like
+from autotune.backends.rows import check_map_result, check_row_like
+from autotune.backends.schedule import Batches, OrderedFold, n_chunks
+from autotune.backends.shared import SharedNamespace
 
 __all__ = ["ThreadRunner", "in_thread_kernel"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune._shm import Segment, unlink
+from autotune.backends.shm import Segment, unlink
 
 __all__ = [
     "shared_array",

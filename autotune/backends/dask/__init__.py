@@ -1,0 +1,2 @@
+"""The ``dask`` backend: ``runner`` (the client side), ``tasks`` (what runs on a
+worker), ``cluster`` (describing a cluster, finding its profile)."""

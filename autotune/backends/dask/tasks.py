@@ -1,0 +1,128 @@
+"""What runs on a Dask worker: adopt the shared data once, run a batch of chunks.
+
+These functions are shipped to the workers by reference, so they live in an
+importable module of their own, apart from the client side (``runner``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from autotune.backends.rows import check_map_result, check_row_like
+from autotune.backends.schedule import chunk_bounds
+from autotune.backends.shared import SharedNamespace
+
+if TYPE_CHECKING:
+    pass
+
+
+# -- what runs on a worker -------------------------------------------------------------
+_blas_limit: int | None = None
+_blas_limiter: Any = None
+
+
+def _limit_blas(threads: int | None) -> None:
+    """Cap BLAS/OpenMP threads in this worker process, once (threadpoolctl is not cheap)."""
+    global _blas_limit, _blas_limiter
+    if threads is None or threads == _blas_limit:
+        return
+    from threadpoolctl import threadpool_limits
+
+    _blas_limiter = threadpool_limits(limits=threads)  # process-wide until changed
+    _blas_limit = threads
+
+
+# The shared dicts this worker process holds, by evaluator token.  Tasks read
+# them from here rather than naming the scattered data as a dependency: the
+# scheduler's Active Memory Manager drops "extra" replicas of data no task is
+# waiting for (every 2 s by default), and each later task naming it would make
+# the worker fetch it again, once per call instead of once per evaluator.
+_SHARED: dict[str, Mapping[str, Any]] = {}
+
+
+@dataclass(frozen=True)
+class _Missing:
+    """A task's answer when its worker lacks the shared data (a new or restarted worker)."""
+
+    worker: str
+
+
+def _adopt(token: str, key: str, dask_worker: Any = None) -> bool:
+    """Run on every worker after the broadcast: keep the copy it received."""
+    if dask_worker is None or key not in dask_worker.data:
+        return False
+    _SHARED[token] = dask_worker.data[key]
+    return True
+
+
+def _forget(token: str) -> None:
+    """Run on every worker when the evaluator closes."""
+    _SHARED.pop(token, None)
+
+
+def _run_batch(
+    kernel: Callable[..., Any],
+    token: str,
+    data: Mapping[str, Any] | None,
+    mode: str,
+    n: int,
+    chunk_len: int,
+    c0: int,
+    c1: int,
+    blas_threads: int | None,
+) -> Any:
+    """One task: chunks ``[c0, c1)``; partials (reduce) or the batch's rows (map).
+
+    ``data`` is the shared dict only where the client resent the task with
+    the scattered data as a dependency, after this worker answered
+    :class:`_Missing`.
+    """
+    if data is not None:
+        _SHARED[token] = data
+    else:
+        found = _SHARED.get(token)
+        if found is None:
+            from distributed import get_worker
+
+            return _Missing(get_worker().address)
+        data = found
+    _limit_blas(blas_threads)
+    shared = SharedNamespace(data)  # read-only views; the data itself is not copied
+    start = stop = c0 * chunk_len
+    try:
+        if mode == "reduce":
+            partials = []
+            for c in range(c0, c1):
+                start = c * chunk_len
+                stop = min(n, start + chunk_len)
+                partials.append(kernel(shared, start, stop))
+            return partials
+        s0, s1 = chunk_bounds(c0, c1, chunk_len, n)
+        rows: np.ndarray | None = None
+        for c in range(c0, c1):
+            start = c * chunk_len
+            stop = min(n, start + chunk_len)
+            arr = check_map_result(kernel(shared, start, stop), start, stop)
+            if c1 - c0 == 1:
+                return arr
+            if rows is None:
+                rows = np.empty((s1 - s0, *arr.shape[1:]), dtype=arr.dtype)
+            else:
+                check_row_like(arr, rows, start, stop)
+            rows[start - s0 : stop - s0] = arr
+        return rows
+    except Exception as exc:
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"[raised by the kernel on a Dask worker on items [{start}, {stop})]")
+        raise
+
+
+def _probe_worker() -> dict[str, Any]:
+    """Run on each worker by :func:`describe_cluster`."""
+    from autotune.cpu import probe
+
+    return probe().to_dict()

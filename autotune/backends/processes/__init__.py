@@ -1,0 +1,2 @@
+"""The ``processes`` backend: a pool of worker processes (``pool``) and the
+worker's side (``worker``)."""

@@ -1,0 +1,31 @@
+"""Checks every backend applies to a map kernel's result, with the same messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_map_result", "check_row_like"]
+
+
+def check_map_result(result: Any, start: int, stop: int) -> np.ndarray:
+    """A map kernel's result as an array whose first axis is ``stop - start`` long."""
+    arr = np.asarray(result)
+    if arr.ndim == 0 or arr.shape[0] != stop - start:
+        got = "a scalar" if arr.ndim == 0 else f"first axis {arr.shape[0]}"
+        raise ValueError(
+            f"map kernel returned {got} for items [{start}, {stop}); it must return an array "
+            f"whose first axis has length stop - start = {stop - start}"
+        )
+    return arr
+
+
+def check_row_like(arr: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    """Refuse a map result whose rows differ in shape or dtype from the output's."""
+    if arr.shape[1:] != out.shape[1:] or arr.dtype != out.dtype:
+        raise ValueError(
+            f"map kernel returned shape {arr.shape} dtype {arr.dtype} for items [{start}, {stop}), "
+            f"but the first chunk gave rows of shape {out.shape[1:]} dtype {out.dtype}; "
+            f"every chunk must return the same row shape and dtype"
+        )
