@@ -10,15 +10,14 @@ production code with it::
         total = ev.reduce(kernel, len(x))
 """
 
-from autotune._errors import ProfileError, WorkerLost
+from autotune._errors import ProfileError, ProfileWarning, RemoteError, WorkerLost
+from autotune._version import __version__
 from autotune.backends.shared import shared_array
 from autotune.cpu import CacheLevel, CpuInfo, probe
 from autotune.evaluator import Evaluator
 from autotune.profile import Measurement, Profile, load_profile
 from autotune.tuner import SearchResult, search
 from autotune.workload import Workload
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CacheLevel",
@@ -27,6 +26,8 @@ __all__ = [
     "Measurement",
     "Profile",
     "ProfileError",
+    "ProfileWarning",
+    "RemoteError",
     "SearchResult",
     "WorkerLost",
     "Workload",

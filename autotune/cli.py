@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from autotune._version import __version__
+
 __all__ = ["main", "UsageError"]
 
 
@@ -286,8 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="autotune",
         description="Probe the CPU, tune worker count and chunk length, and use the result.",
     )
-    from autotune import __version__
-
     parser.add_argument("--version", action="version", version=f"autotune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

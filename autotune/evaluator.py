@@ -13,16 +13,14 @@ parent.  The parent owns the only copy of "who holds what", so a worker that
 dies costs exactly its batches, which are re-run on a replacement; there is
 no shared lock a dying worker could take with it.
 
-This module is the public front: arguments, profiles, backend choice,
-starting and replacing workers.  The dispatch loop of one call and the pool's
-resources are in ``backends/processes/pool.py``; the worker's side in
-``backends/processes/worker.py``.
+This module is the public front: argument checks, the profile, the backend
+and chunk length of each call, the nesting guard, the lock and finalization.
+The work is done by a runner of :mod:`autotune.backends` (the process pool,
+threads, Dask), which owns its workers and memory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 import multiprocessing as mp
 import operator
@@ -30,56 +28,35 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from autotune.backends.processes.pool import (
-    _BLAS_ENV,
-    _BLAS_HOLD,
-    _PARENT_FDS,
-    JOIN_TIMEOUT,
-    RemoteError,
-    _Call,
-    _environ,
-    _fileno,
-    _join_all,
-    _Resources,
-    _Worker,
-)
-from autotune.backends.processes.worker import WorkerSpec, in_worker, worker_main
+from autotune._util import positive_int
+from autotune.backends import BACKENDS
+from autotune.backends.dask.cluster import load_cluster_profile
+from autotune.backends.processes.worker import in_worker
+from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import balanced_chunk_len
-from autotune.backends.shared import _ALLOCATED, check_names, dumps_callable, pack
-from autotune.backends.shm import Segment
-from autotune.backends.shm import unlink as unlink_segment
-from autotune.backends.threads import ThreadRunner, in_thread_kernel
+from autotune.backends.shared import check_names
+from autotune.backends.threads import in_thread_kernel
+from autotune.cpu import probe
+from autotune.profile import Profile, heuristic_profile, load_profile
 
-if TYPE_CHECKING:
-    from autotune.profile import Profile
+__all__ = ["Evaluator"]
 
-
-__all__ = ["Evaluator", "BACKENDS", "RemoteError"]
-
-BACKENDS = ("processes", "threads", "dask")
 # combine functions with a known identity, for reduce over an empty range.
 _IDENTITY = {operator.add: 0, operator.mul: 1}
 
 
-def _default_start_method() -> str:
-    # Chosen explicitly, never Python's default: that is forkserver on Linux
-    # from 3.14 and spawn on macOS.  fork is the cheapest way to share data
-    # read-only, and the workers are started before any thread of ours.
+def default_start_method() -> str:
+    """``"fork"`` where the platform has it, else ``"spawn"``.
+
+    Chosen explicitly, never Python's default: that is forkserver on Linux
+    from 3.14 and spawn on macOS.  fork is the cheapest way to share data
+    read-only, and the workers are started before any thread of ours.
+    """
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-
-
-def _positive_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 class Evaluator:
@@ -165,12 +142,12 @@ class Evaluator:
             )
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        workers = _positive_int("workers", workers)
-        chunk_len = explicit_chunk_len = _positive_int("chunk_len", chunk_len)
-        blas_threads = _positive_int("blas_threads", blas_threads)
+        workers = positive_int("workers", workers)
+        chunk_len = explicit_chunk_len = positive_int("chunk_len", chunk_len)
+        blas_threads = positive_int("blas_threads", blas_threads)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
-        method = start_method or _default_start_method()
+        method = start_method or default_start_method()
         if method not in mp.get_all_start_methods():
             raise ValueError(
                 f"start_method must be one of {', '.join(mp.get_all_start_methods())}; "
@@ -188,43 +165,26 @@ class Evaluator:
             if backend is None and self._profile.source != "heuristic":
                 backend = self._profile.backend  # run what was measured fastest
         backend = backend or "processes"
-        dask_runner = None
-        if backend == "dask":
-            from autotune.backends.dask.runner import DaskRunner
-
-            if pin:
-                raise ValueError("pin=True needs backend='processes'")
-            # Connects, and sends `shared` to every Dask worker once.
-            dask_runner = DaskRunner(
-                workers, shared_dict, blas_threads, client=client, address=address
-            )
-            workers = dask_runner.workers
-        elif client is not None or address is not None:
-            raise ValueError("client= and address= are for backend='dask'")
-        if backend == "threads" and pin:
+        if pin and backend != "processes":
             raise ValueError("pin=True needs backend='processes'")
+        if backend != "dask" and (client is not None or address is not None):
+            raise ValueError("client= and address= are for backend='dask'")
+        # The heuristic's chunk may be too long for a small n; a chunk from a
+        # profile or the heuristic was measured at another n and is fitted to
+        # each call's; an explicit chunk_len is honoured to the item.
         self._heuristic_chunks = chunk_len is None
-        # An explicit chunk_len is honoured to the item; one from a profile or
-        # the heuristic was measured at another n and is fitted to each call's.
         self._fit_chunks = explicit_chunk_len is None
         if workers is None or chunk_len is None:
-            from autotune.cpu import probe
-            from autotune.profile import heuristic_profile
-
             guess = heuristic_profile(probe(), "default", None)
-            workers = workers or guess.workers
             chunk_len = chunk_len or guess.chunk_len
+            if backend != "dask":  # dask: tasks in flight, from the cluster
+                workers = workers or guess.workers
 
-        self.workers: int = workers
-        self.chunk_len: int = chunk_len
         self.start_method = None if backend in ("threads", "dask") else method
         self.blas_threads = blas_threads
         self.pin = bool(pin)
         self.retries = retries
         self.backend = backend
-
-        self._ctx = mp.get_context(method)
-        self._shared = shared_dict
         # Calls from several threads are serialised; close() from another
         # thread waits for the call in progress.  Reentrant so that a call that
         # fails can close the evaluator while holding it.
@@ -232,40 +192,20 @@ class Evaluator:
         self._busy: int | None = None  # thread running a call
         self._owner_pid = os.getpid()
         self._closed = False
-        self._call_id = 0
-        self._batch_id = 0
-        self._out_cache: tuple[str, int, weakref.ref[Any]] | None = None
-        self._res = _Resources()
-        self._finalizer = weakref.finalize(self, _Resources.shutdown, self._res)
-        self._threads: ThreadRunner | None = None
-        self._dask = self._res.dask = dask_runner
-        if dask_runner is not None:
-            return
-        if backend == "threads":
-            self._threads = self._res.threads = ThreadRunner(workers, shared_dict, blas_threads)
-            return
-        try:
-            self._control = Segment.create(64)
-            self._res.segments.append(self._control)
-            self._cancelled: np.ndarray | None = np.frombuffer(
-                self._control.mmap, dtype=np.int64, count=1
-            )
-            self._res.cancel = self._cancelled
-            self._packed = None
-            if method != "fork":
-                self._packed, segments = pack(shared_dict)
-                for seg in segments:
-                    if seg.name not in _ALLOCATED:
-                        self._res.segments.append(seg)  # ours: unlinked at close
-                    else:
-                        self._res.borrowed.append(seg)  # the user's shared_array
-            self._cpus = self._pin_cpus() if self.pin else None
-            with self._blas_limited():
-                for i in range(self.workers):
-                    self._res.workers.append(self._start_worker(i))
-        except BaseException:
-            self.close()
-            raise
+        self._runner: Runner = open_runner(
+            backend,
+            workers,
+            shared_dict,
+            start_method=method,
+            blas_threads=blas_threads,
+            cpus=_pin_cpus(workers) if self.pin and workers is not None else None,
+            retries=retries,
+            client=client,
+            address=address,
+        )
+        self._finalizer = weakref.finalize(self, self._runner.close)
+        self.workers: int = self._runner.workers
+        self.chunk_len: int = chunk_len
 
     # -- public API -------------------------------------------------------
     def map(self, kernel: Callable[..., Any], n: int) -> np.ndarray:
@@ -312,13 +252,7 @@ class Evaluator:
         """
         with self._lock:
             self._closed = True
-            # Our view of the control word would keep its mapping (and a file
-            # descriptor) alive past the shutdown.
-            self._cancelled = None
             self._finalizer()
-            # Let the user's data go with the pool, even if this object lingers.
-            self._shared = {}
-            self._packed = None
 
     def __enter__(self) -> Evaluator:
         return self
@@ -335,104 +269,8 @@ class Evaluator:
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the current workers (empty for the threads backend)."""
-        return [w.process.pid for w in self._res.workers]
-
-    # -- workers ----------------------------------------------------------
-    def _pin_cpus(self) -> list[int]:
-        from autotune.cpu import probe
-
-        order = list(probe().pin_order) or sorted(os.sched_getaffinity(0))
-        return [order[i % len(order)] for i in range(self.workers)]
-
-    def _start_worker(self, index: int) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        fork = self.start_method == "fork"
-        spec = WorkerSpec(
-            index=index,
-            shared=self._shared if fork else None,
-            packed=self._packed,
-            control_name=self._control.name,
-            control_size=self._control.size,
-            # Under fork the limit is set in the parent around the fork (below).
-            blas_threads=None if fork else self.blas_threads,
-            cpu=None if self._cpus is None else self._cpus[index],
-            close_fds=tuple(_PARENT_FDS | {parent_conn.fileno()}) if fork else (),
-        )
-        process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=worker_main,
-            args=(child_conn, spec),
-            name=f"autotune-worker-{index}",
-            daemon=True,
-        )
-        if fork:
-            # Objects the child inherits live on pages it shares with us
-            # copy-on-write.  A garbage collection in the child writes to the
-            # header of every object it visits and so copies those pages;
-            # frozen objects are never visited.
-            gc.freeze()
-            try:
-                process.start()
-            finally:
-                gc.unfreeze()
-        else:
-            process.start()
-        child_conn.close()
-        _PARENT_FDS.add(parent_conn.fileno())
-        return _Worker(index, process, parent_conn)
-
-    def _blas_limited(self) -> contextlib.AbstractContextManager[Any]:
-        """BLAS thread limits in force while workers start.
-
-        A spawned interpreter reads the limit from its environment when it
-        first imports numpy, and starts no BLAS thread beyond it.  A forked
-        worker inherits the parent's BLAS state: see :class:`_BlasHold`.
-        """
-        if self.blas_threads is None:
-            return contextlib.nullcontext()
-        if self.start_method == "fork":
-            if not self._res.blas_held:
-                _BLAS_HOLD.acquire(self.blas_threads)
-                self._res.blas_held = True
-            return contextlib.nullcontext()
-        return _environ(_BLAS_ENV, str(self.blas_threads))
-
-    def _replace(self, dead: _Worker) -> _Worker:
-        _PARENT_FDS.discard(_fileno(dead.conn))
-        dead.conn.close()
-        _join_all([dead.process], JOIN_TIMEOUT)
-        dead.process.close()
-        with self._blas_limited():
-            new = self._start_worker(dead.index)
-        self._res.workers[dead.index] = new
-        return new
-
-    def _output_segment(self, size: int) -> Segment:
-        """Shared memory for a map result of ``size`` bytes.
-
-        A fresh segment costs a page fault per page in every process that
-        touches it: on a memory-bound map that doubles the time.  So the
-        last output segment stays linked (and mapped in the workers), and is
-        reused when the next result has the same size and the user no longer
-        holds the previous one.  The cost: one output's memory held until
-        :meth:`close`.
-        """
-        cache = self._out_cache
-        if cache is not None:
-            name, cached_size, mapping = cache
-            if cached_size == size and mapping() is None:
-                seg = Segment.attach(name, size, populate=True)
-                self._out_cache = (name, size, weakref.ref(seg.mmap))
-                return seg
-            # Still in the user's hands (or another size): give up the name;
-            # the user's array keeps its own mapping.
-            self._out_cache = None
-            self._res.output_names.remove(name)
-            unlink_segment(name)
-        seg = Segment.create(size)
-        self._res.output_names.append(seg.name)
-        self._out_cache = (seg.name, seg.size, weakref.ref(seg.mmap))
-        return seg
+        """Process ids of the current workers (empty for the threads and dask backends)."""
+        return list(getattr(self._runner, "pids", []))
 
     # -- one call ---------------------------------------------------------
     def _call(self, kernel: Callable[..., Any], n: int, mode: str, combine: Any) -> Any:
@@ -450,33 +288,18 @@ class Evaluator:
             if combine in _IDENTITY:
                 return _IDENTITY[combine]
             raise ValueError("reduce over n=0 items with a combine function of unknown identity")
-        runner = self._threads or self._dask
-        kernel_bytes = None if runner is not None else dumps_callable(kernel, "kernel")
         with self._lock:
             if self._closed:
                 raise RuntimeError("this Evaluator is closed")
             self._busy = threading.get_ident()
             try:
-                if runner is not None:
-                    return runner.run(kernel, n, self._chunk_len_for(n), mode, combine)
-                assert kernel_bytes is not None
-                call = _Call(self, kernel_bytes, n, mode, combine)
-                try:
-                    result = call.run()
-                except BaseException:
-                    # KeyboardInterrupt, or a failure of our own: workers may
-                    # be mid-batch; end them rather than leave them unknown.
-                    self.close()
-                    raise
+                return self._runner.run(kernel, n, self._chunk_len_for(n), mode, combine)
             finally:
                 self._busy = None
-        failure, call.failure, call.out = call.failure, None, None
-        del call  # the traceback below must not keep the call's output mapped
-        if failure is not None:
-            # A kernel error, a bad map result or WorkerLost: the call was
-            # drained, so the pool is idle and stays usable.
-            raise failure
-        return result
+                if self._runner.closed:
+                    # The pool ended itself (Ctrl-C or a failure of our own
+                    # mid-call): so does the evaluator.
+                    self.close()
 
     def _check_not_nested(self) -> None:
         """Refuse use from inside a kernel or a combine function: it would deadlock."""
@@ -503,18 +326,18 @@ class Evaluator:
         return balanced_chunk_len(n, chunk_len, self.workers)
 
 
-def _resolve_profile(profile: Any, backend: str | None = None, cluster: Any = None) -> Profile:
-    from autotune.profile import Profile, load_profile
+def _pin_cpus(workers: int) -> list[int]:
+    """CPUs to pin ``workers`` workers to: distinct physical cores first."""
+    order = list(probe().pin_order) or sorted(os.sched_getaffinity(0))
+    return [order[i % len(order)] for i in range(workers)]
 
+
+def _resolve_profile(profile: Any, backend: str | None = None, cluster: Any = None) -> Profile:
     if isinstance(profile, Profile):
         return profile
     if isinstance(profile, str):
-        from autotune.workloads import ITEM_BYTES
-
         if backend == "dask" and cluster is not None:
             # Matched to the cluster's workers, never to a local profile.
-            from autotune.backends.dask.cluster import load_cluster_profile
-
-            return load_cluster_profile(profile, cluster, item_bytes=ITEM_BYTES.get(profile))
-        return load_profile(profile, item_bytes=ITEM_BYTES.get(profile), backend="local")
+            return load_cluster_profile(profile, cluster)
+        return load_profile(profile, backend="local")
     raise TypeError(f"profile must be a Profile or a workload name, got {type(profile).__name__}")

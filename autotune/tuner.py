@@ -3,9 +3,10 @@
 Candidates come from the probe: worker counts up to the usable CPUs
 (physical cores and all hardware threads both tried), chunk sizes a ladder
 of powers of two from half the L1d cache up to what one worker would get
-unchunked.  Every point is timed with :class:`autotune.Evaluator` itself
-(one pool per worker count, reused), so the profile describes the runtime
-production code will use.
+unchunked.  Every point is timed with the runner :class:`autotune.Evaluator`
+delegates to (one pool per backend and worker count, reused, the chunk
+length given per call), so the profile describes the runtime production
+code will use.
 
 Both local backends are searched: processes, and threads (which win when
 the kernel releases the GIL, as numpy's ufuncs do, and lose when it holds
@@ -32,6 +33,7 @@ workload's ``n`` items (throughput is items per second, so it compares).
 from __future__ import annotations
 
 import math
+import operator
 import os
 import statistics
 import sys
@@ -41,9 +43,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from autotune.backends.shared import SharedNamespace
+from autotune._version import __version__
+from autotune.backends.runners import Runner, open_runner
+from autotune.backends.shared import SharedNamespace, check_names
 from autotune.cpu import CpuInfo, probe
-from autotune.evaluator import Evaluator
+from autotune.evaluator import default_start_method
 from autotune.profile import (
     DEFAULT_ITEM_BYTES,
     LOCAL_BACKENDS,
@@ -163,26 +167,31 @@ class _Bench:
         self.item_bytes = item_bytes
         self.progress = progress
         self.label = label  # record the backend in each measurement
-        self.pools: dict[Lane, Evaluator] = {}
+        self.pools: dict[Lane, Runner] = {}
         self.times: dict[tuple[Lane, int], list[float]] = {}
         self.runs = 0
 
-    def pool(self, lane: Lane) -> Evaluator:
-        ev = self.pools.get(lane)
-        if ev is None:
+    def pool(self, lane: Lane) -> Runner:
+        runner = self.pools.get(lane)
+        if runner is None:
             backend, workers = lane
-            client = self.client if backend == "dask" else None
-            ev = Evaluator(workers, 1, shared=self.workload.shared, backend=backend, client=client)
-            self.pools[lane] = ev
-        return ev
+            runner = open_runner(
+                backend,
+                workers,
+                check_names(self.workload.shared),
+                start_method=default_start_method(),
+                client=self.client if backend == "dask" else None,
+            )
+            self.pools[lane] = runner
+        return runner
 
     def run(self, lane: Lane, chunk_len: int, repeats: int, warmup: bool = False) -> None:
-        ev = self.pool(lane)
-        ev.chunk_len = chunk_len
-        call = ev.map if self.workload.mode == "map" else ev.reduce
+        runner = self.pool(lane)
+        kernel, mode = self.workload.kernel, self.workload.mode
+        combine = operator.add if mode == "reduce" else None
         for i in range(int(warmup) + repeats):
             t0 = time.perf_counter()
-            result = call(self.workload.kernel, self.n)
+            result = runner.run(kernel, self.n, chunk_len, mode, combine)
             elapsed = time.perf_counter() - t0
             del result  # lets the evaluator reuse its output memory
             self.runs += 1
@@ -211,8 +220,8 @@ class _Bench:
         return sorted(self.measured(), key=lambda lm: -(lm[1].throughput or 0.0))[:k]
 
     def close(self) -> None:
-        for ev in self.pools.values():
-            ev.close()
+        for runner in self.pools.values():
+            runner.close()
         self.pools.clear()
 
 
@@ -484,8 +493,6 @@ def _search(
     # A point timed once may have been lucky: the pick is among those that
     # were confirmed by more runs (all of them in the grid).
     best = pick_best([m for m in measured if m.repeats > 1] or measured)
-    from autotune import __version__
-
     profile = Profile(
         workload=workload.name,
         source="measured",

@@ -156,7 +156,7 @@ def test_kernel_exception_keeps_type_and_traceback(start_method, x, no_leaks):
 
 
 def test_unpicklable_exception(start_method, no_leaks):
-    from autotune.evaluator import RemoteError
+    from autotune import RemoteError
 
     ev = Evaluator(1, 10, start_method=start_method)
     with ev, pytest.raises(RemoteError, match="Unpicklable: odd"):

@@ -1,7 +1,18 @@
-"""Backends: the runners that execute a call's chunks, each behind ``run(...)``/``close()``.
+"""Backends: the runners that execute a call's chunks, each behind one interface.
 
-``processes`` (worker processes sharing the data copy-on-write or through
-shared memory), ``threads`` (threads of this process) and ``dask`` (tasks on
-a Dask cluster), with what they share: the chunk schedule (``schedule``),
-the shared data (``shared``) and shared-memory segments (``shm``).
+A runner has ``run(kernel, n, chunk_len, mode, combine)`` (one call: the
+result, or the kernel's exception raised as itself), ``close()`` (idempotent)
+and ``closed``; it owns its workers, memory and counters, and nothing else
+touches them.  ``processes`` (:class:`~autotune.backends.processes.pool.ProcessPool`:
+worker processes sharing the data copy-on-write or through shared memory),
+``threads`` (:class:`~autotune.backends.threads.ThreadRunner`) and ``dask``
+(:class:`~autotune.backends.dask.runner.DaskRunner`), with what they share:
+the chunk schedule (``schedule``), the shared data (``shared``), shared
+memory (``shm``) and the checks on map results (``rows``).
 """
+
+__all__ = ["BACKENDS", "LOCAL_BACKENDS"]
+
+#: Every backend, and those that run on this machine.
+BACKENDS = ("processes", "threads", "dask")
+LOCAL_BACKENDS = ("processes", "threads")

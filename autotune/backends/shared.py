@@ -33,6 +33,7 @@ __all__ = [
     "pack",
     "unpack",
     "dumps_callable",
+    "is_shared_array_segment",
 ]
 
 #: Buffers smaller than this stay inside the pickle: a segment slot for a few
@@ -107,6 +108,11 @@ def _find_allocated(buf: memoryview) -> tuple[Segment, int] | None:
             handle = Segment(alloc.segment_name, alloc.size, mapping, owner=False)
             return handle, address - alloc.address
     return None
+
+
+def is_shared_array_segment(name: str) -> bool:
+    """Whether segment ``name`` holds a :func:`shared_array` (the user's, not ours to unlink)."""
+    return name in _ALLOCATED
 
 
 class SharedNamespace(Mapping[str, Any]):

@@ -23,6 +23,7 @@ import contextlib
 import mmap
 import os
 import secrets
+import weakref
 from multiprocessing import resource_tracker
 
 try:  # POSIX only; Windows has no fork and is not supported by this module.
@@ -30,7 +31,12 @@ try:  # POSIX only; Windows has no fork and is not supported by this module.
 except ImportError:  # pragma: no cover - exercised on Windows only
     _posixshmem = None
 
-__all__ = ["Segment", "PREFIX", "list_segments", "unlink"]
+__all__ = ["OutputCache", "Segment", "PREFIX", "SHM_OUTPUT_MIN", "list_segments", "unlink"]
+
+#: Map outputs of at least this many bytes live in shared memory (the
+#: processes backend: workers write into it; threads: it is reused); smaller
+#: ones are plain arrays (processes: sent back through the pipe).
+SHM_OUTPUT_MIN = 256 * 1024
 
 #: Every segment autotune creates is named with this prefix, so tests and
 #: users can see what is ours in /dev/shm.
@@ -139,3 +145,48 @@ def list_segments(pid: int | None = None) -> list[str]:
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
     except OSError:
         return []
+
+
+class OutputCache:
+    """The last map output's segment, kept linked and reused once the caller lets it go.
+
+    A fresh segment costs a page fault per page in every process that
+    touches it: on a memory-bound map that doubles the time.  So the last
+    output's segment stays linked, and the next output of the same size
+    reuses it when the caller no longer holds the previous result.  Whether
+    they do is told by a weak reference to the segment's mapping: the result
+    array and every view of it keep that mapping alive (numpy points each
+    view's ``base`` at it), and nothing else does.  No reference counts are
+    read, so this holds wherever ``sys.getrefcount`` does not.  The cost: one
+    output's memory stays linked until :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._name: str | None = None
+        self._size = 0
+        self._mapping: weakref.ref[mmap.mmap] | None = None
+
+    def get(self, size: int) -> Segment:
+        """A segment of ``size`` bytes for the next output (the previous one if free)."""
+        if self._name is not None:
+            if self._size == size and self._mapping is not None and self._mapping() is None:
+                seg = Segment.attach(self._name, size, populate=True)
+                self._mapping = weakref.ref(seg.mmap)
+                return seg
+            # Still in the caller's hands (or another size): give up the
+            # name; the caller's array keeps its own mapping.
+            self.close()
+        seg = Segment.create(size)
+        self._name, self._size, self._mapping = seg.name, seg.size, weakref.ref(seg.mmap)
+        return seg
+
+    @property
+    def name(self) -> str | None:
+        """The cached segment's name, if any (unlinked by :meth:`close`)."""
+        return self._name
+
+    def close(self) -> None:
+        """Unlink the cached segment (mappings still held stay valid)."""
+        name, self._name, self._mapping = self._name, None, None
+        if name is not None:
+            unlink(name)

@@ -130,6 +130,7 @@ class ThreadRunner:
         self.blas_threads = blas_threads
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="autotune")
         self._last_out: np.ndarray | None = None
+        self._closed = False
 
     def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """The output of a map: the previous one again if the caller let it go.
@@ -186,5 +187,10 @@ class ThreadRunner:
         return call.fold.result()
 
     def close(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._last_out = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 
+from autotune._version import __version__
 from autotune.cpu import CpuInfo
 from autotune.profile.match import _size, cpu_section
 from autotune.profile.model import (
@@ -82,8 +83,6 @@ def heuristic_profile(cpu: CpuInfo, workload: str, item_bytes: int | None = None
     Profile
         ``source == "heuristic"``, no measurements, best throughput ``None``.
     """
-    from autotune import __version__
-
     if item_bytes is None:
         item_bytes = DEFAULT_ITEM_BYTES
     if isinstance(item_bytes, bool) or not isinstance(item_bytes, int) or item_bytes < 1:

@@ -405,6 +405,10 @@ class DaskRunner:
         assert fold is not None
         return fold.result()
 
+    @property
+    def closed(self) -> bool:
+        return self._data is None and self.shared_future is None
+
     def close(self) -> None:
         """Release the scattered data (and close a client we made); idempotent."""
         self._forget()

@@ -33,11 +33,7 @@ import numpy as np
 
 from autotune.backends.rows import check_map_result, check_row_like
 from autotune.backends.shared import PackedShared, SharedNamespace, unpack
-from autotune.backends.shm import Segment
-
-#: Below this many bytes a map result comes back through the pipe; above it,
-#: workers write into a shared-memory output that becomes the result.
-SHM_OUTPUT_MIN = 256 * 1024
+from autotune.backends.shm import SHM_OUTPUT_MIN, Segment
 
 __all__ = ["WorkerSpec", "worker_main", "in_worker"]
 

@@ -1,0 +1,93 @@
+"""How a worker's end is told: its exit status in words, its exception rebuilt in the
+parent, and joining processes that do not want to go."""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import signal
+from typing import Any
+
+from autotune._errors import RemoteError
+
+__all__ = ["describe_exit", "fileno", "join_all", "rebuild_exception"]
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, attached as ``__cause__`` of a re-raised kernel error."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb
+
+
+def fileno(conn: Any) -> int:
+    try:
+        return int(conn.fileno())
+    except (OSError, ValueError):
+        return -1
+
+
+def join_all(processes: list[Any], timeout: float) -> None:
+    """Join processes; terminate, then kill, those that do not exit in time."""
+    for stage in (None, "terminate", "kill"):
+        alive = []
+        for p in processes:
+            try:
+                if p.is_alive():
+                    alive.append(p)
+            except ValueError:  # already closed
+                pass
+        if not alive:
+            return
+        for p in alive:
+            if stage is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    getattr(p, stage)()
+        for p in alive:
+            p.join(timeout)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def rebuild_exception(msg: tuple) -> BaseException:
+    """The kernel's exception, its type kept, the worker's traceback attached."""
+    _, _, _, start, stop, exc_bytes, name, message, tb = msg
+    exc: BaseException | None = None
+    if exc_bytes is not None:
+        try:
+            exc = pickle.loads(exc_bytes)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RemoteError(f"{name}: {message}")
+    where = f"raised by the kernel in a worker on items [{start}, {stop})"
+    # Put the worker's traceback into the message itself where the exception
+    # is a plain one-string exception, so that it shows in logs that print
+    # only str(exc); always chain it as the cause too (as concurrent.futures).
+    if (
+        len(exc.args) == 1
+        and isinstance(exc.args[0], str)
+        and type(exc).__str__
+        in (
+            BaseException.__str__,
+            Exception.__str__,
+        )
+    ):
+        exc.args = (f"{exc.args[0]}\n\n[{where}]\nWorker traceback:\n{tb}",)
+    elif hasattr(exc, "add_note"):
+        exc.add_note(f"[{where}]")
+    exc.__cause__ = _RemoteTraceback(tb)
+    return exc
