@@ -13,6 +13,10 @@ def double(shared, start, stop):
     return shared.x[start:stop] * 2.0
 
 
+def triple(shared, start, stop):
+    return shared.x[start:stop] * 3.0
+
+
 def exp_sum(shared, start, stop):
     return float(np.exp(shared["x"][start:stop]).sum())
 

@@ -11,7 +11,7 @@ The kernel runs concurrently in one process: it must be thread-safe (read
 
 from __future__ import annotations
 
-import sys
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -22,6 +22,7 @@ import numpy as np
 from autotune.backends.rows import check_map_result, check_row_like
 from autotune.backends.schedule import Batches, OrderedFold, n_chunks
 from autotune.backends.shared import SharedNamespace
+from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache
 
 __all__ = ["ThreadRunner", "in_thread_kernel"]
 
@@ -129,25 +130,27 @@ class ThreadRunner:
         self.shared = SharedNamespace(shared)
         self.blas_threads = blas_threads
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="autotune")
-        self._last_out: np.ndarray | None = None
+        self._outputs = OutputCache()
         self._closed = False
 
     def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """The output of a map: the previous one again if the caller let it go.
+        """The output of a map: the previous one's memory again if the caller let it go.
 
         Fresh memory costs a page fault per page on first touch, which
-        doubles the time of a memory-bound map; the previous output is reused
-        when nothing but this runner refers to it any more (no views either:
-        a view holds a reference to its base).
+        doubles the time of a memory-bound map.  Large outputs live in a
+        shared-memory segment that :class:`~autotune.backends.shm.OutputCache`
+        keeps and reuses once nothing (no result, no view of it) maps it any
+        more: the same scheme as the processes backend, with no reference
+        counting.  Small ones are plain arrays.
         """
-        last = self._last_out
-        # getrefcount counts its own argument and our attribute: 3 with `last`.
-        reusable = last is not None and last.dtype == dtype and last.shape == shape
-        if reusable and sys.getrefcount(last) <= 3:
-            return last  # type: ignore[return-value]
-        del last
-        self._last_out = np.empty(shape, dtype=dtype)
-        return self._last_out
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        if dtype.hasobject or nbytes < SHM_OUTPUT_MIN:
+            return np.empty(shape, dtype=dtype)
+        seg = self._outputs.get(nbytes)
+        out = np.frombuffer(seg.mmap, dtype=dtype, count=count).reshape(shape)
+        seg.close()  # the array keeps the mapping; the cache keeps the name
+        return out
 
     def run(
         self,
@@ -189,7 +192,7 @@ class ThreadRunner:
     def close(self) -> None:
         self._closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._last_out = None
+        self._outputs.close()
 
     @property
     def closed(self) -> bool:
