@@ -6,6 +6,7 @@ against what a user would use instead, so that machine noise cancels out.
     python scripts/bench_evaluator.py            # full run (about a minute)
     python scripts/bench_evaluator.py --quick    # smaller sizes
     python scripts/bench_evaluator.py --json     # machine-readable
+    python scripts/bench_evaluator.py --quick --mib 8 --tasks 200 --repeats 1   # a smoke run
 
 Peers that are not installed (joblib, mpire: ``pip install -e '.[bench]'``)
 are reported as skipped.
@@ -180,6 +181,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--mib", type=int, default=None, help="shared array size in MiB")
+    parser.add_argument("--tasks", type=int, default=None, help="empty tasks per overhead run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender")
     parser.add_argument("--pss-one", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,12 +191,14 @@ def main() -> int:
         return 0
 
     tasks, repeats = (2_000, 3) if args.quick else (20_000, 5)
+    tasks = args.tasks or tasks
+    repeats = args.repeats or repeats
     mib = args.mib or (64 if args.quick else 512)
     report = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "overhead_s_per_task": per_task_overhead(tasks, repeats),
         "memory": memory(mib),
-        "first_result_s": first_result(3 if args.quick else 5),
+        "first_result_s": first_result(repeats),
         "array_mib": mib,
         "tasks": tasks,
     }

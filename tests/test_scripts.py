@@ -7,7 +7,10 @@ every peer ran, and that each result matched the serial one.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
+import multiprocessing as mp
 import re
 import subprocess
 import sys
@@ -116,3 +119,113 @@ def test_bench_peers_json():
         for row in case["results"]:
             assert row.get("agrees") or "skipped" in row, row
     assert [t["target"] for t in report["targets"]] == ["stream: autotune >= 15x unchunked serial"]
+
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def rows_of(out: str, names: list[str], value: str) -> dict[str, str]:
+    """The line of each contender ``name`` whose figure matches ``value``, by name."""
+    found = {}
+    for name in names:
+        match = re.search(rf"^ +{re.escape(name)} +({value})", out, re.M)
+        assert match, f"no row {name!r} with {value!r} in:\n{out}"
+        found[name] = match.group(1)
+    return found
+
+
+def test_bench_evaluator_quick():
+    done = run_script(
+        "bench_evaluator.py", "--quick", "--mib", "8", "--tasks", "200", "--repeats", "1"
+    )
+    assert done.returncode == 0, done.stderr  # a PSS child also checks its reduce's sum
+    out = done.stdout
+    peers = {
+        "joblib(batch_size=1)": "joblib",
+        "joblib(batch_size=auto)": "joblib",
+        "mpire(chunk_size=1)": "mpire",
+    }
+    overhead = rows_of(
+        out,
+        [
+            "autotune Evaluator.reduce(chunk_len=1)",
+            "Pool.imap(chunksize=1)",
+            "Pool.apply_async",
+            "ProcessPoolExecutor.map",
+            *peers,
+        ],
+        r"\d+\.\d\d +\d+\.\d{3}x|skipped \(not installed\)",
+    )
+    for name, figure in overhead.items():
+        # A peer is skipped only where it is not installed (CI installs [bench]).
+        assert figure.startswith("skipped") == (name in peers and not installed(peers[name]))
+    methods = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+    rows_of(
+        out,
+        [f"{m}{suffix}" for m in methods for suffix in ("", " + autotune.shared_array")],
+        r"\d+\.\d\dx$",
+    )
+    rows_of(out, [f"{who} {m}" for m in methods for who in ("autotune", "Pool")], r"\d+\.\d ms")
+
+
+def test_bench_tuner_quick():
+    done = run_script("bench_tuner.py", "--quick", "--items", "4096", "--budget", "2")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for workload in ("stream", "spline"):
+        sections = re.findall(rf"^{workload}: 4096 items per timed run\n((?:  .*\n?)+)", out, re.M)
+        assert len(sections) == 1, out
+        section = sections[0]
+        for strategy, label in (("grid", "best"), ("auto", "pick")):
+            runs = re.search(
+                rf"^  {strategy} +\d+\.\d s +(\d+) runs  {label} \d+ workers", section, re.M
+            )
+            assert runs and int(runs.group(1)) > 0, out
+        # Both picks were timed head to head, and auto's is in the grid's table.
+        ratios = re.search(r"grid best: (\S+) head to head, (\S+) in the grid's table", section)
+        assert ratios and all(math.isfinite(float(r)) for r in ratios.groups()), out
+        assert re.search(r"auto time / grid time: \d+\.\d{3}", section), out
+        assert re.search(r"heuristic \(\d+ workers x \d+ items\) / best: \d+\.\d{3}", section), out
+
+
+def test_bench_backends_quick():
+    done = run_script("bench_backends.py", "--quick", "--budget", "0.5")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    sections = dict(re.findall(r"^(\w+) \(n=\d+\).*\n((?:  .*\n?)+)", out, re.M))
+    assert set(sections) == {"stream", "spline", "ndimage"}, out
+    contenders = [
+        "serial",
+        "ThreadPoolExecutor(2), 8 chunks",
+        "autotune processes (tuned)",
+        "autotune threads (tuned)",
+    ]
+    for section in sections.values():
+        # Every contender ran, and its result matched the serial one.
+        rows_of(section, contenders, r"\d+\.\d{4} s +\d+\.\d\dx  OK$")
+        for backend in ("processes", "threads"):
+            assert re.search(rf"tuned {backend}: \d+ workers x \d+ items", section), out
+        assert re.search(r"picks: (processes|threads), \d+ workers x \d+ items", section), out
+    assert "DIFFERS" not in out
+
+
+def test_bench_dask_quick():
+    pytest.importorskip("distributed")
+    done = run_script("bench_dask.py", "--quick", "--budget", "1", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    sections = dict(re.findall(r"^(\w+) \(n=\d+\).*\n((?:  .*\n?)+)", out, re.M))
+    assert set(sections) == {"stream", "spline"}, out
+    contenders = [
+        "serial (this process)",
+        "dask.array, 8 blocks",
+        "dask.array, chunks='auto'",
+        "client.map, scattered, 8 tasks",
+        "autotune dask, heuristic",
+        "autotune dask, tuned",
+    ]
+    for section in sections.values():
+        rows_of(section, contenders, r".*\d+\.\d{4} s +\d+\.\d\dx +\d+\.\d\dx  OK$")
+        assert re.search(r"tuned: \d+ tasks in flight x \d+ items per chunk", section), out
+    assert "DIFFERS" not in out

@@ -1,0 +1,312 @@
+"""The search strategies' decisions, on a scripted bench: no processes, no clocks.
+
+``_auto`` and ``_grid`` only ask a bench to time points and read back what
+it measured.  Here the bench is the tuner's own ``_Bench`` with ``run``
+replaced: each "run" files the seconds a table of throughputs says for that
+(lane, chunk length), and ticks a fake clock by one.  What ``measurement``,
+``measured`` and ``leaders`` make of those seconds is the real code, so
+these tests pin which points each strategy times, how often, and what it
+ends up ranking first, for throughput landscapes chosen to exercise each
+rule (screening, coarse pass, refinement, successive halving, noise, the
+deadline).  ``scripts/bench_tuner.py`` measures how well that pays on a
+real machine; nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from autotune.tuner import GRID_REPEATS, NOISY, SCREEN, _auto, _Bench, _grid
+
+#: The chunk ladder of every lane: powers of two, then the unchunked length.
+LADDER = [16, 32, 64, 128, 256, 512, 1024, 2048, 5000]
+ITEM_BYTES = 8
+#: The mid-sized chunk nearest this is 64 items (512 bytes); the screen's
+#: second length is three rungs (8x) longer: 512 items.
+MID_BYTES = 512
+SCREENED = (64, 512)
+#: The coarse pass: every other rung from the shortest (the unchunked end included).
+COARSE = (16, 64, 256, 1024, 5000)
+N = 1_000_000  # items per "run": seconds = N / throughput
+
+P1, P2, T1, T2 = ("processes", 1), ("processes", 2), ("threads", 1), ("threads", 2)
+
+
+@dataclass(frozen=True)
+class Call:
+    lane: tuple[str, int]
+    chunk_len: int
+    repeats: int
+    warmup: bool
+
+
+class FakeClock:
+    """Stands in for the ``time`` module the strategies read; one tick per kernel run."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+
+class ScriptedBench(_Bench):
+    """The tuner's bench, its timing replaced by a table of throughputs.
+
+    ``table[lane]`` lists items per second along ``ladder``.  ``noise``
+    maps a point to factors on the seconds of its successive timed runs
+    (1.0 past the end of the list).
+    """
+
+    def __init__(self, table, clock, noise=None, ladder=LADDER):
+        # Not _Bench.__init__: there is no workload and no pool to start.
+        self.n = N
+        self.item_bytes = ITEM_BYTES
+        self.label = True
+        self.progress = None
+        self.pools = {}
+        self.times = {}
+        self.runs = 0
+        self.throughput = {
+            (lane, c): tp for lane, row in table.items() for c, tp in zip(ladder, row, strict=True)
+        }
+        self.noise = noise or {}
+        self.clock = clock
+        self.calls: list[Call] = []
+
+    def run(self, lane, chunk_len, repeats, warmup=False):
+        self.calls.append(Call(lane, chunk_len, repeats, warmup))
+        point = (lane, chunk_len)
+        for i in range(int(warmup) + repeats):
+            self.clock.now += 1
+            self.runs += 1
+            if i >= int(warmup):
+                done = self.times.setdefault(point, [])
+                factors = self.noise.get(point, ())
+                factor = factors[len(done)] if len(done) < len(factors) else 1.0
+                done.append(N / self.throughput[point] * factor)
+
+    # What the tests read back.
+    def timed(self, lane):
+        """Chunk lengths of ``lane`` that were timed, in ladder order."""
+        return [c for c in LADDER if (lane, c) in self.times]
+
+    def repeats(self, lane, chunk_len):
+        return len(self.times.get((lane, chunk_len), ()))
+
+    def best(self):
+        lane, m = self.leaders(1)[0]
+        return lane, m.chunk_len
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    # The strategies read the clock through their module's ``time``: replace
+    # that name there (wherever the strategies live), not the time module.
+    fake = FakeClock()
+    for strategy in (_auto, _grid):
+        monkeypatch.setattr(sys.modules[strategy.__module__], "time", fake)
+    return fake
+
+
+def plan(*lanes, ladder=LADDER):
+    return {lane: list(ladder) for lane in lanes}
+
+
+def auto(table, clock, noise=None, deadline=math.inf, ladder=LADDER):
+    bench = ScriptedBench(table, clock, noise, ladder)
+    complete = _auto(bench, plan(*table, ladder=ladder), deadline, MID_BYTES)
+    return bench, complete
+
+
+# Landscapes: items per second along the ladder, one row per lane.
+#                         16   32   64  128  256  512 1024 2048 5000
+# The best (200) sits between the screened lengths, on no coarse rung: only
+# refinement around the coarse leaders (64 and 256) reaches it.
+OFF_SCREEN = {
+    P1: [60, 70, 80, 90, 80, 70, 60, 50, 40],  # screens at 80/180: pruned
+    P2: [150, 170, 180, 200, 175, 160, 140, 120, 100],  # screens best (180)
+    T1: [50, 60, 70, 80, 70, 60, 50, 40, 30],  # pruned
+    T2: [100, 110, 130, 140, 150, 155, 150, 130, 120],  # screens 155/180: kept
+}
+# The best (260) is on the lane that screens second, far from its screened lengths.
+SECOND_LANE = {
+    P1: [60, 70, 80, 90, 80, 70, 60, 50, 40],
+    P2: [150, 160, 180, 170, 165, 175, 150, 130, 120],  # screens best (180)
+    T1: [50, 60, 70, 80, 70, 60, 50, 40, 30],
+    T2: [100, 110, 150, 155, 158, 160, 200, 260, 220],  # screens second (160)
+}
+# The best is unchunked: the coarse pass always times the ladder's end.
+UNCHUNKED = {
+    P1: [90, 95, 100, 105, 110, 115, 120, 125, 130],
+    P2: [100, 110, 120, 130, 140, 150, 160, 170, 300],
+    T2: [100, 105, 110, 115, 120, 125, 130, 135, 140],
+}
+# The same on a ladder of even length, where every other rung misses the end
+# and no leader of the coarse pass is next to it.
+EVEN_LADDER = LADDER[1:]
+#                         32   64  128  256  512 1024 2048 5000
+UNCHUNKED_EVEN = {
+    P2: [100, 110, 120, 130, 140, 150, 90, 300],
+    T2: [100, 100, 100, 100, 100, 100, 100, 100],  # screens 100/140: pruned
+}
+
+
+@pytest.mark.parametrize(
+    ("table", "ladder", "planted"),
+    [
+        (OFF_SCREEN, LADDER, (P2, 128)),
+        (SECOND_LANE, LADDER, (T2, 2048)),
+        (UNCHUNKED, LADDER, (P2, 5000)),
+        (UNCHUNKED_EVEN, EVEN_LADDER, (P2, 5000)),
+    ],
+    ids=["between-screened-lengths", "on-the-lane-screening-second", "unchunked", "unchunked-even"],
+)
+def test_auto_finds_the_planted_best(clock, table, ladder, planted):
+    bench, complete = auto(table, clock, ladder=ladder)
+    assert complete
+    assert bench.best() == planted
+    assert bench.repeats(*planted) == 5  # and confirmed by the halving rounds
+
+
+def test_auto_screens_every_lane_at_two_lengths_and_prunes_those_below_the_threshold(clock):
+    top = 180.0  # P2 at 64, the best screened value
+    table = {
+        P2: [150, 170, 180, 200, 175, 160, 140, 120, 100],
+        # T2 screens just above SCREEN x top, P1 just below (at 512 and 64).
+        T2: [100, 110, (SCREEN + 0.01) * top, 140, 150, 120, 150, 130, 120],
+        P1: [900, 900, 100, 900, 900, (SCREEN - 0.01) * top, 900, 900, 900],
+    }
+    bench, _ = auto(table, clock)
+    # Every lane's first two calls: the mid chunk with a warm-up, then 8x longer.
+    for lane in table:
+        first = [c for c in bench.calls if c.lane == lane][:2]
+        assert first == [Call(lane, 64, 1, True), Call(lane, 512, 1, False)]
+    # The lane below the threshold is never timed again, though its other
+    # chunk lengths (900) would have beaten everything: screening decides.
+    assert [c.chunk_len for c in bench.calls if c.lane == P1] == list(SCREENED)
+    # The lane just above it gets the coarse pass.
+    assert set(COARSE) <= set(bench.timed(T2))
+
+
+def test_auto_coarse_pass_then_refines_the_neighbours_of_the_two_best(clock):
+    # After the coarse pass the two best points are P2 at 256 (190) and T2 at
+    # 1024 (185), on different lanes: their ladder neighbours are timed (P2
+    # at 128, T2 at 2048; P2 at 512 and T2 at 512 were screened already),
+    # nothing else is.
+    table = {
+        P2: [150, 160, 170, 100, 190, 175, 140, 130, 120],
+        T2: [100, 110, 160, 100, 150, 150, 185, 120, 110],
+    }
+    bench, _ = auto(table, clock)
+    assert bench.timed(P2) == [16, 64, 128, 256, 512, 1024, 5000]
+    assert bench.timed(T2) == [16, 64, 256, 512, 1024, 2048, 5000]
+    # The order of the phases: both screens, then each lane's coarse rungs, then refinement.
+    single = [(c.lane, c.chunk_len) for c in bench.calls if c.repeats == 1]
+    assert single == [
+        (P2, 64), (P2, 512), (T2, 64), (T2, 512),
+        (P2, 16), (P2, 256), (P2, 1024), (P2, 5000),
+        (T2, 16), (T2, 256), (T2, 1024), (T2, 5000),
+        (P2, 128), (T2, 2048),
+    ]  # fmt: skip
+
+
+def test_auto_successive_halving_retimes_the_leaders(clock):
+    bench, _ = auto(OFF_SCREEN, clock)
+    halving = [c for c in bench.calls if c.repeats > 1]
+    # Three leaders get two more runs each, then the best two two more again.
+    assert halving == [
+        Call(P2, 128, 2, False),  # 200
+        Call(P2, 64, 2, False),  # 180
+        Call(P2, 256, 2, False),  # 175
+        Call(P2, 128, 2, False),
+        Call(P2, 64, 2, False),
+    ]
+    assert [bench.repeats(P2, c) for c in (128, 64, 256)] == [5, 5, 3]
+    # Everything else was timed once.
+    others = [p for p in bench.times if p not in {(P2, 128), (P2, 64), (P2, 256)}]
+    assert others and all(bench.repeats(*p) == 1 for p in others)
+
+
+def test_auto_reruns_a_leader_whose_runs_spread(clock):
+    # Factors on the seconds of successive runs; the medians stay unchanged,
+    # so the leaders are the same as without noise.
+    noisy = (1.0, 1.0, 1.0 + NOISY + 0.05, 1.0, 1.0)  # spread above NOISY
+    steady = (1.0, 1.0 + NOISY - 0.05, 1.0, 1.0, 1.0)  # spread below it
+    bench, complete = auto(OFF_SCREEN, clock, noise={(P2, 128): noisy, (P2, 64): steady})
+    assert complete
+    assert bench.calls[-1] == Call(P2, 128, 2, False)
+    assert bench.repeats(P2, 128) == 7
+    assert bench.repeats(P2, 64) == 5
+    assert bench.measurement(P2, 64).spread == pytest.approx(NOISY - 0.05)
+
+
+def test_auto_noise_rerun_is_for_the_top_two_only(clock):
+    # The third leader spreads (its median unchanged): it is not re-run.
+    bench, _ = auto(OFF_SCREEN, clock, noise={(P2, 256): (1.0, 1.0, 1.0 + 2 * NOISY)})
+    assert bench.measurement(P2, 256).spread > NOISY
+    assert bench.calls[-1] == Call(P2, 64, 2, False)  # the last halving round's
+    assert bench.repeats(P2, 256) == 3
+
+
+def runs_before_halving(clock):
+    bench, _ = auto(OFF_SCREEN, clock)
+    first = next(i for i, c in enumerate(bench.calls) if c.repeats > 1)
+    return sum(c.repeats + c.warmup for c in bench.calls[:first])
+
+
+def test_auto_stops_at_a_deadline_already_past(clock):
+    clock.now = 10.0
+    bench, complete = auto(OFF_SCREEN, clock, deadline=5.0)
+    assert not complete
+    # No point was confirmed: the halving rounds and the noise re-runs are
+    # skipped.  (The clock is first read before halving: the screen, coarse
+    # pass and refinement rely on the runs having been sized to the budget.)
+    assert all(c.repeats == 1 for c in bench.calls)
+    assert all(len(t) == 1 for t in bench.times.values())
+
+
+@pytest.mark.parametrize(
+    ("margin", "rounds", "complete"),
+    [
+        (5.5, 1, False),  # the first round (3 x 2 runs) crosses it: no second
+        (6.5, 2, True),  # crossed in the second round: done, bar noise re-runs
+    ],
+)
+def test_auto_deadline_between_halving_rounds(clock, margin, rounds, complete):
+    start = runs_before_halving(clock)  # a full search, to count its first phases
+    clock.now = 0.0
+    noise = {(P2, 128): (1.0, 1.0, 1.5)}  # would be re-run with time left
+    bench, done = auto(OFF_SCREEN, clock, noise=noise, deadline=start + margin)
+    assert done is complete
+    halving = [c for c in bench.calls if c.repeats > 1]
+    assert len(halving) == [3, 5][rounds - 1]
+    assert bench.repeats(P2, 128) == 1 + 2 * rounds  # never the noise re-run
+
+
+def test_grid_times_every_planned_point_once_with_a_warmup(clock):
+    table = {P1: [100] * len(LADDER), T2: [200] * len(LADDER)}
+    the_plan = {P1: LADDER[:4], T2: LADDER[3:]}
+    bench = ScriptedBench(table, clock)
+    assert _grid(bench, the_plan, math.inf)
+    expected = [Call(lane, c, GRID_REPEATS, True) for lane, cs in the_plan.items() for c in cs]
+    assert bench.calls == expected
+    assert all(len(t) == GRID_REPEATS for t in bench.times.values())
+
+
+@pytest.mark.parametrize("points", [0, 1, 5])
+def test_grid_stops_at_the_deadline(clock, points):
+    table = {P1: [100] * len(LADDER), T2: [200] * len(LADDER)}
+    bench = ScriptedBench(table, clock)
+    per_point = GRID_REPEATS + 1  # the warm-up
+    # The clock is checked before each point; the deadline falls inside point ``points``.
+    done = _grid(bench, plan(P1, T2), per_point * points - 0.5)
+    assert not done
+    assert len(bench.calls) == points
+    assert bench.calls == [Call(P1, c, GRID_REPEATS, True) for c in LADDER[:points]]
