@@ -7,22 +7,48 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["one_line", "positive_int", "utc_timestamp"]
+__all__ = [
+    "BACKENDS",
+    "LOCAL_BACKENDS",
+    "check_int",
+    "format_bytes",
+    "one_line",
+    "positive_int",
+    "utc_timestamp",
+]
+
+#: Every backend (DESIGN.md, ``Evaluator(backend=...)``), and those that run
+#: on this machine; profiles, runners, the tuner and the CLI all use these.
+BACKENDS = ("processes", "threads", "dask")
+LOCAL_BACKENDS = ("processes", "threads")
+
+
+def check_int(name: str, value: Any, minimum: int = 1, *, type_error: bool = False) -> int:
+    """``value`` as an ``int >= minimum``; ``bool`` is refused although Python calls it an int.
+
+    Raises ``ValueError`` naming the argument (``TypeError`` for a value that
+    is not an integer at all, with ``type_error=True``).
+    """
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    message = f"{name} must be an integer >= {minimum}, got {value!r}"
+    if not is_int and type_error:
+        raise TypeError(message)
+    if not is_int or value < minimum:
+        raise ValueError(message)
+    return int(value)
 
 
 def positive_int(name: str, value: Any) -> int | None:
-    """``value`` as an ``int >= 1`` (``None`` passes); ``bool`` is refused.
+    """An optional argument that must be an ``int >= 1`` (``TypeError`` if not an integer)."""
+    return None if value is None else check_int(name, value, type_error=True)
 
-    Raises ``TypeError`` for a non-integer and ``ValueError`` below 1, naming
-    the argument.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+
+def format_bytes(n: int) -> str:
+    """``49152`` -> ``"48 KiB"``, ``1310720`` -> ``"1.25 MiB"``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} B"
 
 
 def one_line(text: str, limit: int = 200) -> str:

@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune._util import positive_int
-from autotune.backends import BACKENDS
+from autotune._util import BACKENDS, check_int, positive_int
 from autotune.backends.dask.cluster import load_cluster_profile
 from autotune.backends.processes.worker import in_worker
 from autotune.backends.runners import Runner, open_runner
@@ -145,8 +144,7 @@ class Evaluator:
         workers = positive_int("workers", workers)
         chunk_len = explicit_chunk_len = positive_int("chunk_len", chunk_len)
         blas_threads = positive_int("blas_threads", blas_threads)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        retries = check_int("retries", retries, minimum=0)
         method = start_method or default_start_method()
         if method not in mp.get_all_start_methods():
             raise ValueError(
@@ -276,9 +274,7 @@ class Evaluator:
     def _call(self, kernel: Callable[..., Any], n: int, mode: str, combine: Any) -> Any:
         if not callable(kernel):
             raise TypeError(f"kernel must be callable, got {type(kernel).__name__}")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"n must be an integer >= 0, got {n!r}")
-        n = int(n)
+        n = check_int("n", n, minimum=0)
         self._check_not_nested()
         if self._closed:
             raise RuntimeError("this Evaluator is closed")

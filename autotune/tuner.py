@@ -40,17 +40,17 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
+from autotune._util import LOCAL_BACKENDS, check_int, utc_timestamp
 from autotune._version import __version__
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.shared import SharedNamespace, check_names
 from autotune.cpu import CpuInfo, probe
+from autotune.cpu.model import FALLBACK_L1D_BYTES, FALLBACK_L2_BYTES
 from autotune.evaluator import default_start_method
 from autotune.profile import (
     DEFAULT_ITEM_BYTES,
-    LOCAL_BACKENDS,
     Measurement,
     Profile,
     cpu_section,
@@ -127,7 +127,7 @@ def chunk_ladder(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> list[in
     not including, what one worker would get unchunked (the last entry).
     """
     unchunked = max(1, math.ceil(n / workers))
-    lo = max(MIN_CHUNK_BYTES, (cpu.l1d or 32 * 1024) // 2)
+    lo = max(MIN_CHUNK_BYTES, (cpu.l1d or FALLBACK_L1D_BYTES) // 2)
     size = 1 << (lo - 1).bit_length()
     lengths = []
     while True:
@@ -393,8 +393,8 @@ def search(
             )
         if client is not None:
             raise ValueError("client= is for backends=('dask',)")
-    if items is not None and (isinstance(items, bool) or not isinstance(items, int) or items < 1):
-        raise ValueError(f"items must be an integer >= 1, got {items!r}")
+    if items is not None:
+        items = check_int("items", items)
 
     saved_affinity = None
     if cpus is not None:
@@ -470,7 +470,7 @@ def _search(
         if strategy == "grid":
             complete = _grid(bench, plan, deadline)
         else:
-            complete = _auto(bench, plan, deadline, (cpu.l2 or 256 * 1024) // 8)
+            complete = _auto(bench, plan, deadline, (cpu.l2 or FALLBACK_L2_BYTES) // 8)
     finally:
         bench.close()
         if bar is not None:
@@ -502,7 +502,7 @@ def _search(
         measurements=tuple(
             sorted(measured, key=lambda m: (m.backend == "threads", m.workers, m.chunk_len))
         ),
-        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created=utc_timestamp(),
         autotune_version=__version__,
         item_bytes=item_bytes,
         n=n,

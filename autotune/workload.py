@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from autotune._util import check_int
+
 __all__ = ["Workload", "MODES"]
 
 MODES = ("map", "reduce")
@@ -51,17 +53,10 @@ class Workload:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Workload name must be a non-empty string, got {self.name!r}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
-            raise ValueError(f"Workload n must be an integer >= 0, got {self.n!r}")
+        check_int("Workload n", self.n, minimum=0)
         if not callable(self.kernel):
             raise TypeError(f"Workload kernel must be callable, got {type(self.kernel).__name__}")
         if self.mode not in MODES:
             raise ValueError(f"Workload mode must be one of {MODES}, got {self.mode!r}")
-        if self.item_bytes is not None and (
-            isinstance(self.item_bytes, bool)
-            or not isinstance(self.item_bytes, int)
-            or self.item_bytes < 1
-        ):
-            raise ValueError(
-                f"Workload item_bytes must be an integer >= 1, got {self.item_bytes!r}"
-            )
+        if self.item_bytes is not None:
+            check_int("Workload item_bytes", self.item_bytes)

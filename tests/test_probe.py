@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autotune import CacheLevel, CpuInfo, probe
+from autotune._util import format_bytes
 from autotune.cpu.cgroup import (
     _up_to,
     own_cgroup_paths,
@@ -27,7 +28,7 @@ from autotune.cpu.cgroup import (
     parse_cpu_max,
     read_cgroup_limit,
 )
-from autotune.cpu.common import CacheSpec, Found, Topology, format_bytes, format_cpu_list
+from autotune.cpu.common import CacheSpec, Found, Topology, format_cpu_list
 from autotune.cpu.linux import (
     parse_cache_size,
     parse_cpu_list,

@@ -13,6 +13,4 @@ memory (``shm``) and the checks on map results (``rows``).
 
 __all__ = ["BACKENDS", "LOCAL_BACKENDS"]
 
-#: Every backend, and those that run on this machine.
-BACKENDS = ("processes", "threads", "dask")
-LOCAL_BACKENDS = ("processes", "threads")
+from autotune._util import BACKENDS, LOCAL_BACKENDS

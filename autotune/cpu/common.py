@@ -21,7 +21,6 @@ __all__ = [
     "CacheSpec",
     "Found",
     "Topology",
-    "format_bytes",
     "format_cpu_list",
     "merge_specs",
     "parse_int",
@@ -129,14 +128,6 @@ def read_text(path: Path) -> tuple[str | None, str | None]:
     except OSError as exc:
         # IsADirectoryError, PermissionError, EIO from a half-removed CPU ...
         return None, f"unreadable ({exc.strerror or type(exc).__name__})"
-
-
-def format_bytes(n: int) -> str:
-    """``49152`` -> ``"48 KiB"``, ``1310720`` -> ``"1.25 MiB"``."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.4g} {unit}"
-    return f"{n} B"
 
 
 def format_cpu_list(ids: Iterable[int]) -> str:

@@ -10,7 +10,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CacheLevel", "CpuInfo"]
+__all__ = ["CacheLevel", "CpuInfo", "FALLBACK_L1D_BYTES", "FALLBACK_L2_BYTES"]
+
+#: Cache sizes assumed where the probe could not read them: the smallest
+#: per-core L1d and L2 of current x86 cores (the i3-3227U's included).
+FALLBACK_L1D_BYTES = 32 * 1024
+FALLBACK_L2_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from autotune.cpu.common import CacheSpec, Found, format_bytes, merge_specs
+from autotune._util import format_bytes
+from autotune.cpu.common import CacheSpec, Found, merge_specs
 
 __all__ = ["brand_from_pycpuinfo", "caches_from_pycpuinfo", "cross_check", "load_pycpuinfo"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autotune.cpu.common import format_bytes
+from autotune._util import format_bytes
 from autotune.cpu.model import CpuInfo
 
 __all__ = ["format_table"]

@@ -8,6 +8,7 @@ fits which CPU), ``heuristic`` (what stands in when none does) and
 """
 
 from autotune._errors import ProfileWarning
+from autotune._util import BACKENDS, LOCAL_BACKENDS
 from autotune.profile.files import MAX_PROFILE_BYTES
 from autotune.profile.heuristic import heuristic_profile
 from autotune.profile.lookup import (
@@ -19,9 +20,7 @@ from autotune.profile.lookup import (
 )
 from autotune.profile.match import cpu_mismatch, cpu_section, is_unchunked, pick_profile
 from autotune.profile.model import (
-    BACKENDS,
     DEFAULT_ITEM_BYTES,
-    LOCAL_BACKENDS,
     MIN_CHUNK_ITEMS,
     SCHEMA,
     SOURCES,

@@ -27,14 +27,10 @@ from pathlib import Path
 import yaml
 
 from autotune._errors import ProfileError
+from autotune._util import one_line
 
 #: Larger files are refused unread: a real profile is a few KiB.
 MAX_PROFILE_BYTES = 1 << 20
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> object:
@@ -82,7 +78,7 @@ def _read_yaml(path: str | os.PathLike[str]) -> object:
         # safe_load only parses, so whatever else it raises (a date such as
         # 2026-02-30, an integer over Python's digit limit, ...) is a bad
         # file, and the contract is a ProfileError, never a traceback.
-        raise ProfileError(name, f"unreadable YAML: {_one_line(str(exc))}") from None
+        raise ProfileError(name, f"unreadable YAML: {one_line(str(exc))}") from None
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
@@ -94,8 +90,8 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
     if isinstance(exc, yaml.constructor.ConstructorError):
         # The only way safe_load meets a constructor it lacks is a tag such
         # as !!python/object/apply: say plainly that it was refused.
-        return f"refused YAML tag{where}: {_one_line(problem)} (profiles are plain YAML)"
-    return f"YAML syntax error{where}: {_one_line(problem)}"
+        return f"refused YAML tag{where}: {one_line(problem)} (profiles are plain YAML)"
+    return f"YAML syntax error{where}: {one_line(problem)}"
 
 
 def _write_atomic(target: Path, data: bytes) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 
+from autotune._util import check_int, utc_timestamp
 from autotune._version import __version__
 from autotune.cpu import CpuInfo
+from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.profile.match import _size, cpu_section
 from autotune.profile.model import (
     DEFAULT_ITEM_BYTES,
-    FALLBACK_L2_BYTES,
     MIN_CHUNK_ITEMS,
     Measurement,
     Profile,
@@ -85,8 +85,7 @@ def heuristic_profile(cpu: CpuInfo, workload: str, item_bytes: int | None = None
     """
     if item_bytes is None:
         item_bytes = DEFAULT_ITEM_BYTES
-    if isinstance(item_bytes, bool) or not isinstance(item_bytes, int) or item_bytes < 1:
-        raise ValueError(f"item_bytes must be an integer >= 1, got {item_bytes!r}")
+    item_bytes = check_int("item_bytes", item_bytes)
     workers, _ = _heuristic_workers(cpu)
     l2 = _l2_per_core(cpu) or FALLBACK_L2_BYTES
     chunk_len = max(MIN_CHUNK_ITEMS, (l2 // 8) // item_bytes)
@@ -98,7 +97,7 @@ def heuristic_profile(cpu: CpuInfo, workload: str, item_bytes: int | None = None
         best=best,
         serial_throughput=None,
         measurements=(),
-        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created=utc_timestamp(),
         autotune_version=__version__,
         item_bytes=item_bytes,
     )

@@ -15,10 +15,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from autotune._errors import ProfileError, ProfileWarning
+from autotune._util import BACKENDS, check_int
 from autotune.cpu import CpuInfo
 from autotune.profile.heuristic import _heuristic_why, heuristic_profile
 from autotune.profile.match import _same_brand, _unusable, pick_profile
-from autotune.profile.model import BACKENDS, Profile, Recommendation
+from autotune.profile.model import Profile, Recommendation
 
 
 def shipped_profile_dir() -> Path:
@@ -80,10 +81,8 @@ def _this_cpu() -> CpuInfo:
 def _check_args(workload: object, item_bytes: object, backend: object) -> None:
     if not isinstance(workload, str) or not workload:
         raise ValueError(f"workload must be a non-empty string, got {workload!r}")
-    if item_bytes is not None and (
-        isinstance(item_bytes, bool) or not isinstance(item_bytes, int) or item_bytes < 1
-    ):
-        raise ValueError(f"item_bytes must be an integer >= 1, got {item_bytes!r}")
+    if item_bytes is not None:
+        check_int("item_bytes", item_bytes)
     if backend not in BACKENDS and backend != "local":
         raise ValueError(
             f"backend must be one of {', '.join(BACKENDS)} or 'local', got {backend!r}"

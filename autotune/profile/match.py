@@ -8,8 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from autotune._util import LOCAL_BACKENDS, format_bytes
 from autotune.cpu import CpuInfo
-from autotune.profile.model import LOCAL_BACKENDS, SOURCES, Measurement, Profile, gil_enabled
+from autotune.profile.model import SOURCES, Measurement, Profile, gil_enabled
 
 
 def cpu_section(cpu: CpuInfo) -> dict[str, Any]:
@@ -24,12 +25,7 @@ def cpu_section(cpu: CpuInfo) -> dict[str, Any]:
 
 
 def _size(b: int | None) -> str:
-    if b is None:
-        return "?"
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if b >= scale and b % scale == 0:
-            return f"{b // scale} {unit}"
-    return f"{b} B"
+    return "?" if b is None else format_bytes(b)
 
 
 def _describe(logical: Any, physical: Any, l1d: Any, l2: Any, l3: Any) -> str:

@@ -26,10 +26,6 @@ from autotune.profile.files import _read_yaml, _write_atomic
 SCHEMA = 1
 #: Where a profile's numbers come from, most trusted first.
 SOURCES = ("measured", "published", "heuristic")
-#: Backends a profile may have been measured with (DESIGN.md, ``Evaluator``).
-BACKENDS = ("processes", "threads", "dask")
-#: ``backend="local"`` in a lookup accepts either of these.
-LOCAL_BACKENDS = ("processes", "threads")
 
 
 def gil_enabled() -> bool:
@@ -47,9 +43,6 @@ def python_build() -> dict[str, Any]:
 DEFAULT_ITEM_BYTES = 16
 #: The heuristic never hands out chunks shorter than this many items.
 MIN_CHUNK_ITEMS = 4096
-#: L2 per core assumed when the probe could not read the L2 (the smallest
-#: per-core L2 of current x86 cores, the i3-3227U's included).
-FALLBACK_L2_BYTES = 256 * 1024
 
 # Upper bounds that keep absurd integers out (they would overflow numpy
 # index arithmetic or mean a corrupted file); far above any real machine.

@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Any
 
 from autotune._errors import ProfileError
-from autotune.profile.files import _one_line
+from autotune._util import BACKENDS, one_line, utc_timestamp
 from autotune.profile.model import (
     _FLOAT_TEXT,
     _MAX_COUNT,
@@ -31,7 +31,6 @@ from autotune.profile.model import (
     _MEASUREMENT_KEYS,
     _MEASUREMENT_KEYS_OPTIONAL,
     _TOP_KEYS,
-    BACKENDS,
     SCHEMA,
     SOURCES,
     Measurement,
@@ -47,7 +46,7 @@ def _show(value: object) -> str:
         return "a mapping"
     if isinstance(value, (list, tuple)):
         return "a list"
-    return _one_line(repr(value), 60)
+    return one_line(repr(value), 60)
 
 
 class _Validator:
@@ -98,7 +97,7 @@ class _Validator:
         # YAML 1.1 turns an unquoted 2026-11-27T13:00:00Z into a datetime.
         if isinstance(value, datetime):
             if value.tzinfo is not None:
-                return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                return utc_timestamp(value)
             return value.isoformat()
         if isinstance(value, date):
             return value.isoformat()
@@ -117,7 +116,7 @@ class _Validator:
                 raise self.fail(f"missing field {name}{key}")
         for key in d:
             if allowed is not None and key not in allowed:
-                raise self.fail(f"unknown field {name}{_one_line(str(key), 40)}")
+                raise self.fail(f"unknown field {name}{one_line(str(key), 40)}")
 
     # -- sections -------------------------------------------------------------
     def measurement(

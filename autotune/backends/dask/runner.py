@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autotune._errors import WorkerLost
+from autotune._util import one_line
 from autotune.backends.dask.tasks import _adopt, _forget, _Missing, _run_batch
 from autotune.backends.rows import check_map_result, check_row_like
 from autotune.backends.schedule import OrderedFold, chunk_bounds, n_chunks
@@ -77,11 +78,6 @@ def _distributed() -> Any:
     return distributed
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def connect(address: str, timeout: float | None = None) -> Any:
     """A ``dask.distributed.Client`` for the scheduler at ``address``.
 
@@ -104,7 +100,7 @@ def connect(address: str, timeout: float | None = None) -> Any:
         # Dask scheduler answering (seen: garbage read as a message length).
         raise ConnectionError(
             f"cannot connect to a Dask scheduler at {address!r} within {timeout:g} s "
-            f"({type(exc).__name__}: {_one_line(exc)}); start one with `dask scheduler` "
+            f"({type(exc).__name__}: {one_line(str(exc))}); start one with `dask scheduler` "
             f"and pass the address it prints (tcp://host:8786)"
         ) from exc
 
@@ -160,7 +156,7 @@ def _check_kernel(kernel: Callable[..., Any]) -> None:
         name = getattr(kernel, "__qualname__", None) or repr(kernel)
         raise TypeError(
             f"the kernel {name} cannot be pickled for the Dask cluster "
-            f"({type(exc).__name__}: {_one_line(exc)}); define it at module level in a module "
+            f"({type(exc).__name__}: {one_line(str(exc))}); define it at module level in a module "
             f"the workers can import, and read data from `shared` instead of capturing it"
         ) from exc
 
@@ -362,7 +358,7 @@ class DaskRunner:
                 raise _closed(self.client) from exc
             raise TypeError(
                 f"the shared objects cannot be sent to the Dask cluster "
-                f"({type(exc).__name__}: {_one_line(exc)}); share picklable data (arrays, "
+                f"({type(exc).__name__}: {one_line(str(exc))}); share picklable data (arrays, "
                 f"lists, scipy objects) and build anything else inside the kernel"
             ) from exc
         self.shared_future = future
