@@ -47,6 +47,7 @@ from autotune._pool import (
     _Worker,
 )
 from autotune._schedule import balanced_chunk_len
+from autotune._sending import main_snapshot
 from autotune._shared import _ALLOCATED, check_names, dumps_callable, pack
 from autotune._shm import Segment
 from autotune._shm import unlink as unlink_segment
@@ -224,6 +225,10 @@ class Evaluator:
 
         self._ctx = mp.get_context(method)
         self._shared = shared_dict
+        # What a forked worker finds in __main__: code there goes by reference,
+        # anything newer (a notebook cell run since) by value.  None: spawned
+        # and forkserver workers inherit nothing, all of __main__ goes by value.
+        self._main_at_fork = main_snapshot() if method == "fork" else None
         # Calls from several threads are serialised; close() from another
         # thread waits for the call in progress.  Reentrant so that a call that
         # fails can close the evaluator while holding it.
@@ -252,7 +257,7 @@ class Evaluator:
             self._res.cancel = self._cancelled
             self._packed = None
             if method != "fork":
-                self._packed, segments = pack(shared_dict)
+                self._packed, segments = pack(shared_dict, method)
                 for seg in segments:
                     if seg.name not in _ALLOCATED:
                         self._res.segments.append(seg)  # ours: unlinked at close
@@ -450,7 +455,9 @@ class Evaluator:
                 return _IDENTITY[combine]
             raise ValueError("reduce over n=0 items with a combine function of unknown identity")
         runner = self._threads or self._dask
-        kernel_bytes = None if runner is not None else dumps_callable(kernel, "kernel")
+        kernel_bytes = (
+            None if runner is not None else dumps_callable(kernel, "kernel", self._main_at_fork)
+        )
         with self._lock:
             if self._closed:
                 raise RuntimeError("this Evaluator is closed")
