@@ -25,6 +25,8 @@ import os
 import secrets
 from multiprocessing import resource_tracker
 
+from autotune import _guardian
+
 try:  # POSIX only; Windows has no fork and is not supported by this module.
     import _posixshmem
 except ImportError:  # pragma: no cover - exercised on Windows only
@@ -78,6 +80,9 @@ class Segment:
         finally:
             os.close(fd)
         resource_tracker.register("/" + name, "shared_memory")
+        # The tracker dies with us when our whole process group is killed
+        # (a Jupyter kernel restart): the guardian does not.
+        _guardian.watch(name)
         return cls(name, length, mm, owner=True)
 
     @classmethod
@@ -127,6 +132,7 @@ def unlink(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         _posixshmem.shm_unlink("/" + name)
     resource_tracker.unregister("/" + name, "shared_memory")
+    _guardian.forget(name)
 
 
 def list_segments(pid: int | None = None) -> list[str]:

@@ -156,9 +156,11 @@ class _Bench:
         progress: Any,
         label: bool,
         client: Any = None,
+        start_method: str | None = None,
     ) -> None:
         self.workload = workload
         self.client = client  # the Dask cluster of the "dask" lanes
+        self.start_method = start_method  # of the "processes" lanes
         self.n = n
         self.item_bytes = item_bytes
         self.progress = progress
@@ -172,7 +174,15 @@ class _Bench:
         if ev is None:
             backend, workers = lane
             client = self.client if backend == "dask" else None
-            ev = Evaluator(workers, 1, shared=self.workload.shared, backend=backend, client=client)
+            method = self.start_method if backend == "processes" else None
+            ev = Evaluator(
+                workers,
+                1,
+                shared=self.workload.shared,
+                backend=backend,
+                client=client,
+                start_method=method,
+            )
             self.pools[lane] = ev
         return ev
 
@@ -325,6 +335,7 @@ def search(
     items: int | None = None,
     progress: bool | None = None,
     client: Any = None,
+    start_method: str | None = None,
 ) -> SearchResult:
     """Find the best worker count and chunk length for ``workload`` on this CPU.
 
@@ -351,6 +362,9 @@ def search(
         in flight (default 1, 2 and 4 per worker thread), chunk sizes come
         from the workers' caches, and the profile's ``cpu`` section describes
         the cluster (each worker's probe included).
+    start_method : {"fork", "spawn", "forkserver"}, optional
+        How the ``"processes"`` backend starts its workers, as for
+        :class:`autotune.Evaluator` (default ``"fork"`` where available).
 
     Returns
     -------
@@ -399,7 +413,15 @@ def search(
         os.sched_setaffinity(0, wanted)  # workers inherit it
     try:
         return _search(
-            workload, float(budget), workers, strategy, tuple(backends), items, progress, client
+            workload,
+            float(budget),
+            workers,
+            strategy,
+            tuple(backends),
+            items,
+            progress,
+            client,
+            start_method,
         )
     finally:
         if saved_affinity is not None:
@@ -415,6 +437,7 @@ def _search(
     items: int | None,
     progress: bool | None,
     client: Any = None,
+    start_method: str | None = None,
 ) -> SearchResult:
     started = time.monotonic()
     deadline = started + budget
@@ -452,7 +475,15 @@ def _search(
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=f"search {workload.name}", unit="run", file=sys.stderr)
-    bench = _Bench(workload, n, item_bytes, bar, label=len(backends) > 1, client=client)
+    bench = _Bench(
+        workload,
+        n,
+        item_bytes,
+        bar,
+        label=len(backends) > 1,
+        client=client,
+        start_method=start_method,
+    )
     try:
         serial_s, serial_spread = _serial(workload, n, 3)
         bench.runs += 3
