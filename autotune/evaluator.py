@@ -82,7 +82,13 @@ class Evaluator:
         :func:`autotune.load_profile`.  Explicit ``workers``/``chunk_len``
         override it.
     start_method : {"fork", "spawn", "forkserver"}, optional
-        Default ``"fork"`` where the platform has it, else ``"spawn"``.
+        Default ``"fork"`` where the platform has it, else ``"spawn"``, also
+        in a process with other threads (a Jupyter kernel): the forked worker
+        runs only autotune's loop and the kernel, and fork shares the data
+        copy-on-write and starts fastest; Python 3.12+ warns about fork with
+        threads, and ``"forkserver"`` avoids it.  Kernels and classes defined
+        in ``__main__`` (a notebook) are sent by value under spawn and
+        forkserver, and under fork when defined after the workers started.
     blas_threads : int or None
         BLAS/OpenMP threads per worker (threadpoolctl); ``None`` leaves them.
         Under ``fork`` the limit is also in force in this process while the

@@ -160,9 +160,11 @@ class _Bench:
         progress: Any,
         label: bool,
         client: Any = None,
+        start_method: str | None = None,
     ) -> None:
         self.workload = workload
         self.client = client  # the Dask cluster of the "dask" lanes
+        self.start_method = start_method  # of the "processes" lanes
         self.n = n
         self.item_bytes = item_bytes
         self.progress = progress
@@ -179,7 +181,7 @@ class _Bench:
                 backend,
                 workers,
                 check_names(self.workload.shared),
-                start_method=default_start_method(),
+                start_method=self.start_method or default_start_method(),
                 client=self.client if backend == "dask" else None,
             )
             self.pools[lane] = runner
@@ -334,6 +336,7 @@ def search(
     items: int | None = None,
     progress: bool | None = None,
     client: Any = None,
+    start_method: str | None = None,
 ) -> SearchResult:
     """Find the best worker count and chunk length for ``workload`` on this CPU.
 
@@ -360,6 +363,9 @@ def search(
         in flight (default 1, 2 and 4 per worker thread), chunk sizes come
         from the workers' caches, and the profile's ``cpu`` section describes
         the cluster (each worker's probe included).
+    start_method : {"fork", "spawn", "forkserver"}, optional
+        How the ``"processes"`` backend starts its workers, as for
+        :class:`autotune.Evaluator` (default ``"fork"`` where available).
 
     Returns
     -------
@@ -408,7 +414,15 @@ def search(
         os.sched_setaffinity(0, wanted)  # workers inherit it
     try:
         return _search(
-            workload, float(budget), workers, strategy, tuple(backends), items, progress, client
+            workload,
+            float(budget),
+            workers,
+            strategy,
+            tuple(backends),
+            items,
+            progress,
+            client,
+            start_method,
         )
     finally:
         if saved_affinity is not None:
@@ -424,6 +438,7 @@ def _search(
     items: int | None,
     progress: bool | None,
     client: Any = None,
+    start_method: str | None = None,
 ) -> SearchResult:
     started = time.monotonic()
     deadline = started + budget
@@ -461,7 +476,15 @@ def _search(
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=f"search {workload.name}", unit="run", file=sys.stderr)
-    bench = _Bench(workload, n, item_bytes, bar, label=len(backends) > 1, client=client)
+    bench = _Bench(
+        workload,
+        n,
+        item_bytes,
+        bar,
+        label=len(backends) > 1,
+        client=client,
+        start_method=start_method,
+    )
     try:
         serial_s, serial_spread = _serial(workload, n, 3)
         bench.runs += 3

@@ -159,10 +159,13 @@ def helper_pids() -> set[int]:
     """This process's own multiprocessing helpers and children: not orphans of a driver."""
     from multiprocessing import forkserver, resource_tracker
 
+    from autotune.backends import guardian as _guardian
+
     pids = {p.pid for p in mp.active_children() if p.pid}
     for pid in (
         getattr(resource_tracker._resource_tracker, "_pid", None),
         getattr(forkserver._forkserver, "_forkserver_pid", None),
+        _guardian.pid,
     ):
         if pid:
             pids.add(pid)
@@ -408,6 +411,8 @@ def driver(spec: dict[str, Any]) -> int:
     """The parent of a parent-fault run: print worker pids, map, report what is left."""
     from multiprocessing import forkserver, resource_tracker
 
+    from autotune.backends import guardian as _guardian
+
     me = os.getpid()
     # A shell starts background jobs with SIGINT ignored, and Python then never installs
     # its KeyboardInterrupt handler: the SIGINT runs would test nothing.  Ctrl-C is what
@@ -415,6 +420,7 @@ def driver(spec: dict[str, Any]) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     # Start the helpers first, so that their descriptors are not counted as leaks.
     resource_tracker.ensure_running()
+    _guardian.ensure_running()
     if spec["method"] == "forkserver":
         forkserver.ensure_running()
     x = np.random.default_rng(spec["seed"]).random(spec["n"])

@@ -68,12 +68,13 @@ def no_leaks():
     yield
     leaked = set(list_segments(os.getpid())) - before_segments
     assert not leaked, f"leaked shared-memory segments: {sorted(leaked)}"
-    # the forkserver and resource-tracker helpers are Python's, started once
+    # the forkserver and resource-tracker helpers are Python's, started once;
+    # autotune's segment guardian too (autotune/backends/guardian.py)
     helpers = set()
     for pid in set(children_of(os.getpid())) - before_children:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             cmd = fh.read()
-        if b"forkserver" in cmd or b"resource_tracker" in cmd:
+        if b"forkserver" in cmd or b"resource_tracker" in cmd or b"segment-guardian" in cmd:
             helpers.add(pid)
     left = set(children_of(os.getpid())) - before_children - helpers
     assert not left, f"child processes left running: {sorted(left)}"

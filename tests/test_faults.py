@@ -41,10 +41,13 @@ def x():
 
 
 def open_fds(method: str = "fork") -> int:
-    """Open descriptors, once Python's helper processes for ``method`` are running (they
-    start with the first pool and keep their pipes: not a leak)."""
+    """Open descriptors, once Python's helper processes for ``method`` and autotune's segment
+    guardian are running (they start with the first pool and keep their pipes: not a leak)."""
     from multiprocessing import forkserver, resource_tracker
 
+    from autotune.backends import guardian as _guardian
+
+    _guardian.ensure_running()
     resource_tracker.ensure_running()
     if method == "forkserver":
         forkserver.ensure_running()
@@ -176,6 +179,7 @@ def test_ctrl_c_mid_map_leaves_no_descriptor_or_zombie(tmp_path):
         import kernels
         from multiprocessing import resource_tracker
         from autotune import Evaluator
+        from autotune.backends import guardian as _guardian
         from autotune.backends.shm import list_segments
         from conftest import process_gone
         from test_faults import zombies_below
@@ -188,6 +192,7 @@ def test_ctrl_c_mid_map_leaves_no_descriptor_or_zombie(tmp_path):
 
         if __name__ == "__main__":
             resource_tracker.ensure_running()
+            _guardian.ensure_running()
             x = np.random.default_rng(0).random({N})
             fds0 = len(os.listdir("/proc/self/fd"))
             pids, interrupted = [], False

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from autotune.backends.sending import dumps_code, dumps_shared
 from autotune.backends.shm import Segment, unlink
 
 __all__ = [
@@ -181,29 +182,14 @@ def check_names(shared: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def dumps_callable(obj: Any, what: str) -> bytes:
-    """Pickle a kernel or combine function to send to the workers.
+def dumps_callable(obj: Any, what: str, inherited: Mapping[str, Any] | None = None) -> bytes:
+    """Pickle a kernel to send to the workers (see :mod:`autotune.backends.sending`).
 
-    Plain pickle first (functions are sent by reference, so a module-level
-    kernel's globals are not dragged along); cloudpickle as a fallback for
-    lambdas, closures and functions typed into an interactive session.
+    Code in importable modules goes by reference; code in ``__main__`` (a
+    notebook, ``python -c``) by value, unless a forked worker inherited it
+    (``inherited``: what ``__main__`` held when the workers were forked).
     """
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as first:  # PicklingError, AttributeError, TypeError ...
-        try:
-            import cloudpickle
-        except ImportError:  # pragma: no cover - cloudpickle is a dependency
-            cloudpickle = None
-        if cloudpickle is not None:
-            try:
-                return bytes(cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-            except Exception:
-                pass
-        raise TypeError(
-            f"the {what} {obj!r} cannot be pickled to send to the worker processes "
-            f"({type(first).__name__}: {first}); define it at module level"
-        ) from first
+    return dumps_code(obj, what, inherited)
 
 
 @dataclass(frozen=True)
@@ -215,9 +201,12 @@ class PackedShared:
     layout: tuple[tuple[str, int, int, int], ...]
 
 
-def pack(shared: dict[str, Any]) -> tuple[PackedShared, list[Segment]]:
+def pack(shared: dict[str, Any], start_method: str = "spawn") -> tuple[PackedShared, list[Segment]]:
     """Pickle ``shared`` once, its large buffers placed in shared memory.
 
+    Objects of classes defined in ``__main__`` (a notebook) are pickled with
+    their class by value; an object that cannot be pickled at all is named
+    by its key and type, for the ``start_method`` named.
     Buffers of :func:`shared_array` arrays are referenced where they are;
     the others are copied into one new segment.  Returns the description and
     the segments that must stay alive while workers may attach them: the new
@@ -232,20 +221,7 @@ def pack(shared: dict[str, Any]) -> tuple[PackedShared, list[Segment]]:
         buffers.append(buf)
         return False
 
-    try:
-        payload = pickle.dumps(shared, protocol=5, buffer_callback=keep_out_of_band)
-    except Exception as first:
-        buffers.clear()
-        try:
-            import cloudpickle
-
-            payload = bytes(cloudpickle.dumps(shared, protocol=5, buffer_callback=keep_out_of_band))
-        except Exception:
-            raise TypeError(
-                f"a shared object cannot be pickled for spawn/forkserver workers "
-                f"({type(first).__name__}: {first}); use start_method='fork' or share "
-                f"plain data (arrays, lists, scipy objects)"
-            ) from first
+    payload = dumps_shared(shared, keep_out_of_band, start_method)
 
     placed: list[tuple[Segment | None, int, int]] = []  # (borrowed segment or None, offset, n)
     borrowed: dict[str, Segment] = {}

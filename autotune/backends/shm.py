@@ -26,6 +26,8 @@ import secrets
 import weakref
 from multiprocessing import resource_tracker
 
+from autotune.backends import guardian as _guardian
+
 try:  # POSIX only; Windows has no fork and is not supported by this module.
     import _posixshmem
 except ImportError:  # pragma: no cover - exercised on Windows only
@@ -84,6 +86,9 @@ class Segment:
         finally:
             os.close(fd)
         resource_tracker.register("/" + name, "shared_memory")
+        # The tracker dies with us when our whole process group is killed
+        # (a Jupyter kernel restart): the guardian does not.
+        _guardian.watch(name)
         return cls(name, length, mm, owner=True)
 
     @classmethod
@@ -133,6 +138,7 @@ def unlink(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         _posixshmem.shm_unlink("/" + name)
     resource_tracker.unregister("/" + name, "shared_memory")
+    _guardian.forget(name)
 
 
 def list_segments(pid: int | None = None) -> list[str]:

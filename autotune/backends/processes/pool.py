@@ -31,6 +31,7 @@ from autotune.backends.processes.blas import BLAS_ENV, BLAS_HOLD, environ
 from autotune.backends.processes.dispatch import JOIN_TIMEOUT, Dispatch
 from autotune.backends.processes.exits import fileno, join_all
 from autotune.backends.processes.worker import WorkerSpec, worker_main
+from autotune.backends.sending import main_snapshot
 from autotune.backends.shared import PackedShared, dumps_callable, is_shared_array_segment, pack
 from autotune.backends.shm import OutputCache, Segment
 
@@ -138,6 +139,10 @@ class ProcessPool:
         self._call_id = 0
         self._batch_id = 0
         self._packed: PackedShared | None = None
+        # What a forked worker finds in __main__: code there goes by reference,
+        # anything newer (a notebook cell run since) by value.  None: spawned
+        # and forkserver workers inherit nothing, all of __main__ goes by value.
+        self._main_at_fork = main_snapshot() if start_method == "fork" else None
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _Resources.shutdown, self._res)
         try:
@@ -145,7 +150,7 @@ class ProcessPool:
             self._res.segments.append(self._control)
             self._res.cancel = np.frombuffer(self._control.mmap, dtype=np.int64, count=1)
             if start_method != "fork":
-                self._packed, segments = pack(shared)
+                self._packed, segments = pack(shared, start_method)
                 for seg in segments:
                     if not is_shared_array_segment(seg.name):
                         self._res.segments.append(seg)  # ours: unlinked at close
@@ -175,7 +180,7 @@ class ProcessPool:
         """
         if self.closed:
             raise RuntimeError("this process pool is closed")
-        kernel_bytes = dumps_callable(kernel, "kernel")
+        kernel_bytes = dumps_callable(kernel, "kernel", self._main_at_fork)
         self._call_id += 1
         call = Dispatch(self, self._call_id, kernel_bytes, n, chunk_len, mode, combine)
         try:
