@@ -217,7 +217,6 @@ def test_recommend_empty_workload(capsys):
     assert_one_line_error(code, err, "recommend", "--workload")
 
 
-@pytest.mark.skipif(not I3_SYSFS.is_dir(), reason="the i3-3227u sysfs fixture is not there yet")
 def test_recommend_on_the_i3_fixture_answers_from_the_shipped_profile(capsys):
     # The issue's "done when": the real probe on the fixture tree finds the
     # i3's topology and caches, and the shipped published profile matches.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib.resources
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -23,8 +24,12 @@ from autotune.profile.model import Profile, Recommendation
 
 
 def shipped_profile_dir() -> Path:
-    """The ``profiles/`` directory at the top of the autotune source tree."""
-    return Path(__file__).resolve().parent.parent.parent / "profiles"
+    """The profiles shipped with autotune: package data ``autotune.shipped_profiles``.
+
+    In a source checkout that is the top-level ``profiles/`` directory; in an
+    installed wheel, ``site-packages/autotune/shipped_profiles``.
+    """
+    return Path(str(importlib.resources.files("autotune.shipped_profiles")))
 
 
 def user_profile_dir() -> Path:
