@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import autotune
 import autotune.profile.lookup as profile_mod
-import autotune.profile.model as model_mod
+import autotune.profile.validate as validate_mod
 from autotune._errors import ProfileError
 from autotune.cpu import CacheLevel, CpuInfo
 from autotune.profile import (
@@ -411,14 +411,14 @@ yaml_values = st.recursive(
     | st.sampled_from(["spline", "measured", 1, 2, 16, 4096]),
     lambda children: (
         st.lists(children, max_size=4)
-        | st.dictionaries(st.sampled_from(sorted(model_mod._TOP_KEYS)), children, max_size=5)
+        | st.dictionaries(st.sampled_from(sorted(validate_mod._TOP_KEYS)), children, max_size=5)
     ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(model_mod._TOP_KEYS)), yaml_values))
+@given(st.dictionaries(st.sampled_from(sorted(validate_mod._TOP_KEYS)), yaml_values))
 def test_arbitrary_documents_raise_nothing_but_profile_error(doc):
     doc = {**doc, "schema": 1}
     try:

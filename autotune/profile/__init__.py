@@ -22,8 +22,6 @@ from autotune.profile.match import cpu_mismatch, cpu_section, is_unchunked, pick
 from autotune.profile.model import (
     DEFAULT_ITEM_BYTES,
     MIN_CHUNK_ITEMS,
-    SCHEMA,
-    SOURCES,
     Measurement,
     Profile,
     Recommendation,
@@ -31,6 +29,7 @@ from autotune.profile.model import (
     gil_enabled,
     python_build,
 )
+from autotune.profile.validate import SCHEMA, SOURCES
 
 __all__ = [
     "BACKENDS",

@@ -10,7 +10,8 @@ from typing import Any
 
 from autotune._util import LOCAL_BACKENDS, format_bytes
 from autotune.cpu import CpuInfo
-from autotune.profile.model import SOURCES, Measurement, Profile, gil_enabled
+from autotune.profile.model import Measurement, Profile, gil_enabled
+from autotune.profile.validate import SOURCES
 
 
 def cpu_section(cpu: CpuInfo) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numbers
 import os
 import platform
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,11 +20,7 @@ from typing import Any
 import yaml
 
 from autotune.profile.files import _read_yaml, _write_atomic
-
-#: The only schema this version reads and writes.
-SCHEMA = 1
-#: Where a profile's numbers come from, most trusted first.
-SOURCES = ("measured", "published", "heuristic")
+from autotune.profile.validate import SCHEMA, _Validator
 
 
 def gil_enabled() -> bool:
@@ -43,31 +38,6 @@ def python_build() -> dict[str, Any]:
 DEFAULT_ITEM_BYTES = 16
 #: The heuristic never hands out chunks shorter than this many items.
 MIN_CHUNK_ITEMS = 4096
-
-# Upper bounds that keep absurd integers out (they would overflow numpy
-# index arithmetic or mean a corrupted file); far above any real machine.
-_MAX_WORKERS = 1 << 16
-_MAX_COUNT = 1 << 62
-_MAX_REPEATS = 1 << 20
-
-_FLOAT_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_TOP_KEYS = {
-    "schema",
-    "workload",
-    "source",
-    "created",
-    "autotune_version",
-    "backend",
-    "python",
-    "item_bytes",
-    "n",
-    "cpu",
-    "best",
-    "serial_throughput",
-    "measurements",
-}
-_MEASUREMENT_KEYS = {"workers", "chunk_len", "chunk_bytes", "throughput", "repeats", "spread"}
-_MEASUREMENT_KEYS_OPTIONAL = {"repeats", "spread", "backend"}
 
 
 @dataclass(frozen=True)
@@ -245,9 +215,10 @@ class Profile:
         ProfileError
             On the first bad field, naming the file and the field.
         """
-        from autotune.profile.validate import _Validator
-
-        return _Validator(path).profile(d)
+        fields = _Validator(path).profile(d)
+        best = Measurement(**fields.pop("best"))
+        measurements = tuple(Measurement(**f) for f in fields.pop("measurements"))
+        return cls(best=best, measurements=measurements, **fields)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Profile:

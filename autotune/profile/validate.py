@@ -17,25 +17,43 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Any
 
 from autotune._errors import ProfileError
 from autotune._util import BACKENDS, one_line, utc_timestamp
-from autotune.profile.model import (
-    _FLOAT_TEXT,
-    _MAX_COUNT,
-    _MAX_REPEATS,
-    _MAX_WORKERS,
-    _MEASUREMENT_KEYS,
-    _MEASUREMENT_KEYS_OPTIONAL,
-    _TOP_KEYS,
-    SCHEMA,
-    SOURCES,
-    Measurement,
-    Profile,
-)
+
+#: The only schema this version reads and writes.
+SCHEMA = 1
+#: Where a profile's numbers come from, most trusted first.
+SOURCES = ("measured", "published", "heuristic")
+
+# Upper bounds that keep absurd integers out (they would overflow numpy
+# index arithmetic or mean a corrupted file); far above any real machine.
+_MAX_WORKERS = 1 << 16
+_MAX_COUNT = 1 << 62
+_MAX_REPEATS = 1 << 20
+
+_FLOAT_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_TOP_KEYS = {
+    "schema",
+    "workload",
+    "source",
+    "created",
+    "autotune_version",
+    "backend",
+    "python",
+    "item_bytes",
+    "n",
+    "cpu",
+    "best",
+    "serial_throughput",
+    "measurements",
+}
+_MEASUREMENT_KEYS = {"workers", "chunk_len", "chunk_bytes", "throughput", "repeats", "spread"}
+_MEASUREMENT_KEYS_OPTIONAL = {"repeats", "spread", "backend"}
 
 
 def _show(value: object) -> str:
@@ -121,7 +139,7 @@ class _Validator:
     # -- sections -------------------------------------------------------------
     def measurement(
         self, value: object, name: str, item_bytes: int | None, *, measured: bool = True
-    ) -> Measurement:
+    ) -> dict[str, Any]:
         d = self.mapping(value, name)
         allowed = _MEASUREMENT_KEYS | _MEASUREMENT_KEYS_OPTIONAL
         self.keys(d, f"{name}.", allowed, _MEASUREMENT_KEYS - _MEASUREMENT_KEYS_OPTIONAL)
@@ -133,7 +151,7 @@ class _Validator:
                 f"{name}.chunk_bytes must be chunk_len x item_bytes ({chunk_len} x {item_bytes}"
                 f" = {chunk_len * item_bytes}) within one item, got {chunk_bytes}"
             )
-        return Measurement(
+        return dict(
             workers=workers,
             chunk_len=chunk_len,
             chunk_bytes=chunk_bytes,
@@ -203,7 +221,9 @@ class _Validator:
             raise self.fail(f"python.gil must be true or false, got {_show(gil)}")
         return {"version": self.text(d["version"], "python.version"), "gil": gil}
 
-    def profile(self, doc: object) -> Profile:
+    def profile(self, doc: object) -> dict[str, Any]:
+        """The validated fields of a profile: ``best`` and ``measurements`` as
+        :class:`~autotune.profile.model.Measurement` keyword dicts."""
         if doc is None:
             raise self.fail("is empty, expected a profile mapping")
         d = self.mapping(doc, "the document")
@@ -231,7 +251,7 @@ class _Validator:
             raise self.fail(f"measurements must be a list, got {_show(measurements)}")
         best = self.measurement(d["best"], "best", item_bytes, measured=source != "heuristic")
         serial = d["serial_throughput"]
-        return Profile(
+        return dict(
             workload=self.text(d["workload"], "workload"),
             source=source,
             cpu=self.cpu(d["cpu"]),

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,17 +24,44 @@ from autotune.backends.processes.exits import describe_exit, rebuild_exception
 from autotune.backends.processes.worker import wants_shared_output
 from autotune.backends.rows import check_row_like
 from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
+from autotune.backends.shm import Segment
 
-if TYPE_CHECKING:
-    from autotune.backends.processes.pool import ProcessPool, WorkerHandle
-
-__all__ = ["Dispatch"]
+__all__ = ["Dispatch", "Pool", "WorkerHandle"]
 
 #: Batches queued per worker: one running, one waiting, so the worker never
 #: idles while the parent reads its last result.
 DEPTH = 2
 #: Graceful stop, then SIGTERM, then SIGKILL, each waited for this long.
 JOIN_TIMEOUT = 1.0
+
+
+@dataclass
+class WorkerHandle:
+    """The parent's handle on one worker process."""
+
+    index: int
+    process: Any
+    conn: Any
+    inflight: dict[int, tuple[int, int]] = field(default_factory=dict)  # batch_id -> (c0, c1)
+    call_id: int = 0  # the call this worker has been told about
+
+
+class Pool(Protocol):
+    """What a call needs of its pool (:class:`~autotune.backends.processes.pool.ProcessPool`)."""
+
+    workers: int
+    retries: int
+
+    @property
+    def live(self) -> list[WorkerHandle]: ...
+
+    def replace(self, dead: WorkerHandle) -> WorkerHandle: ...
+
+    def output_segment(self, size: int) -> Segment: ...
+
+    def cancel(self, call_id: int) -> None: ...
+
+    def next_batch_id(self) -> int: ...
 
 
 class Dispatch:
@@ -46,7 +74,7 @@ class Dispatch:
 
     def __init__(
         self,
-        pool: ProcessPool,
+        pool: Pool,
         call_id: int,
         kernel_bytes: bytes,
         n: int,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from autotune.backends.processes.blas import BLAS_ENV, BLAS_HOLD, environ
-from autotune.backends.processes.dispatch import JOIN_TIMEOUT, Dispatch
+from autotune.backends.processes.dispatch import JOIN_TIMEOUT, Dispatch, WorkerHandle
 from autotune.backends.processes.exits import fileno, join_all
 from autotune.backends.processes.worker import WorkerSpec, worker_main
 from autotune.backends.sending import main_snapshot
@@ -43,17 +43,6 @@ CANCEL_ALL = 2**62
 # Parent-side pipe ends of every live worker of every pool in this process:
 # a worker forked later inherits them and must close them.
 _PARENT_FDS: set[int] = set()
-
-
-@dataclass
-class WorkerHandle:
-    """The parent's handle on one worker process."""
-
-    index: int
-    process: Any
-    conn: Any
-    inflight: dict[int, tuple[int, int]] = field(default_factory=dict)  # batch_id -> (c0, c1)
-    call_id: int = 0  # the call this worker has been told about
 
 
 @dataclass
