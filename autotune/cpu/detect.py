@@ -169,21 +169,8 @@ def _merge(
     """
     notes: list[str] = []
     sources: dict[str, str] = {}
-    pyc = pycpuinfo.value if pycpuinfo is not None else None
 
-    # -- brand --
-    candidates = list(brands)
-    if pyc is not None:
-        candidates.append(brand_from_pycpuinfo(pyc))
-    elif pycpuinfo is not None:
-        candidates.append(Found(None, pycpuinfo.source, pycpuinfo.notes))
-    brand = next((b for b in candidates if b.value is not None), None)
-    if brand is not None:
-        sources["brand"] = brand.source
-    else:
-        notes.extend(n for b in candidates for n in b.notes)
-        if not candidates:
-            notes.append("brand unknown: no source for it on this system")
+    brand = _pick_brand(brands, pycpuinfo, notes, sources)
 
     # -- topology --
     notes.extend(topology.notes)
@@ -202,27 +189,7 @@ def _merge(
     # -- usable CPUs, quota, pin order --
     usable, quota, pin_order = _usable(topology, affinity, limit, notes, sources)
 
-    # -- caches --
-    specs: tuple[CacheSpec, ...] = ()
-    if caches.value is not None:
-        specs = caches.value
-        sources["caches"] = caches.source
-        notes.extend(caches.notes)
-        if pyc is not None:
-            notes.extend(cross_check(pyc, specs, caches.source))
-    else:
-        notes.extend(caches.notes)
-        fallback = (
-            caches_from_pycpuinfo(pyc, physical, tpc, logical)
-            if pyc is not None
-            else Found(None, "py-cpuinfo", pycpuinfo.notes if pycpuinfo is not None else ())
-        )
-        notes.extend(fallback.notes)
-        if fallback.value is not None:
-            specs = fallback.value
-            sources["caches"] = fallback.source
-        else:
-            notes.append("cache sizes unknown")
+    specs = _pick_caches(caches, pycpuinfo, (physical, tpc, logical), notes, sources)
 
     return CpuInfo(
         brand=brand.value if brand is not None else None,
@@ -237,6 +204,60 @@ def _merge(
         notes=tuple(dict.fromkeys(notes)),  # drop repeats, keep order
         packages=packages,
     )
+
+
+def _pick_brand(
+    brands: Sequence[Found[str]],
+    pycpuinfo: Found[dict[str, Any]] | None,
+    notes: list[str],
+    sources: dict[str, str],
+) -> Found[str] | None:
+    """The first brand a source knows (py-cpuinfo last), or None with the reasons noted."""
+    candidates = list(brands)
+    if pycpuinfo is not None and pycpuinfo.value is not None:
+        candidates.append(brand_from_pycpuinfo(pycpuinfo.value))
+    elif pycpuinfo is not None:
+        candidates.append(Found(None, pycpuinfo.source, pycpuinfo.notes))
+    brand = next((b for b in candidates if b.value is not None), None)
+    if brand is not None:
+        sources["brand"] = brand.source
+    else:
+        notes.extend(n for b in candidates for n in b.notes)
+        if not candidates:
+            notes.append("brand unknown: no source for it on this system")
+    return brand
+
+
+def _pick_caches(
+    caches: Found[tuple[CacheSpec, ...]],
+    pycpuinfo: Found[dict[str, Any]] | None,
+    shape: tuple[int | None, int | None, int | None],
+    notes: list[str],
+    sources: dict[str, str],
+) -> tuple[CacheSpec, ...]:
+    """The primary source's caches (cross-checked with py-cpuinfo), else py-cpuinfo's.
+
+    ``shape`` is (physical cores, threads per core, logical CPUs), which
+    py-cpuinfo's totals are divided by.
+    """
+    pyc = pycpuinfo.value if pycpuinfo is not None else None
+    notes.extend(caches.notes)
+    if caches.value is not None:
+        sources["caches"] = caches.source
+        if pyc is not None:
+            notes.extend(cross_check(pyc, caches.value, caches.source))
+        return caches.value
+    fallback = (
+        caches_from_pycpuinfo(pyc, *shape)
+        if pyc is not None
+        else Found(None, "py-cpuinfo", pycpuinfo.notes if pycpuinfo is not None else ())
+    )
+    notes.extend(fallback.notes)
+    if fallback.value is None:
+        notes.append("cache sizes unknown")
+        return ()
+    sources["caches"] = fallback.source
+    return fallback.value
 
 
 def _threads_per_core(topo: Topology, notes: list[str]) -> int | None:
@@ -263,6 +284,28 @@ def _usable(
 ) -> tuple[int | None, float | None, tuple[int, ...]]:
     topo = topology.value
     why: list[str] = []
+    allowed = _allowed_cpus(topology, affinity, notes, why)
+    quota = _quota(limit, notes, sources, why)
+
+    usable: int | None = None
+    if topo is not None:
+        usable = len(allowed)
+        if quota is not None:
+            usable = min(usable, math.ceil(quota))
+        sources["usable_cpus"] = "; ".join(why)
+    else:
+        notes.append("usable CPUs unknown: no online CPU list")
+    return usable, quota, _pin_order(topology, allowed, notes, sources)
+
+
+def _allowed_cpus(
+    topology: Found[Topology],
+    affinity: Found[frozenset[int]] | None,
+    notes: list[str],
+    why: list[str],
+) -> tuple[int, ...]:
+    """The online CPUs, narrowed by the affinity mask where there is one."""
+    topo = topology.value
     allowed: tuple[int, ...] = ()
     if topo is not None:
         allowed = topo.online
@@ -281,7 +324,13 @@ def _usable(
                 why.append(
                     f"allowed by sched_getaffinity: {len(narrowed)} ({format_cpu_list(narrowed)})"
                 )
+    return allowed
 
+
+def _quota(
+    limit: Found[float], notes: list[str], sources: dict[str, str], why: list[str]
+) -> float | None:
+    """The cgroup CPU quota in CPUs, None where there is none or it is unknown."""
     quota: float | None = None
     notes.extend(limit.notes)
     if limit.value is None:
@@ -299,16 +348,14 @@ def _usable(
         # A 1.5-CPU quota keeps 2 workers busy 75% of the time each; rounding
         # down would waste half a CPU, and a 0.5 quota would round to none.
         why.append(f"{limit.source}: quota {quota:g} CPUs -> at most {math.ceil(quota)}")
+    return quota
 
-    usable: int | None = None
-    if topo is not None:
-        usable = len(allowed)
-        if quota is not None:
-            usable = min(usable, math.ceil(quota))
-        sources["usable_cpus"] = "; ".join(why)
-    else:
-        notes.append("usable CPUs unknown: no online CPU list")
 
+def _pin_order(
+    topology: Found[Topology], allowed: tuple[int, ...], notes: list[str], sources: dict[str, str]
+) -> tuple[int, ...]:
+    """The first thread of every core, then every second thread, ... (allowed CPUs only)."""
+    topo = topology.value
     pin_order: tuple[int, ...] = ()
     if topo is not None and topo.cores is not None:
         allowed_set = set(allowed)
@@ -322,4 +369,4 @@ def _usable(
         pin_order = allowed
         sources["pin_order"] = "CPU ids (core layout unknown)"
         notes.append("pin order is plain CPU id order: which CPUs share a core is unknown")
-    return usable, quota, pin_order
+    return pin_order

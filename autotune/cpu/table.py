@@ -52,28 +52,7 @@ def format_table(info: CpuInfo) -> str:
         f"Fingerprint:  {info.fingerprint}",
         "",
     ]
-    if info.caches:
-        rows = [("Cache", "Type", "Size/instance", "Instances", "CPUs sharing one", "Line")]
-        for c in info.caches:
-            line = "" if c.line_bytes is None else f"{c.line_bytes} B"
-            rows.append(
-                (
-                    f"L{c.level}",
-                    c.type,
-                    format_bytes(c.size_bytes),
-                    str(c.instances),
-                    str(c.shared_cpus),
-                    line,
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            cells = [
-                r[i].ljust(widths[i]) if i < 2 else r[i].rjust(widths[i]) for i in range(len(r))
-            ]
-            lines.append("  ".join(cells).rstrip())
-    else:
-        lines.append("Caches:       unknown (see notes)")
+    lines.extend(_cache_rows(info) if info.caches else ["Caches:       unknown (see notes)"])
     lines.append("")
     shown = (("brand", "brand"), ("topology", "physical_cores"), ("caches", "caches"))
     lines.append(
@@ -84,3 +63,27 @@ def format_table(info: CpuInfo) -> str:
         lines.append("Notes:")
         lines.extend(f"  - {n}" for n in info.notes)
     return "\n".join(lines)
+
+
+def _cache_rows(info: CpuInfo) -> list[str]:
+    """One aligned row per cache kind, under a header."""
+    rows = [("Cache", "Type", "Size/instance", "Instances", "CPUs sharing one", "Line")]
+    for c in info.caches:
+        line = "" if c.line_bytes is None else f"{c.line_bytes} B"
+        rows.append(
+            (
+                f"L{c.level}",
+                c.type,
+                format_bytes(c.size_bytes),
+                str(c.instances),
+                str(c.shared_cpus),
+                line,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            r[i].ljust(widths[i]) if i < 2 else r[i].rjust(widths[i]) for i in range(len(r))
+        ).rstrip()
+        for r in rows
+    ]
