@@ -46,8 +46,17 @@ from autotune._util import LOCAL_BACKENDS, check_int, utc_timestamp
 from autotune._version import __version__
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.shared import SharedNamespace, check_names
-from autotune.cpu import CpuInfo, probe
-from autotune.cpu.model import FALLBACK_L1D_BYTES, FALLBACK_L2_BYTES
+from autotune.cpu import probe
+from autotune.cpu.model import FALLBACK_L2_BYTES
+from autotune.engine import (
+    Checkpoint,
+    Lane,
+    Tally,
+    auto_requests,
+    candidate_workers,
+    chunk_ladder,
+    pick_best,
+)
 from autotune.evaluator import default_start_method
 from autotune.profile import (
     DEFAULT_ITEM_BYTES,
@@ -63,12 +72,6 @@ __all__ = ["SearchResult", "search", "candidate_workers", "chunk_ladder", "pick_
 STRATEGIES = ("auto", "grid")
 #: Timed runs per point in the grid (after one warm-up run).
 GRID_REPEATS = 3
-#: A point whose runs spread more than this (relative) is re-measured.
-NOISY = 0.15
-#: auto keeps the worker counts within this fraction of the best at screening.
-SCREEN = 0.8
-#: Smallest chunk tried, whatever the L1d says.
-MIN_CHUNK_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -103,54 +106,9 @@ class SearchResult:
         return f"{text}\nbackend {self.profile.backend}: {reason}" if reason else text
 
 
-# -- pure parts: candidates and picking ----------------------------------------------
-def candidate_workers(cpu: CpuInfo, workers: Sequence[int] | None = None) -> list[int]:
-    """Worker counts to try: 1..usable CPUs (thinned out past 4), or the given ones."""
-    if workers:
-        return sorted(set(workers))
-    usable = cpu.usable_cpus or cpu.logical_cpus or os.cpu_count() or 1
-    physical = min(cpu.physical_cores or usable, usable)
-    if usable <= 4:
-        return list(range(1, usable + 1))
-    counts = {1, physical, usable}
-    k = 2
-    while k < usable:
-        counts.add(k)
-        k *= 2
-    return sorted(counts)
-
-
-def chunk_ladder(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> list[int]:
-    """Chunk lengths to try with ``workers``: powers of two in bytes, then unchunked.
-
-    From half the L1d cache (at least :data:`MIN_CHUNK_BYTES`) up to, but
-    not including, what one worker would get unchunked (the last entry).
-    """
-    unchunked = max(1, math.ceil(n / workers))
-    lo = max(MIN_CHUNK_BYTES, (cpu.l1d or FALLBACK_L1D_BYTES) // 2)
-    size = 1 << (lo - 1).bit_length()
-    lengths = []
-    while True:
-        length = max(1, size // item_bytes)
-        if length >= unchunked:
-            break
-        lengths.append(length)
-        size *= 2
-    lengths.append(unchunked)
-    return lengths
-
-
-def pick_best(measurements: Iterable[Measurement]) -> Measurement:
-    """The fastest point; among equals, fewer workers, then the longer chunk."""
-    return max(measurements, key=lambda m: (m.throughput or 0.0, -m.workers, m.chunk_len))
-
-
 # -- the measuring engine ------------------------------------------------------------
-Lane = tuple[str, int]  # (backend, workers)
-
-
-class _Bench:
-    """Times points with one evaluator per (backend, workers); remembers every run."""
+class _Bench(Tally):
+    """Times points with one runner per (backend, workers); a Tally of every run."""
 
     def __init__(
         self,
@@ -162,15 +120,12 @@ class _Bench:
         client: Any = None,
         start_method: str | None = None,
     ) -> None:
+        super().__init__(n, item_bytes, label)
         self.workload = workload
         self.client = client  # the Dask cluster of the "dask" lanes
         self.start_method = start_method  # of the "processes" lanes
-        self.n = n
-        self.item_bytes = item_bytes
         self.progress = progress
-        self.label = label  # record the backend in each measurement
         self.pools: dict[Lane, Runner] = {}
-        self.times: dict[tuple[Lane, int], list[float]] = {}
         self.runs = 0
 
     def pool(self, lane: Lane) -> Runner:
@@ -200,26 +155,7 @@ class _Bench:
             if self.progress is not None:
                 self.progress.update(1)
             if i >= int(warmup):
-                self.times.setdefault((lane, chunk_len), []).append(elapsed)
-
-    def measurement(self, lane: Lane, chunk_len: int) -> Measurement:
-        times = self.times[(lane, chunk_len)]
-        med = statistics.median(times)
-        return Measurement(
-            workers=lane[1],
-            chunk_len=chunk_len,
-            chunk_bytes=chunk_len * self.item_bytes,
-            throughput=self.n / med,
-            repeats=len(times),
-            spread=(max(times) - min(times)) / med if len(times) > 1 else 0.0,
-            backend=lane[0] if self.label else None,
-        )
-
-    def measured(self) -> list[tuple[Lane, Measurement]]:
-        return [(lane, self.measurement(lane, c)) for (lane, c) in self.times]
-
-    def leaders(self, k: int) -> list[tuple[Lane, Measurement]]:
-        return sorted(self.measured(), key=lambda lm: -(lm[1].throughput or 0.0))[:k]
+                self.add(lane, chunk_len, elapsed)
 
     def close(self) -> None:
         for runner in self.pools.values():
@@ -273,47 +209,14 @@ def _grid(bench: _Bench, plan: dict[Lane, list[int]], deadline: float) -> bool:
 
 
 def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes: int) -> bool:
-    # 0. screen every (backend, workers) at a mid-sized chunk and at one eight
-    #    times longer; keep the lanes near the best.  For threads this is the
-    #    GIL test: a kernel that holds the GIL gains nothing from a second
-    #    thread; one whose GIL-free numpy calls are short gains only with the
-    #    longer chunk, hence two lengths.
-    def nearest(lengths: list[int]) -> int:
-        return min(lengths[:-1] or lengths, key=lambda c: abs(c * bench.item_bytes - mid_bytes))
-
-    screen = {}
-    for lane, lengths in plan.items():
-        mid = nearest(lengths)
-        i = lengths.index(mid)
-        probes = [mid] + ([lengths[i + 3]] if i + 3 < len(lengths) - 1 else [])
-        bench.run(lane, probes[0], 1, warmup=True)
-        for c in probes[1:]:
-            bench.run(lane, c, 1)
-        screen[lane] = max(bench.measurement(lane, c).throughput or 0.0 for c in probes)
-    top = max(screen.values())
-    kept = {lane: v for lane, v in plan.items() if screen[lane] >= SCREEN * top}
-    # 1. coarse: every other rung (and always the unchunked end) per kept lane
-    for lane, lengths in kept.items():
-        rungs = lengths[::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else [])
-        for c in rungs:
-            if (lane, c) not in bench.times:
-                bench.run(lane, c, 1)
-    # 2. refine: ladder neighbours of the two best points
-    for lane, m in bench.leaders(2):
-        lengths = plan[lane]
-        i = lengths.index(m.chunk_len)
-        for j in (i - 1, i + 1):
-            if 0 <= j < len(lengths) and (lane, lengths[j]) not in bench.times:
-                bench.run(lane, lengths[j], 1)
-    # 3. successive halving among the leaders
-    for keep, more in ((3, 2), (2, 2)):
-        if time.monotonic() > deadline:
-            return False
-        for lane, m in bench.leaders(keep):
-            bench.run(lane, m.chunk_len, more)
-    for lane, m in bench.leaders(2):
-        if m.spread > NOISY and time.monotonic() < deadline:
-            bench.run(lane, m.chunk_len, 2)
+    """The engine's ``auto`` strategy, run as fast as the bench can; False when
+    the budget ran out before successive halving was done."""
+    for step in auto_requests(bench, plan, mid_bytes):
+        if isinstance(step, Checkpoint):
+            if time.monotonic() > deadline:
+                return step.complete
+            continue
+        bench.run(step.lane, step.chunk_len, step.repeats, warmup=step.warmup)
     return True
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from autotune.tuner import GRID_REPEATS, NOISY, SCREEN, _auto, _Bench, _grid
+from autotune.engine import NOISY, SCREEN
+from autotune.tuner import GRID_REPEATS, _auto, _Bench, _grid
 
 #: The chunk ladder of every lane: powers of two, then the unchunked length.
 LADDER = [16, 32, 64, 128, 256, 512, 1024, 2048, 5000]

@@ -1,0 +1,209 @@
+"""The measuring engine: which points to time next, and what the times say.
+
+One engine serves both ways of tuning.  ``autotune search`` (:mod:`autotune.tuner`)
+times points as fast as it can within a budget; the evaluator's online
+refinement (:mod:`autotune.adapt`) times them with the user's own calls, one
+call (or a slice of a long call) per run.  Both keep their runs in a
+:class:`Tally` and take their next runs from the same strategy,
+:func:`auto_requests`, so they prune, refine and settle by the same rules.
+
+The strategy (``auto``):
+
+0. screen every lane (backend, workers) at a mid-sized chunk and at one
+   eight times longer; lanes below :data:`SCREEN` of the best are dropped;
+1. a coarse pass over every other chunk length of each remaining lane;
+2. the ladder neighbours of the two best points;
+3. successive halving: the three leaders get two more runs each, the best
+   two two more, and a leader whose runs spread over :data:`NOISY` two more.
+
+Points are ``(lane, chunk_len)``; a lane is ``(backend, workers)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from autotune.cpu import CpuInfo
+from autotune.cpu.model import FALLBACK_L1D_BYTES
+from autotune.profile import Measurement
+
+__all__ = [
+    "MIN_CHUNK_BYTES",
+    "NOISY",
+    "SCREEN",
+    "Checkpoint",
+    "Lane",
+    "Request",
+    "Tally",
+    "auto_requests",
+    "candidate_workers",
+    "chunk_ladder",
+    "pick_best",
+]
+
+#: A point whose runs spread more than this (relative) is re-measured.
+NOISY = 0.15
+#: auto keeps the lanes within this fraction of the best at screening.
+SCREEN = 0.8
+#: Smallest chunk tried, whatever the L1d says.
+MIN_CHUNK_BYTES = 8 * 1024
+
+Lane = tuple[str, int]  # (backend, workers)
+
+
+# -- candidates and picking (pure) -----------------------------------------------------
+def candidate_workers(cpu: CpuInfo, workers: Sequence[int] | None = None) -> list[int]:
+    """Worker counts to try: 1..usable CPUs (thinned out past 4), or the given ones."""
+    if workers:
+        return sorted(set(workers))
+    usable = cpu.usable_cpus or cpu.logical_cpus or os.cpu_count() or 1
+    physical = min(cpu.physical_cores or usable, usable)
+    if usable <= 4:
+        return list(range(1, usable + 1))
+    counts = {1, physical, usable}
+    k = 2
+    while k < usable:
+        counts.add(k)
+        k *= 2
+    return sorted(counts)
+
+
+def chunk_ladder(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> list[int]:
+    """Chunk lengths to try with ``workers``: powers of two in bytes, then unchunked.
+
+    From half the L1d cache (at least :data:`MIN_CHUNK_BYTES`) up to, but
+    not including, what one worker would get unchunked (the last entry).
+    """
+    unchunked = max(1, math.ceil(n / workers))
+    lo = max(MIN_CHUNK_BYTES, (cpu.l1d or FALLBACK_L1D_BYTES) // 2)
+    size = 1 << (lo - 1).bit_length()
+    lengths = []
+    while True:
+        length = max(1, size // item_bytes)
+        if length >= unchunked:
+            break
+        lengths.append(length)
+        size *= 2
+    lengths.append(unchunked)
+    return lengths
+
+
+def pick_best(measurements: Iterable[Measurement]) -> Measurement:
+    """The fastest point; among equals, fewer workers, then the longer chunk."""
+    return max(measurements, key=lambda m: (m.throughput or 0.0, -m.workers, m.chunk_len))
+
+
+# -- what the runs say -------------------------------------------------------------------
+class Tally:
+    """Every timed run, per point, as seconds for ``n`` items.
+
+    A run over another number of items is scaled to ``n`` (the online
+    refinement times calls of whatever size the user makes), so a point's
+    throughput is ``n`` over the median of its runs and its spread is
+    (max - min) / median, whatever the calls' sizes were.
+    """
+
+    def __init__(self, n: int, item_bytes: int, label: bool) -> None:
+        self.n = n
+        self.item_bytes = item_bytes
+        self.label = label  # record the backend in each measurement
+        self.times: dict[tuple[Lane, int], list[float]] = {}
+
+    def add(self, lane: Lane, chunk_len: int, seconds: float, items: int | None = None) -> None:
+        scale = 1.0 if items is None or items == self.n else self.n / items
+        self.times.setdefault((lane, chunk_len), []).append(seconds * scale)
+
+    def measurement(self, lane: Lane, chunk_len: int) -> Measurement:
+        times = self.times[(lane, chunk_len)]
+        med = statistics.median(times)
+        return Measurement(
+            workers=lane[1],
+            chunk_len=chunk_len,
+            chunk_bytes=chunk_len * self.item_bytes,
+            throughput=self.n / med,
+            repeats=len(times),
+            spread=(max(times) - min(times)) / med if len(times) > 1 else 0.0,
+            backend=lane[0] if self.label else None,
+        )
+
+    def measured(self) -> list[tuple[Lane, Measurement]]:
+        return [(lane, self.measurement(lane, c)) for (lane, c) in self.times]
+
+    def leaders(self, k: int) -> list[tuple[Lane, Measurement]]:
+        return sorted(self.measured(), key=lambda lm: -(lm[1].throughput or 0.0))[:k]
+
+
+# -- which runs next -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """Time ``(lane, chunk_len)`` ``repeats`` times (after one unrecorded warm-up run)."""
+
+    lane: Lane
+    chunk_len: int
+    repeats: int
+    warmup: bool = False
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A point where a budget may end the strategy; ``complete``: whether the
+    result then counts as a complete search."""
+
+    complete: bool
+
+
+def auto_requests(
+    tally: Tally, plan: dict[Lane, list[int]], mid_bytes: int
+) -> Iterator[Request | Checkpoint]:
+    """The ``auto`` strategy as a sequence of runs to make.
+
+    The caller makes each :class:`Request`'s runs and adds them to ``tally``
+    before asking for the next; at a :class:`Checkpoint` it may stop.
+    ``plan`` gives each lane its chunk ladder (ascending, unchunked last).
+    """
+
+    # 0. screen every (backend, workers) at a mid-sized chunk and at one eight
+    #    times longer; keep the lanes near the best.  For threads this is the
+    #    GIL test: a kernel that holds the GIL gains nothing from a second
+    #    thread; one whose GIL-free numpy calls are short gains only with the
+    #    longer chunk, hence two lengths.
+    def nearest(lengths: list[int]) -> int:
+        return min(lengths[:-1] or lengths, key=lambda c: abs(c * tally.item_bytes - mid_bytes))
+
+    screen = {}
+    for lane, lengths in plan.items():
+        mid = nearest(lengths)
+        i = lengths.index(mid)
+        probes = [mid] + ([lengths[i + 3]] if i + 3 < len(lengths) - 1 else [])
+        yield Request(lane, probes[0], 1, warmup=True)
+        for c in probes[1:]:
+            yield Request(lane, c, 1)
+        screen[lane] = max(tally.measurement(lane, c).throughput or 0.0 for c in probes)
+    top = max(screen.values())
+    kept = {lane: v for lane, v in plan.items() if screen[lane] >= SCREEN * top}
+    # 1. coarse: every other rung (and always the unchunked end) per kept lane
+    for lane, lengths in kept.items():
+        rungs = lengths[::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else [])
+        for c in rungs:
+            if (lane, c) not in tally.times:
+                yield Request(lane, c, 1)
+    # 2. refine: ladder neighbours of the two best points
+    for lane, m in tally.leaders(2):
+        lengths = plan[lane]
+        i = lengths.index(m.chunk_len)
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(lengths) and (lane, lengths[j]) not in tally.times:
+                yield Request(lane, lengths[j], 1)
+    # 3. successive halving among the leaders
+    for keep, more in ((3, 2), (2, 2)):
+        yield Checkpoint(complete=False)
+        for lane, m in tally.leaders(keep):
+            yield Request(lane, m.chunk_len, more)
+    for lane, m in tally.leaders(2):
+        if m.spread > NOISY:
+            yield Checkpoint(complete=True)
+            yield Request(lane, m.chunk_len, 2)
