@@ -101,7 +101,7 @@ class Profile:
     ----------
     workload : str
         Name of the workload it was made for.
-    source : {"measured", "published", "heuristic"}
+    source : {"measured", "published", "online", "heuristic"}
         Where the numbers come from.
     cpu : dict
         The CPU it was made on (:func:`cpu_section`): ``brand``,

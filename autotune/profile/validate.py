@@ -28,7 +28,7 @@ from autotune._util import BACKENDS, one_line, utc_timestamp
 #: The only schema this version reads and writes.
 SCHEMA = 1
 #: Where a profile's numbers come from, most trusted first.
-SOURCES = ("measured", "published", "heuristic")
+SOURCES = ("measured", "published", "online", "heuristic")
 
 # Upper bounds that keep absurd integers out (they would overflow numpy
 # index arithmetic or mean a corrupted file); far above any real machine.
@@ -258,7 +258,9 @@ class _Validator:
             best=best,
             serial_throughput=(
                 None
-                if serial is None and source == "heuristic"
+                # The heuristic measured nothing; an online profile measured
+                # the calls the user made, not a serial run.
+                if serial is None and source in ("heuristic", "online")
                 else self.number(serial, "serial_throughput")
             ),
             measurements=tuple(

@@ -1,0 +1,299 @@
+"""Online refinement: the evaluator tunes itself with the user's own calls.
+
+Most users never run ``autotune search`` on the machine where their code
+runs, so an evaluator whose settings came from the heuristic keeps tuning
+them while it works (``Evaluator(adapt=...)``):
+
+- **Which setting next** comes from the same engine as the search
+  (:func:`autotune.engine.auto_requests` over a :class:`~autotune.engine.Tally`):
+  screen, coarse pass, refinement, successive halving.  Each call, or each
+  slice of a long call, is one run of the point the engine asked for.  When
+  the engine has nothing more to ask, the best point is *settled*.
+- **Bounded exploration.**  The ladder is the search's, cut to chunks between
+  a quarter of the heuristic's and eight times it: far-off rungs cost whole
+  calls at a fraction of the speed and are almost never best (DESIGN.md's
+  measurements: L2/16 to L2/4 per chunk within 0.92 of the best on five
+  kernels, the worst miss 2.5 times the rule).  After settling, one call in :data:`RECHECK` (doubling up
+  to :data:`RECHECK_MAX`) re-times the runner-up; three settled calls in a
+  row slower than the settled median by more than :data:`DRIFT` start a new
+  exploration (the kernel's cost changed: other data, same code).
+- **Inline below break-even** (:class:`BreakEven`): from the pool calls of a
+  kernel, the kernel's time per item and the pool's time per call are known;
+  a call with fewer items than the pool's time per call buys runs in the
+  calling process, over the same chunks.
+- **Remembered**: a settled point is saved as a profile with
+  ``source: online`` (see :func:`save_online`), so the next process with the
+  same kernel on the same CPU starts settled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from autotune.engine import NOISY, Checkpoint, Lane, Request, Tally, auto_requests, pick_best
+
+__all__ = [
+    "DRIFT",
+    "RECHECK",
+    "RECHECK_MAX",
+    "BreakEven",
+    "Refiner",
+    "infer_item_bytes",
+    "kernel_name",
+    "online_ladder",
+]
+
+#: Settled calls between two re-checks of the runner-up (doubles each time).
+RECHECK = 32
+RECHECK_MAX = 512
+#: Settled calls this much slower than the settled median, three in a row,
+#: mean the kernel's cost changed: explore again.
+DRIFT = 2 * NOISY
+#: Runs kept per point: the median of the recent ones is what counts.
+KEEP_RUNS = 64
+
+
+def kernel_name(kernel: Any) -> str:
+    """``module:qualname`` of a kernel: the name its online profile is saved under."""
+    module = getattr(kernel, "__module__", None) or "?"
+    qualname = getattr(kernel, "__qualname__", None) or type(kernel).__qualname__
+    return f"{module}:{qualname}"
+
+
+def file_slug(name: str) -> str:
+    """``name`` as a safe file-name part (``mymod:kernel`` -> ``mymod-kernel``)."""
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-.")
+    return slug[:80] or "kernel"
+
+
+def infer_item_bytes(shared: Mapping[str, Any], n: int, row_bytes: int | None = None) -> int | None:
+    """Bytes each item touches, from the data: rows of ``shared`` arrays of length ``n``.
+
+    Every top-level array in ``shared`` whose first axis has ``n`` entries
+    is read row by row as the items go (``x[start:stop]``); ``row_bytes``
+    adds the output row of a map.  ``None`` when nothing says.
+    """
+    total = 0
+    for value in shared.values():
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == n and n:
+            total += value.nbytes // n
+    if row_bytes:
+        total += row_bytes
+    return total or None
+
+
+def online_ladder(full: list[int], mid_len: int) -> list[int]:
+    """The search's chunk ladder cut to [mid/4, 8 x mid] (the unchunked end kept if inside)."""
+    lo, hi = mid_len / 4, mid_len * 8
+    kept = [c for c in full if lo <= c <= hi]
+    return kept or [min(full, key=lambda c: abs(c - mid_len))]
+
+
+@dataclass
+class _Pending:
+    request: Request
+    left: int  # runs still to make, the warm-up included
+    recorded: int = 0
+
+
+class Refiner:
+    """The online state of one kernel: exploring with the engine, or settled.
+
+    Parameters
+    ----------
+    plan : dict of Lane to list of int
+        Each lane's chunk ladder (ascending).
+    mid_len : int
+        The heuristic's chunk length: where screening starts.
+    item_bytes : int
+        Bytes per item, to express chunk lengths in bytes.
+    settled : tuple of (Lane, int), optional
+        Start settled here (an online profile found for this kernel and CPU).
+    """
+
+    def __init__(
+        self,
+        plan: dict[Lane, list[int]],
+        mid_len: int,
+        item_bytes: int,
+        settled: tuple[Lane, int] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.item_bytes = item_bytes
+        self.mid_bytes = mid_len * item_bytes
+        self.tally = Tally(1_000_000, item_bytes, label=True)
+        self.calls = 0  # runs recorded, over every point
+        self.explorations = 0
+        self._steps: Iterator[Request | Checkpoint] | None = None
+        self._pending: _Pending | None = None
+        self._recheck_every = RECHECK
+        self._since_check = 0
+        self._recent: deque[float] = deque(maxlen=3)  # settled runs' seconds per item
+        self.best: tuple[Lane, int]
+        if settled is not None:
+            self.best, self.settled = settled, True
+        else:
+            self.best, self.settled = (next(iter(plan)), mid_len), False
+            self._explore()
+
+    # -- what to run ----------------------------------------------------------
+    def next(self) -> tuple[Lane, int]:
+        """The point the next run (a call, or a slice of a long call) should use."""
+        if self.settled:
+            self._since_check += 1
+            runner_up = self._runner_up()
+            if runner_up is not None and self._since_check >= self._recheck_every:
+                self._since_check = 0
+                self._recheck_every = min(2 * self._recheck_every, RECHECK_MAX)
+                return runner_up
+            return self.best
+        while self._pending is None or self._pending.left == 0:
+            step = next(self._steps, None) if self._steps is not None else None
+            if step is None:
+                self._settle()
+                return self.best
+            if isinstance(step, Request):
+                self._pending = _Pending(step, step.repeats + int(step.warmup))
+        return self._pending.request.lane, self._pending.request.chunk_len
+
+    def record(self, point: tuple[Lane, int], seconds: float, items: int) -> None:
+        """What a run at ``point`` over ``items`` items took."""
+        pending = self._pending
+        if not self.settled and pending is not None and point == self._point(pending.request):
+            pending.left -= 1
+            if pending.request.warmup and pending.recorded == 0 and pending.left > 0:
+                pending.recorded = -1  # the warm-up: not recorded
+                return
+            pending.recorded += 1
+        self._add(point, seconds, items)
+        if self.settled and point == self.best:
+            self._watch(seconds / max(items, 1))
+
+    @property
+    def exploring(self) -> bool:
+        return not self.settled
+
+    def throughput(self, point: tuple[Lane, int] | None = None) -> float | None:
+        """Items per second measured at ``point`` (default: the best), if any."""
+        lane, chunk_len = point or self.best
+        if (lane, chunk_len) not in self.tally.times:
+            return None
+        return self.tally.measurement(lane, chunk_len).throughput
+
+    def runs_at(self, point: tuple[Lane, int]) -> int:
+        return len(self.tally.times.get(point, ()))
+
+    # -- inside -----------------------------------------------------------------
+    @staticmethod
+    def _point(request: Request) -> tuple[Lane, int]:
+        return request.lane, request.chunk_len
+
+    def _add(self, point: tuple[Lane, int], seconds: float, items: int) -> None:
+        lane, chunk_len = point
+        self.tally.add(lane, chunk_len, seconds, items)
+        runs = self.tally.times[point]
+        if len(runs) > KEEP_RUNS:
+            del runs[0]
+        self.calls += 1
+
+    def _explore(self) -> None:
+        self.settled = False
+        self.explorations += 1
+        self._pending = None
+        self._recent.clear()
+        self._steps = auto_requests(self.tally, self.plan, self.mid_bytes)
+
+    def _settle(self) -> None:
+        self._steps, self._pending = None, None
+        measured = self.tally.measured()
+        if measured:
+            best = pick_best(m for _, m in measured)
+            lane = next(lane for lane, m in measured if m is best)
+            self.best = (lane, best.chunk_len)
+        self.settled = True
+        self._since_check = 0
+
+    def _runner_up(self) -> tuple[Lane, int] | None:
+        leaders = [(lane, m.chunk_len) for lane, m in self.tally.leaders(2)]
+        others = [p for p in leaders if p != self.best]
+        return others[0] if others else None
+
+    def _watch(self, seconds_per_item: float) -> None:
+        """Re-explore when the settled point got slower and stayed slower."""
+        self._recent.append(seconds_per_item)
+        runs = self.tally.times.get(self.best, [])
+        if len(self._recent) < 3 or len(runs) < 6:
+            # Enough history first; and a re-check may have put a better
+            # point ahead: follow it.
+            self._follow_leader()
+            return
+        baseline = statistics.median(runs[:-3]) / self.tally.n
+        if all(s > baseline * (1 + DRIFT) for s in self._recent):
+            # Start over with what the kernel costs now: the old runs describe
+            # another workload.
+            self.tally = Tally(self.tally.n, self.item_bytes, label=True)
+            self.mid_bytes = self.best[1] * self.item_bytes
+            self._explore()
+            return
+        self._follow_leader()
+
+    def _follow_leader(self) -> None:
+        leaders = self.tally.leaders(1)
+        if leaders:
+            lane, m = leaders[0]
+            # A runner-up needs as many runs as the settled point had at
+            # settling (3 or more) before it can take over.
+            if (lane, m.chunk_len) != self.best and m.repeats >= 3:
+                self.best = (lane, m.chunk_len)
+
+
+class BreakEven:
+    """When a call is cheaper in the calling process than on the pool.
+
+    From each pool call of a kernel: its wall time and the kernel's busy
+    time summed over workers.  The kernel costs ``c`` seconds per item (busy
+    / items); a pool call costs ``overhead + c * n / workers``; running the
+    same chunks inline costs ``c * n``.  Inline wins below
+    ``n* = overhead / (c * (1 - 1 / workers))``.  Inline calls update ``c``.
+    """
+
+    def __init__(self) -> None:
+        self._per_item: deque[float] = deque(maxlen=8)  # seconds per item, kernel only
+        self._overhead: deque[float] = deque(maxlen=8)  # seconds per pool call, not kernel
+
+    def pool_call(self, items: int, wall: float, busy: float, workers: int) -> None:
+        if items <= 0 or busy <= 0:
+            return
+        per_item = busy / items
+        self._per_item.append(per_item)
+        # The part of the call that was not kernel work spread over workers.
+        self._overhead.append(max(0.0, wall - busy / max(workers, 1)))
+
+    def inline_call(self, items: int, wall: float) -> None:
+        if items > 0 and wall > 0:
+            self._per_item.append(wall / items)
+
+    @property
+    def known(self) -> bool:
+        return bool(self._overhead) and bool(self._per_item)
+
+    def items(self, workers: int) -> float:
+        """The break-even number of items (``inf``: always inline; 0: never)."""
+        if not self.known or workers <= 1:
+            return 0.0 if not self.known else math.inf
+        c = statistics.median(self._per_item)
+        overhead = statistics.median(self._overhead)
+        if c <= 0:
+            return math.inf
+        return overhead / (c * (1 - 1 / workers))
+
+    def inline(self, n: int, workers: int) -> bool:
+        return n < self.items(workers)

@@ -1,0 +1,93 @@
+"""Profiles the evaluator learned while it worked (``source: online``).
+
+An evaluator that tuned itself (:mod:`autotune.adapt`) saves what it
+settled on here, so that the next process with the same kernel on the same
+CPU starts from it.  The file is a schema-1 profile like any other, found by
+the same lookup (``$AUTOTUNE_PROFILE_DIR`` first, then the user's config
+directory), matched to the CPU the same way; each measurement's
+``repeats`` is the number of calls it rests on.
+
+Writing follows :meth:`Profile.save`: atomic (a temporary file renamed over
+the old one), so processes that save the same profile at once never leave a
+torn file; a directory that cannot be written (a read-only home) is a
+warning, once per process and directory, never an error.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from autotune._errors import ProfileError, ProfileWarning
+from autotune._util import utc_timestamp
+from autotune._version import __version__
+from autotune.cpu import CpuInfo
+from autotune.profile.lookup import user_profile_dir
+from autotune.profile.match import cpu_section
+from autotune.profile.model import Measurement, Profile, python_build
+
+__all__ = ["online_dir", "online_path", "online_profile", "save_online"]
+
+_WARNED: set[str] = set()
+
+
+def online_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where online profiles are written: ``$AUTOTUNE_PROFILE_DIR``, else the user's."""
+    env = os.environ if env is None else env
+    if env.get("AUTOTUNE_PROFILE_DIR"):
+        return Path(env["AUTOTUNE_PROFILE_DIR"])
+    return user_profile_dir()
+
+
+def online_path(slug: str, cpu: CpuInfo, directory: Path | None = None) -> Path:
+    """``<dir>/online-<slug>-<cpu fingerprint>.yaml``: one file per kernel and CPU."""
+    return (directory or online_dir()) / f"online-{slug}-{cpu.fingerprint}.yaml"
+
+
+def online_profile(
+    workload: str,
+    cpu: CpuInfo,
+    best: Measurement,
+    measurements: Sequence[Measurement],
+    *,
+    backend: str,
+    item_bytes: int,
+    n: int,
+) -> Profile:
+    """The profile of what an evaluator settled on (``repeats``: calls per point)."""
+    return Profile(
+        workload=workload,
+        source="online",
+        cpu=cpu_section(cpu),
+        best=best,
+        serial_throughput=None,
+        measurements=tuple(measurements),
+        created=utc_timestamp(),
+        autotune_version=__version__,
+        item_bytes=item_bytes,
+        n=n,
+        backend=backend,
+        python=python_build(),
+    )
+
+
+def save_online(profile: Profile, path: Path) -> bool:
+    """Write ``profile`` to ``path`` atomically; warn (once per directory) when it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        profile.save(path)
+        return True
+    except (OSError, ProfileError) as exc:
+        where = str(path.parent)
+        if where not in _WARNED:
+            _WARNED.add(where)
+            warnings.warn(
+                f"autotune could not save what it learned about {profile.workload!r} to "
+                f"{path}: {exc}; the next process will tune it again (set "
+                f"AUTOTUNE_PROFILE_DIR to a writable directory to keep it)",
+                ProfileWarning,
+                stacklevel=3,
+            )
+        return False

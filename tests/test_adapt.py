@@ -1,0 +1,113 @@
+"""Online refinement on scripted throughputs: no processes, no clocks.
+
+The refiner asks the engine which point to run next and files what each
+"call" took; here a call at chunk length ``c`` takes ``n / rate(c)``
+seconds from a table, so each test pins what the refiner decides: where it
+settles, how many calls it spends away from the best, when it re-checks and
+when a slower kernel makes it explore again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from autotune.adapt import (
+    RECHECK,
+    BreakEven,
+    Refiner,
+    infer_item_bytes,
+    kernel_name,
+    online_ladder,
+)
+
+LANE = ("processes", 2)
+LADDER = [1000, 2000, 4000, 8000, 16000, 32000, 64000, 125000, 500000]
+N = 1_000_000
+
+
+def peaked(best: int, top: float = 1e8):
+    """A throughput landscape with one peak, falling off by ~25% per rung."""
+
+    def rate(chunk_len: int) -> float:
+        return top * 0.75 ** abs(math.log2(chunk_len / best))
+
+    return rate
+
+
+def drive(refiner: Refiner, rate, calls: int) -> list[tuple[tuple, int]]:
+    used = []
+    for _ in range(calls):
+        point = refiner.next()
+        refiner.record(point, N / rate(point[1]), N)
+        used.append(point)
+    return used
+
+
+@pytest.mark.parametrize("best", [2000, 8000, 32000, 64000])
+def test_settles_on_the_planted_best_and_stays(best):
+    rate = peaked(best)
+    refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
+    used = drive(refiner, rate, 60)
+    assert refiner.settled and refiner.best == (LANE, best)
+    # After settling, only the best (and a rare re-check) is run.
+    assert sum(p == (LANE, best) for p in used[-20:]) >= 19
+
+
+def test_first_call_is_the_heuristic_and_regret_is_bounded():
+    rate = peaked(32000)
+    refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
+    used = drive(refiner, rate, 100)
+    assert used[0] == (LANE, 8000)
+    spent = sum(N / rate(c) for _, c in used)
+    ideal = 100 * N / rate(32000)
+    assert spent / ideal - 1 < 0.15  # the engine's exploration costs under 15 calls in 100
+
+
+def test_a_settled_profile_starts_settled():
+    refiner = Refiner({LANE: LADDER}, 8000, 8, settled=(LANE, 16000))
+    assert refiner.settled and refiner.next() == (LANE, 16000)
+
+
+def test_rechecks_the_runner_up_rarely():
+    rate = peaked(16000)
+    refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
+    drive(refiner, rate, 60)
+    assert refiner.settled
+    used = drive(refiner, rate, 4 * RECHECK)
+    away = [p for p in used if p != refiner.best]
+    assert 1 <= len(away) <= 4
+
+
+def test_a_kernel_that_got_slower_is_explored_again():
+    refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
+    drive(refiner, peaked(8000), 60)
+    assert refiner.settled and refiner.best == (LANE, 8000)
+    # Same name, other data: everything is 3x slower and the peak moved.
+    slower = peaked(64000, top=1e8 / 3)
+    drive(refiner, slower, 80)
+    assert refiner.explorations == 2
+    assert refiner.best == (LANE, 64000)
+
+
+def test_break_even_is_measured():
+    be = BreakEven()
+    assert not be.known and not be.inline(10, 2)  # nothing measured: the pool
+    # 1 us per item in the kernel, 1 ms per pool call on top.
+    for n in (10_000, 100_000):
+        be.pool_call(n, wall=1e-3 + n * 1e-6 / 2, busy=n * 1e-6, workers=2)
+    assert be.items(2) == pytest.approx(2000, rel=0.01)  # 1 ms / (1 us x (1 - 1/2))
+    assert be.inline(1000, 2) and not be.inline(10_000, 2)
+
+
+def test_item_bytes_inferred_from_arrays_of_length_n():
+    shared = {"x": np.zeros(1000), "y": np.zeros((1000, 3), np.float32), "k": np.zeros(7)}
+    assert infer_item_bytes(shared, 1000) == 8 + 12
+    assert infer_item_bytes(shared, 1000, row_bytes=8) == 28
+    assert infer_item_bytes({"s": [1, 2]}, 1000) is None
+
+
+def test_kernel_name():
+    assert kernel_name(peaked) == f"{__name__}:peaked"
