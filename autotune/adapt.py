@@ -13,10 +13,10 @@ them while it works (``Evaluator(adapt=...)``):
   a quarter of the heuristic's and eight times it: far-off rungs cost whole
   calls at a fraction of the speed and are almost never best (DESIGN.md's
   measurements: L2/16 to L2/4 per chunk within 0.92 of the best on five
-  kernels, the worst miss 2.5 times the rule).  After settling, one call in :data:`RECHECK` (doubling up
-  to :data:`RECHECK_MAX`) re-times the runner-up; three settled calls in a
-  row slower than the settled median by more than :data:`DRIFT` start a new
-  exploration (the kernel's cost changed: other data, same code).
+  kernels, the worst miss 2.5 times the rule).  After settling, one call in
+  :data:`RECHECK` (doubling up to :data:`RECHECK_MAX`) re-times the
+  runner-up; three settled calls in a row slower than the settled median by
+  more than :data:`DRIFT` start a new exploration (the kernel's cost changed: other data, same code).
 - **Inline below break-even** (:class:`BreakEven`): from the pool calls of a
   kernel, the kernel's time per item and the pool's time per call are known;
   a call with fewer items than the pool's time per call buys runs in the

@@ -212,7 +212,7 @@ BAD_FIELDS = [
     (("schema",), "1", "unknown schema '1'"),
     (("schema",), True, "unknown schema True"),
     (("schema",), 1.0, "unknown schema 1.0"),
-    (("source",), "guessed", "source must be one of measured, published, heuristic"),
+    (("source",), "guessed", "source must be one of measured, published, online, heuristic"),
     (("workload",), "", "workload must be a non-empty string"),
     (("workload",), 5, "workload must be a non-empty string"),
     (("created",), 5, "created"),
