@@ -16,7 +16,8 @@ them while it works (``Evaluator(adapt=...)``):
   kernels, the worst miss 2.5 times the rule).  After settling, one call in
   :data:`RECHECK` (doubling up to :data:`RECHECK_MAX`) re-times the
   runner-up; three settled calls in a row slower than the settled median by
-  more than :data:`DRIFT` start a new exploration (the kernel's cost changed: other data, same code).
+  more than :data:`DRIFT` start a new exploration (the kernel's cost
+  changed: other data, same code).
 - **Inline below break-even** (:class:`BreakEven`): from the pool calls of a
   kernel, the kernel's time per item and the pool's time per call are known;
   a call with fewer items than the pool's time per call buys runs in the
