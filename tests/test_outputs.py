@@ -190,3 +190,13 @@ def test_what_was_returned_is_named(x, no_leaks):
             ev.map(lambda s, a, b: (s.x[a:b],) if a == 0 else s.x[a:b], 20)
         with pytest.raises(ValueError, match=r"\(output 1\) for items \[10, 20\)"):
             ev.map(lambda s, a, b: (s.x[a:b], s.x[a:b].astype(np.float32 if a else float)), 20)
+
+
+def test_a_combine_that_raises_fails_the_call_only(backend, x, no_leaks):
+    def refuse(a, b):
+        raise ZeroDivisionError("combine refused")
+
+    with evaluator(backend, {"x": x}) as ev:
+        with pytest.raises(ZeroDivisionError, match="combine refused"):
+            ev.reduce(kernels.exp_sum, BIG, combine=refuse)
+        assert ev.reduce(kernels.sum_count, 5_000)[1] == 5_000  # still usable

@@ -89,8 +89,9 @@ class CallStats:
         ``sum(busy_s) / (workers * wall_s)``: 1.0 means every worker ran
         kernels for the whole call.
     retries : int
-        Batches re-run because the worker running them died (or, on Dask,
-        lacked the shared data).
+        Batches re-run because the worker running them died.  On Dask: tasks
+        resent because their worker lacked the shared data (Dask re-runs the
+        tasks of a dead worker itself, unseen by the client).
     """
 
     n: int
