@@ -143,15 +143,15 @@ class OrderedFold:
         it = iter(partials)
         if first == 0:
             acc = next(it, None)
-        done = first + 1 if first == 0 else first
+        partial = None
         try:
             for partial in it:
                 acc = combine(acc, partial)
-                done += 1
         except PartialMismatch as exc:
-            # Chunks before `done` are folded; the fold stays consistent.
-            self._acc, self._next = acc, done
-            raise self._named(exc, done) from None
+            # Found by identity, so that the loop above counts nothing.
+            at = first + next(i for i, p in enumerate(partials) if p is partial)
+            self._acc, self._next = acc, at  # chunks before `at` are folded
+            raise self._named(exc, at) from None
         self._acc = acc
         self._next = first + len(partials)
 

@@ -176,8 +176,8 @@ class ElementWise:
     """``op`` applied to partials, element by element where they are tuples or dicts.
 
     Plain partials (numbers, arrays) go straight to ``op``; a tuple (a
-    namedtuple keeps its type) or a dict is combined position by position or
-    key by key, recursively.  Partials of different structure raise
+    namedtuple keeps its type) or a ``dict`` (not any mapping) is combined
+    position by position or key by key, recursively.  Partials of different structure raise
     :class:`PartialMismatch`: an array plus a tuple would otherwise broadcast.
     """
 
@@ -187,7 +187,9 @@ class ElementWise:
         self.op = op
 
     def __call__(self, acc: Any, value: Any) -> Any:
-        if isinstance(acc, (tuple, Mapping)) or isinstance(value, (tuple, Mapping)):
+        # Once per chunk in the parent: plain partials must stay cheap, so
+        # concrete types only (an ABC check costs several times more).
+        if isinstance(acc, (tuple, dict)) or isinstance(value, (tuple, dict)):
             return self._combine(acc, value, "")
         return self.op(acc, value)
 
@@ -199,10 +201,10 @@ class ElementWise:
             parts = [self._combine(a, v, f"{path}[{i}]") for i, (a, v) in pairs]
             make = getattr(acc, "_make", None)  # a namedtuple keeps its type
             return make(parts) if make is not None else tuple(parts)
-        if isinstance(acc, Mapping) and isinstance(value, Mapping):
+        if isinstance(acc, dict) and isinstance(value, dict):
             if set(acc) != set(value):
                 raise PartialMismatch(acc, value, path)
             return {k: self._combine(acc[k], value[k], f"{path}[{k!r}]") for k in acc}
-        if isinstance(acc, (tuple, Mapping)) or isinstance(value, (tuple, Mapping)):
+        if isinstance(acc, (tuple, dict)) or isinstance(value, (tuple, dict)):
             raise PartialMismatch(acc, value, path)
         return self.op(acc, value)

@@ -188,8 +188,13 @@ class Dispatch:
         self.meter.advance(stop - start)
 
     def _store(self, c: int, item: Any) -> None:
-        start, stop = self._bounds(c)
-        structure, arrays = split_map_result(item, start, stop, self.structure)
+        start, stop = c * self.chunk_len, min(self.n, (c + 1) * self.chunk_len)
+        structure = self.structure
+        if type(item) is np.ndarray and structure is not None and structure.kind == "array":
+            # The worker checked its length; only its rows are left to check.
+            arrays = [item]
+        else:
+            structure, arrays = split_map_result(item, start, stop, structure)
         if self.out is None:
             self._allocate(structure, [(a.shape[1:], a.dtype) for a in arrays])
         assert self.out is not None

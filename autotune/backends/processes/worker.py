@@ -290,9 +290,18 @@ def _run_batch(
                         # Another worker's first chunk made the output: this
                         # chunk must have its structure.
                         structure, arrays = split_map_result(r, start, stop, call.structure)
+                else:
+                    # A small output: results go back through the pipe.  Decided
+                    # once per call (every chunk has the same rows), not per chunk.
+                    call.asked = True
                 if out is None:
                     append(arrays[0] if structure.kind == "array" else structure.build(arrays))
                     continue
+            if len(arrays) == 1:  # one array: the common case, kept lean
+                arr, o = arrays[0], out[0]
+                check_row_like(arr, o, start, stop)
+                o[start:stop] = arr
+                continue
             for i, arr in enumerate(arrays):
                 o = out[i]
                 check_row_like(arr, o, start, stop, structure.label(i))
