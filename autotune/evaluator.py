@@ -395,7 +395,8 @@ def _progress_bar(n: int, mode: str) -> Any:
     """A tqdm bar on stderr for one call, counting items as their chunks complete."""
     from tqdm import tqdm
 
-    return tqdm(total=n, desc=mode, unit="item", unit_scale=True, file=sys.stderr)
+    # unit_scale writes 100k, not 100000; but 1.00/1.00 for small counts.
+    return tqdm(total=n, desc=mode, unit="item", unit_scale=n >= 10_000, file=sys.stderr)
 
 
 def _pin_cpus(workers: int) -> list[int]:
