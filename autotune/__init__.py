@@ -10,9 +10,16 @@ production code with it::
         total = ev.reduce(kernel, len(x))
 """
 
-from autotune._errors import ProfileError, ProfileWarning, RemoteError, WorkerLost
+from autotune._errors import (
+    EfficiencyWarning,
+    ProfileError,
+    ProfileWarning,
+    RemoteError,
+    WorkerLost,
+)
 from autotune._version import __version__
 from autotune.backends.shared import shared_array
+from autotune.backends.stats import CallStats
 from autotune.cpu import CacheLevel, CpuInfo, probe
 from autotune.evaluator import Evaluator
 from autotune.profile import Measurement, Profile, load_profile
@@ -21,7 +28,9 @@ from autotune.workload import Workload
 
 __all__ = [
     "CacheLevel",
+    "CallStats",
     "CpuInfo",
+    "EfficiencyWarning",
     "Evaluator",
     "Measurement",
     "Profile",

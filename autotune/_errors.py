@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ProfileError", "ProfileWarning", "RemoteError", "WorkerLost"]
+__all__ = ["EfficiencyWarning", "ProfileError", "ProfileWarning", "RemoteError", "WorkerLost"]
 
 
 class ProfileError(ValueError):
@@ -38,3 +38,12 @@ class ProfileWarning(UserWarning):
 
 class RemoteError(RuntimeError):
     """A kernel raised an exception that could not be sent back as itself."""
+
+
+class EfficiencyWarning(RuntimeWarning):
+    """A long call kept its workers busy for too little of its time.
+
+    Issued once per evaluator, in one line saying what ``ev.stats`` suggests:
+    too few chunks, one slow chunk, a kernel holding the GIL on threads, or a
+    memory-bound kernel.
+    """

@@ -25,19 +25,24 @@ import math
 import multiprocessing as mp
 import operator
 import os
+import sys
 import threading
+import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from autotune._errors import EfficiencyWarning
 from autotune._util import BACKENDS, check_int, positive_int
 from autotune.backends.dask.cluster import load_cluster_profile
 from autotune.backends.processes.worker import in_worker
 from autotune.backends.runners import Runner, open_runner
-from autotune.backends.schedule import balanced_chunk_len
+from autotune.backends.schedule import balanced_chunk_len, n_chunks
 from autotune.backends.shared import check_names
+from autotune.backends.stats import CallStats, Meter, advice
 from autotune.backends.threads import in_thread_kernel
 from autotune.cpu import probe
 from autotune.profile import Profile, heuristic_profile, load_profile
@@ -210,32 +215,50 @@ class Evaluator:
         self._finalizer = weakref.finalize(self, self._runner.close)
         self.workers: int = self._runner.workers
         self.chunk_len: int = chunk_len
+        #: What the last call cost (:class:`~autotune.CallStats`); None before the first.
+        self.stats: CallStats | None = None
+        self._warned = False  # the EfficiencyWarning is given once per evaluator
 
     # -- public API -------------------------------------------------------
-    def map(self, kernel: Callable[..., Any], n: int) -> np.ndarray:
+    def map(self, kernel: Callable[..., Any], n: int, *, progress: bool = False) -> Any:
         """Results of ``kernel(shared, start, stop)`` for every chunk, joined along axis 0.
 
         Parameters
         ----------
         kernel : callable
-            Returns an array whose first axis has length ``stop - start``;
-            every chunk must give the same row shape and dtype.
+            Returns an array whose first axis has length ``stop - start``
+            (structured dtypes too), or a tuple or dict of such arrays (say
+            distances and indices); every chunk must give the same structure,
+            row shapes and dtypes.
         n : int
             Number of items.
+        progress : bool
+            Show a tqdm progress bar on stderr, advanced as chunks complete.
 
         Returns
         -------
-        numpy.ndarray
-            Shape ``(n, *row_shape)``.  For ``n == 0`` an empty float64
+        numpy.ndarray, tuple or dict
+            Shape ``(n, *row_shape)``; a tuple or dict of such arrays (the
+            kernel's structure, a namedtuple as a plain tuple), each
+            assembled in shared memory.  For ``n == 0`` an empty float64
             array (no chunk ran, so the row shape is unknown).
+
+        Raises
+        ------
+        ValueError
+            A chunk's result has the wrong length, or another structure,
+            row shape or dtype than the first chunk's; the message names
+            the chunk's items.
         """
-        return self._call(kernel, n, "map", None)
+        return self._call(kernel, n, "map", None, progress)
 
     def reduce(
         self,
         kernel: Callable[..., Any],
         n: int,
         combine: Callable[[Any, Any], Any] = operator.add,
+        *,
+        progress: bool = False,
     ) -> Any:
         """Partials of every chunk combined in index order.
 
@@ -244,10 +267,17 @@ class Evaluator:
         finishes first, so the result is deterministic to the bit.  For
         ``n == 0`` the identity of ``combine`` (0 for ``operator.add``, 1 for
         ``operator.mul``); other combine functions raise ``ValueError``.
+
+        With ``operator.add`` (the default) or ``operator.mul``, tuple and
+        dict partials are combined element by element (``(s, n)`` partials
+        give ``(sum of s, sum of n)``, never a concatenated tuple), and a
+        partial of another structure is a ``ValueError`` naming its chunk.
+        Any other ``combine`` is given whole partials, as the kernel
+        returned them.  ``progress=True`` shows a tqdm bar on stderr.
         """
         if not callable(combine):
             raise TypeError(f"combine must be callable, got {type(combine).__name__}")
-        return self._call(kernel, n, "reduce", combine)
+        return self._call(kernel, n, "reduce", combine, progress)
 
     def close(self) -> None:
         """End the workers and unlink every shared-memory segment (idempotent).
@@ -277,7 +307,9 @@ class Evaluator:
         return list(getattr(self._runner, "pids", []))
 
     # -- one call ---------------------------------------------------------
-    def _call(self, kernel: Callable[..., Any], n: int, mode: str, combine: Any) -> Any:
+    def _call(
+        self, kernel: Callable[..., Any], n: int, mode: str, combine: Any, progress: bool = False
+    ) -> Any:
         if not callable(kernel):
             raise TypeError(f"kernel must be callable, got {type(kernel).__name__}")
         n = check_int("n", n, minimum=0)
@@ -285,6 +317,7 @@ class Evaluator:
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
         if n == 0:
+            self.stats = self._stats(Meter(self.workers), 0, mode, self.chunk_len, 0.0)
             if mode == "map":
                 return np.empty((0,))
             if combine in _IDENTITY:
@@ -294,14 +327,46 @@ class Evaluator:
             if self._closed:
                 raise RuntimeError("this Evaluator is closed")
             self._busy = threading.get_ident()
+            chunk_len = self._chunk_len_for(n)
+            bar = _progress_bar(n, mode) if progress else None
+            meter = Meter(self.workers, None if bar is None else bar.update)
+            began = time.perf_counter()
             try:
-                return self._runner.run(kernel, n, self._chunk_len_for(n), mode, combine)
+                result = self._runner.run(kernel, n, chunk_len, mode, combine, meter)
             finally:
+                # Stats on every path: a failed call's are as true as any.
+                wall = time.perf_counter() - began
+                if bar is not None:
+                    bar.close()
+                self.stats = self._stats(meter, n, mode, chunk_len, wall)
                 self._busy = None
                 if self._runner.closed:
                     # The pool ended itself (Ctrl-C or a failure of our own
                     # mid-call): so does the evaluator.
                     self.close()
+        self._warn_if_inefficient()
+        return result
+
+    def _stats(self, meter: Meter, n: int, mode: str, chunk_len: int, wall: float) -> CallStats:
+        return CallStats.of(
+            meter,
+            n=n,
+            mode=mode,
+            chunk_len=chunk_len,
+            chunks=n_chunks(n, chunk_len),
+            backend=self.backend,
+            wall_s=wall,
+        )
+
+    def _warn_if_inefficient(self) -> None:
+        """One EfficiencyWarning per evaluator, for a long call that left workers idle."""
+        if self._warned or self.stats is None:
+            return
+        message = advice(self.stats)
+        if message is not None:
+            self._warned = True
+            # stacklevel: the user's line that called map/reduce.
+            warnings.warn(message, EfficiencyWarning, stacklevel=4)
 
     def _check_not_nested(self) -> None:
         """Refuse use from inside a kernel or a combine function: it would deadlock."""
@@ -326,6 +391,14 @@ class Evaluator:
         if not self._fit_chunks:
             return chunk_len
         return balanced_chunk_len(n, chunk_len, self.workers)
+
+
+def _progress_bar(n: int, mode: str) -> Any:
+    """A tqdm bar on stderr for one call, counting items as their chunks complete."""
+    from tqdm import tqdm
+
+    # unit_scale writes 100k, not 100000; but 1.00/1.00 for small counts.
+    return tqdm(total=n, desc=mode, unit="item", unit_scale=n >= 10_000, file=sys.stderr)
 
 
 def _pin_cpus(workers: int) -> list[int]:

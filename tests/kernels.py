@@ -236,3 +236,60 @@ def uses_inherited(shared, start, stop):
 def thread_count(shared, start, stop):
     """Threads in this worker process (BLAS pools included)."""
     return np.full(stop - start, len(os.listdir("/proc/self/task")))
+
+
+# -- several outputs and call statistics (tests/test_outputs.py, tests/test_stats.py) ---------
+def dist_idx(shared, start, stop):
+    """A tuple of two outputs of different row shape and dtype (distances and indices)."""
+    x = shared.x[start:stop]
+    idx = np.arange(start, stop, dtype=np.int64)[:, None] + np.arange(3, dtype=np.int32)
+    return x * 2.0, idx
+
+
+def fit_dict(shared, start, stop):
+    x = shared.x[start:stop]
+    return {"params": np.stack([x, -x], axis=1), "resid": (x * x).astype(np.float32)}
+
+
+def sum_count(shared, start, stop):
+    """A tuple partial: (sum, count, [min, max] as an array)."""
+    x = shared.x[start:stop]
+    return float(x.sum()), stop - start, np.array([x.min(), x.max()])
+
+
+def moments(shared, start, stop):
+    x = shared.x[start:stop]
+    return {"s1": float(x.sum()), "s2": float((x * x).sum()), "n": stop - start}
+
+
+def ragged_tuple(shared, start, stop):
+    """Two arrays whose lengths disagree in the chunk holding item ``shared.bad``."""
+    x = shared.x[start:stop]
+    return (x, x[:-1]) if start <= shared.bad < stop else (x, x)
+
+
+def changing_keys(shared, start, stop):
+    x = shared.x[start:stop]
+    return {"a": x, ("c" if start <= shared.bad < stop else "b"): x}
+
+
+def tuple_then_scalar(shared, start, stop):
+    """Tuple partials, but a plain float for the chunk holding item ``shared.bad``."""
+    if start <= shared.bad < stop:
+        return float(stop - start)
+    return float(stop - start), 1
+
+
+def records(shared, start, stop):
+    """A structured dtype, alone and beside a plain array."""
+    out = np.zeros(stop - start, dtype=[("x", "f8"), ("i", "i4")])
+    out["x"] = shared.x[start:stop]
+    out["i"] = np.arange(start, stop)
+    return out, shared.x[start:stop] + 1.0
+
+
+def sleep_first(shared, start, stop):
+    """Sleeps ``shared.delay`` s in the first chunk only: one slow chunk holds one worker."""
+    if start == 0:
+        time.sleep(shared.delay)
+    return float(stop - start)

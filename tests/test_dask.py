@@ -96,6 +96,30 @@ def die_always(shared, start, stop):
     return 0.0
 
 
+def dist_idx(shared, start, stop):
+    x = shared.x[start:stop]
+    return x * 2.0, np.arange(start, stop, dtype=np.int32)
+
+
+def fit_dict(shared, start, stop):
+    x = shared.x[start:stop]
+    return {"params": np.stack([x, -x], axis=1), "resid": (x * x).astype(np.float32)}
+
+
+def sum_count(shared, start, stop):
+    x = shared.x[start:stop]
+    return float(x.sum()), {"n": stop - start, "minmax": np.array([x.min(), x.max()])}
+
+
+def ragged_at_100k(shared, start, stop):
+    x = shared.x[start:stop]
+    return (x, x[:-1]) if start <= 100_000 < stop else (x, x)
+
+
+def scalar_at_100k(shared, start, stop):
+    return 1.0 if start <= 100_000 < stop else (1.0, 2.0)
+
+
 def _revive(path, value):
     with open(path, "a") as fh:
         fh.write(f"{os.getpid()}\n")
@@ -151,6 +175,41 @@ def test_map_reduce_equal_serial(client, x):
         maxed = ev.reduce(exp_sum, N, combine=max)  # combine runs here, never pickled
         assert maxed == max(serial_parts(exp_sum, {"x": x}, N, 3_000))
         assert ev.reduce(exp_sum, 0) == 0 and ev.map(stream_kernel, 0).shape == (0,)
+
+
+def test_several_outputs_equal_serial(client, x, capsys):
+    shared = {"x": x}
+    with Evaluator(2, 3_000, shared=shared, backend="dask", client=client) as ev:
+        for kernel in (dist_idx, fit_dict):
+            got = ev.map(kernel, N, progress=True)
+            want = kernel(SharedNamespace(shared), 0, N)
+            assert type(got) is type(want)
+            for g, w in zip(
+                got.values() if isinstance(got, dict) else got,
+                want.values() if isinstance(want, dict) else want,
+                strict=True,
+            ):
+                assert g.dtype == w.dtype and np.array_equal(g, w)
+        assert list(ev.map(fit_dict, 10)) == ["params", "resid"]
+        assert "100%" in capsys.readouterr().err
+        total, rest = ev.reduce(sum_count, N)  # element by element, nested too
+        parts = serial_parts(sum_count, shared, N, 3_000)
+        assert total == fold([p[0] for p in parts])
+        assert rest["n"] == N
+        assert np.array_equal(rest["minmax"], fold([p[1]["minmax"] for p in parts]))
+        st = ev.stats
+        assert (st.backend, st.n, st.mode, st.workers, st.chunks) == ("dask", N, "reduce", 2, 67)
+        assert len(st.busy_s) == 2 and sum(st.busy_s) > 0 and st.retries == 0
+        assert st.efficiency == pytest.approx(sum(st.busy_s) / (2 * st.wall_s))
+
+
+def test_several_outputs_bad_input(client, x):
+    with Evaluator(2, 1_000, shared={"x": x}, backend="dask", client=client) as ev:
+        with pytest.raises(ValueError, match=r"a tuple of 2 arrays for items \[100000, 101000\)"):
+            ev.map(ragged_at_100k, N)
+        with pytest.raises(ValueError, match=r"a float for items \[100000, 101000\)"):
+            ev.reduce(scalar_at_100k, N)
+        assert ev.reduce(exp_sum, N) == fold(serial_parts(exp_sum, {"x": x}, N, 1_000))
 
 
 def test_shared_data_sent_once_per_worker(client, x, tmp_path):

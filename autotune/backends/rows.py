@@ -16,16 +16,24 @@ def check_map_result(result: Any, start: int, stop: int) -> np.ndarray:
         got = "a scalar" if arr.ndim == 0 else f"first axis {arr.shape[0]}"
         raise ValueError(
             f"map kernel returned {got} for items [{start}, {stop}); it must return an array "
-            f"whose first axis has length stop - start = {stop - start}"
+            f"(or a tuple or dict of arrays) whose first axis has length stop - start = "
+            f"{stop - start}"
         )
     return arr
 
 
-def check_row_like(arr: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
-    """Refuse a map result whose rows differ in shape or dtype from the output's."""
+def check_row_like(
+    arr: np.ndarray, out: np.ndarray, start: int, stop: int, label: str = ""
+) -> None:
+    """Refuse a map result whose rows differ in shape or dtype from the output's.
+
+    ``label`` names the output among several (``"output 1"``).
+    """
     if arr.shape[1:] != out.shape[1:] or arr.dtype != out.dtype:
+        what = f" ({label})" if label else ""
         raise ValueError(
-            f"map kernel returned shape {arr.shape} dtype {arr.dtype} for items [{start}, {stop}), "
+            f"map kernel returned shape {arr.shape} dtype {arr.dtype}{what} for items "
+            f"[{start}, {stop}), "
             f"but the first chunk gave rows of shape {out.shape[1:]} dtype {out.dtype}; "
             f"every chunk must return the same row shape and dtype"
         )

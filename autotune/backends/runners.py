@@ -7,13 +7,18 @@ from typing import Any, Protocol
 
 from autotune.backends.dask.runner import DaskRunner
 from autotune.backends.processes.pool import ProcessPool
+from autotune.backends.stats import Meter
 from autotune.backends.threads import ThreadRunner
 
 __all__ = ["Runner", "open_runner"]
 
 
 class Runner(Protocol):
-    """What the evaluator and the tuner ask of a backend."""
+    """What the evaluator and the tuner ask of a backend.
+
+    ``run`` records into ``meter`` (when given) each worker's time in
+    kernels, batches re-run and items completed (:class:`~autotune.backends.stats.Meter`).
+    """
 
     workers: int
 
@@ -24,6 +29,7 @@ class Runner(Protocol):
         chunk_len: int,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
+        meter: Meter | None = None,
     ) -> Any: ...
 
     def close(self) -> None: ...

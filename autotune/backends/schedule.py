@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from autotune.backends.structure import ELEMENTWISE, ElementWise, PartialMismatch
+
 __all__ = ["Batches", "OrderedFold", "balanced_chunk_len", "chunk_bounds", "n_chunks"]
 
 #: Each batch takes 1/(GUIDE * workers) of the chunks not yet handed out: a
@@ -102,10 +104,20 @@ class OrderedFold:
     serial loop over the same chunks, hence the same bits, whichever worker
     finished first.  Partials that arrive early wait in a dict until the gap
     before them is filled, so memory stays bounded by what is out of order.
+
+    ``operator.add`` and ``operator.mul`` combine tuple and dict partials
+    element by element (:class:`~autotune.backends.structure.ElementWise`);
+    any other ``combine`` is given whole partials.  ``bounds`` (chunk ->
+    item range) lets a mismatch of structure name its chunk.
     """
 
-    def __init__(self, combine: Callable[[Any, Any], Any]) -> None:
-        self._combine = combine
+    def __init__(
+        self,
+        combine: Callable[[Any, Any], Any],
+        bounds: Callable[[int], tuple[int, int]] | None = None,
+    ) -> None:
+        self._combine = ElementWise(combine) if combine in ELEMENTWISE else combine
+        self._bounds = bounds
         self._pending: dict[int, Any] = {}
         self._next = 0
         self._acc: Any = None
@@ -114,7 +126,10 @@ class OrderedFold:
         self._pending[chunk] = partial
         while self._next in self._pending:
             value = self._pending.pop(self._next)
-            self._acc = value if self._next == 0 else self._combine(self._acc, value)
+            try:
+                self._acc = value if self._next == 0 else self._combine(self._acc, value)
+            except PartialMismatch as exc:
+                raise self._named(exc, self._next) from None
             self._next += 1
 
     def extend(self, first: int, partials: list[Any]) -> None:
@@ -128,10 +143,22 @@ class OrderedFold:
         it = iter(partials)
         if first == 0:
             acc = next(it, None)
-        for partial in it:
-            acc = combine(acc, partial)
+        partial = None
+        try:
+            for partial in it:
+                acc = combine(acc, partial)
+        except PartialMismatch as exc:
+            # Found by identity, so that the loop above counts nothing.
+            at = first + next(i for i, p in enumerate(partials) if p is partial)
+            self._acc, self._next = acc, at  # chunks before `at` are folded
+            raise self._named(exc, at) from None
         self._acc = acc
         self._next = first + len(partials)
+
+    def _named(self, exc: PartialMismatch, chunk: int) -> ValueError:
+        if self._bounds is None:
+            return ValueError(exc.message())
+        return exc.at(*self._bounds(chunk))
 
     @property
     def done(self) -> int:

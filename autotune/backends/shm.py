@@ -20,11 +20,15 @@ by the tracker process; it unregisters them when it unlinks them itself.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import secrets
 import weakref
 from multiprocessing import resource_tracker
+from typing import Any
+
+import numpy as np
 
 from autotune.backends import guardian as _guardian
 
@@ -33,7 +37,16 @@ try:  # POSIX only; Windows has no fork and is not supported by this module.
 except ImportError:  # pragma: no cover - exercised on Windows only
     _posixshmem = None
 
-__all__ = ["OutputCache", "Segment", "PREFIX", "SHM_OUTPUT_MIN", "list_segments", "unlink"]
+__all__ = [
+    "OutputCache",
+    "Segment",
+    "PREFIX",
+    "SHM_OUTPUT_MIN",
+    "list_segments",
+    "output_layout",
+    "output_views",
+    "unlink",
+]
 
 #: Map outputs of at least this many bytes live in shared memory (the
 #: processes backend: workers write into it; threads: it is reused); smaller
@@ -43,6 +56,39 @@ SHM_OUTPUT_MIN = 256 * 1024
 #: Every segment autotune creates is named with this prefix, so tests and
 #: users can see what is ours in /dev/shm.
 PREFIX = "autotune_"
+
+#: Each output of a map with several outputs starts at a multiple of this
+#: in the shared segment (a cache line: rows of two outputs never share one).
+OUTPUT_ALIGN = 64
+
+#: Where each output of a map lives in its segment: ``(offset, shape, dtype)``.
+Layout = list[tuple[int, tuple[int, ...], Any]]
+
+
+def output_layout(n: int, rows: list[tuple[tuple[int, ...], Any]]) -> tuple[int, Layout]:
+    """Bytes needed, and the layout, for ``n`` rows of each ``(row_shape, dtype)``.
+
+    Every output of a map (one array, or each array of a tuple or dict
+    result) is laid out in one segment, one after the other: one segment,
+    one name to reuse and to unlink, whatever the number of outputs.
+    """
+    layout: Layout = []
+    offset = 0
+    for tail, dtype in rows:
+        dtype = np.dtype(dtype)
+        shape = (n, *tail)
+        layout.append((offset, shape, dtype))
+        nbytes = math.prod(shape) * dtype.itemsize
+        offset += -(-nbytes // OUTPUT_ALIGN) * OUTPUT_ALIGN
+    return max(offset, 1), layout
+
+
+def output_views(buffer: Any, layout: Layout) -> list[np.ndarray]:
+    """The arrays of ``layout`` viewing ``buffer`` (a segment's mapping)."""
+    return [
+        np.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+        for offset, shape, dtype in layout
+    ]
 
 
 class Segment:

@@ -11,18 +11,20 @@ The kernel runs concurrently in one process: it must be thread-safe (read
 
 from __future__ import annotations
 
-import math
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
 
-from autotune.backends.rows import check_map_result, check_row_like
-from autotune.backends.schedule import Batches, OrderedFold, n_chunks
+from autotune.backends.rows import check_row_like
+from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 from autotune.backends.shared import SharedNamespace
-from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache
+from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache, output_layout, output_views
+from autotune.backends.stats import Meter
+from autotune.backends.structure import Structure, split_map_result
 
 __all__ = ["ThreadRunner", "in_thread_kernel"]
 
@@ -52,9 +54,11 @@ class _ThreadCall:
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         workers: int,
-        allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray],
+        allocate: Callable[[int, list[tuple[tuple[int, ...], Any]]], list[np.ndarray]],
+        meter: Meter,
     ) -> None:
         self.allocate = allocate
+        self.meter = meter
         self.kernel = kernel
         self.shared = shared
         self.n = n
@@ -62,8 +66,13 @@ class _ThreadCall:
         self.mode = mode
         self.lock = threading.Lock()
         self.batches = Batches(n_chunks(n, chunk_len), workers)
-        self.fold = OrderedFold(combine) if combine is not None else None
-        self.out: np.ndarray | None = None
+        self.fold = (
+            OrderedFold(combine, lambda c: chunk_bounds(c, c + 1, chunk_len, n))
+            if combine is not None
+            else None
+        )
+        self.structure: Structure | None = None
+        self.out: list[np.ndarray] | None = None  # one array per output of the map
         self.failure: BaseException | None = None
         self.cancelled = False
 
@@ -75,15 +84,15 @@ class _ThreadCall:
                 self.failure = exc
             self.cancelled = True
 
-    def drain(self) -> None:
+    def drain(self, worker: int) -> None:
         """Run batches until none is left (or the call fails)."""
         _LOCAL.in_kernel = True
         try:
-            self._drain()
+            self._drain(worker)
         finally:
             _LOCAL.in_kernel = False
 
-    def _drain(self) -> None:
+    def _drain(self, worker: int) -> None:
         kernel, shared, n, cl = self.kernel, self.shared, self.n, self.chunk_len
         mapping = self.mode == "map"
         while True:
@@ -94,6 +103,9 @@ class _ThreadCall:
                 # result gives the row shape and dtype.
                 c0, c1 = self.batches.take(1 if mapping and self.out is None else None)
             partials = []
+            # CPU time of this thread, not wall time: a kernel that holds the
+            # GIL makes the other threads wait, and waiting is not work.
+            began = time.thread_time()
             for c in range(c0, c1):
                 if self.cancelled:
                     return
@@ -102,24 +114,40 @@ class _ThreadCall:
                 try:
                     r = kernel(shared, start, stop)
                     if mapping:
-                        arr = check_map_result(r, start, stop)
+                        structure, arrays = split_map_result(r, start, stop, self.structure)
                         out = self.out
                         if out is None:
                             with self.lock:
                                 if self.out is None:
-                                    self.out = self.allocate((n, *arr.shape[1:]), arr.dtype)
+                                    self.structure = structure
+                                    rows = [(a.shape[1:], a.dtype) for a in arrays]
+                                    self.out = self.allocate(n, rows)
                                 out = self.out
-                        check_row_like(arr, out, start, stop)
-                        out[start:stop] = arr  # disjoint rows: no lock needed
+                            if self.structure != structure:  # another thread's came first
+                                structure, arrays = split_map_result(r, start, stop, self.structure)
+                        for i, arr in enumerate(arrays):
+                            o = out[i]
+                            check_row_like(arr, o, start, stop, structure.label(i))
+                            o[start:stop] = arr  # disjoint rows: no lock needed
                     else:
                         partials.append(r)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                     self.fail(exc, start, stop)
                     return
-            if not mapping:
-                assert self.fold is not None
-                with self.lock:
-                    self.fold.extend(c0, partials)
+            busy = time.thread_time() - began
+            start, stop = chunk_bounds(c0, c1, cl, n)
+            with self.lock:
+                self.meter.add_busy(worker, busy)
+                if not mapping:
+                    assert self.fold is not None
+                    try:
+                        self.fold.extend(c0, partials)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                        if self.failure is None:
+                            self.failure = exc
+                        self.cancelled = True
+                        return
+                self.meter.advance(stop - start)
 
 
 class ThreadRunner:
@@ -133,23 +161,23 @@ class ThreadRunner:
         self._outputs = OutputCache()
         self._closed = False
 
-    def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """The output of a map: the previous one's memory again if the caller let it go.
+    def _allocate(self, n: int, rows: list[tuple[tuple[int, ...], Any]]) -> list[np.ndarray]:
+        """The outputs of a map: the previous one's memory again if the caller let it go.
 
         Fresh memory costs a page fault per page on first touch, which
         doubles the time of a memory-bound map.  Large outputs live in a
         shared-memory segment that :class:`~autotune.backends.shm.OutputCache`
         keeps and reuses once nothing (no result, no view of it) maps it any
         more: the same scheme as the processes backend, with no reference
-        counting.  Small ones are plain arrays.
+        counting; the outputs of a tuple or dict result share one segment.
+        Small ones are plain arrays.
         """
-        count = math.prod(shape)
-        nbytes = count * dtype.itemsize
-        if dtype.hasobject or nbytes < SHM_OUTPUT_MIN:
-            return np.empty(shape, dtype=dtype)
-        seg = self._outputs.get(nbytes)
-        out = np.frombuffer(seg.mmap, dtype=dtype, count=count).reshape(shape)
-        seg.close()  # the array keeps the mapping; the cache keeps the name
+        size, layout = output_layout(n, rows)
+        if any(dtype.hasobject for _, _, dtype in layout) or size < SHM_OUTPUT_MIN:
+            return [np.empty(shape, dtype=dtype) for _, shape, dtype in layout]
+        seg = self._outputs.get(size)
+        out = output_views(seg.mmap, layout)
+        seg.close()  # the arrays keep the mapping; the cache keeps the name
         return out
 
     def run(
@@ -159,9 +187,11 @@ class ThreadRunner:
         chunk_len: int,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
+        meter: Meter | None = None,
     ) -> Any:
+        meter = meter if meter is not None else Meter(self.workers)
         call = _ThreadCall(
-            kernel, self.shared, n, chunk_len, mode, combine, self.workers, self._allocate
+            kernel, self.shared, n, chunk_len, mode, combine, self.workers, self._allocate, meter
         )
         limiter = None
         if self.blas_threads is not None:
@@ -171,7 +201,7 @@ class ThreadRunner:
             # the duration of the call, so threads x BLAS threads fits.
             limiter = threadpool_limits(limits=self.blas_threads)
         try:
-            futures = [self._executor.submit(call.drain) for _ in range(self.workers)]
+            futures = [self._executor.submit(call.drain, i) for i in range(self.workers)]
             try:
                 wait(futures)
             except BaseException:
@@ -185,7 +215,8 @@ class ThreadRunner:
         if call.failure is not None:
             raise call.failure
         if mode == "map":
-            return call.out
+            assert call.structure is not None and call.out is not None
+            return call.structure.build(call.out)
         assert call.fold is not None
         return call.fold.result()
 

@@ -46,8 +46,10 @@ import numpy as np
 from autotune._errors import WorkerLost
 from autotune._util import one_line
 from autotune.backends.dask.tasks import _adopt, _forget, _Missing, _run_batch
-from autotune.backends.rows import check_map_result, check_row_like
+from autotune.backends.rows import check_row_like
 from autotune.backends.schedule import OrderedFold, chunk_bounds, n_chunks
+from autotune.backends.stats import Meter
+from autotune.backends.structure import Structure, split_map_result
 
 if TYPE_CHECKING:
     pass
@@ -166,22 +168,30 @@ class _DaskCall:
     """One call: keep ``inflight`` batches submitted, consume results as they finish."""
 
     def __init__(
-        self, runner: DaskRunner, kernel: Callable[..., Any], n: int, chunk_len: int, mode: str
+        self,
+        runner: DaskRunner,
+        kernel: Callable[..., Any],
+        n: int,
+        chunk_len: int,
+        mode: str,
+        meter: Meter,
     ) -> None:
         self.runner = runner
+        self.meter = meter
         self.kernel = kernel
         self.n = n
         self.chunk_len = chunk_len
         self.mode = mode
         self.total = n_chunks(n, chunk_len)
         self.next = 0  # first chunk not yet submitted
-        self.threads = max(1, runner.cluster_threads())
+        self.threads = meter.workers  # the cluster's worker threads
         name = "".join(ch for ch in getattr(kernel, "__name__", "") if ch.isalnum() or ch == "_")
         self.prefix = f"autotune-{name or 'kernel'}"  # task keys, as the dashboard shows them
         self.call = uuid.uuid4().hex[:8]
         self.resent = 0
         self.pending: dict[Any, tuple[int, int]] = {}  # future -> (c0, c1)
-        self.out: np.ndarray | None = None
+        self.structure: Structure | None = None
+        self.out: list[np.ndarray] | None = None  # one array per output of the map
 
     def submit(self, batch: tuple[int, int] | None = None, worker: str | None = None) -> Any:
         """Submit the next batch; or resend ``batch`` with the shared data to ``worker``."""
@@ -193,6 +203,7 @@ class _DaskCall:
         else:
             c0, c1 = batch
             self.resent += 1
+            self.meter.retries += 1
             key = f"{self.prefix}-{self.call}-{c0}-resent{self.resent}"
         r = self.runner
         fut = r.client.submit(
@@ -237,13 +248,18 @@ class _DaskCall:
                 self.fill(ac)  # workers get new tasks before we fetch these results
                 results = client.gather(done, direct=self.runner.direct)
                 del done  # the workers may drop the results now
-                for (c0, c1), result in zip(ranges, results, strict=True):
-                    if isinstance(result, _Missing):
-                        ac.add(self.submit((c0, c1), result.worker))
-                    elif fold is not None:
+                for (c0, c1), answer in zip(ranges, results, strict=True):
+                    if isinstance(answer, _Missing):
+                        ac.add(self.submit((c0, c1), answer.worker))
+                        continue
+                    result, busy, worker = answer
+                    self.meter.add_busy(worker, busy)
+                    if fold is not None:
                         fold.extend(c0, result)
                     else:
                         self.store(c0, c1, result)
+                    start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
+                    self.meter.advance(stop - start)
                 del results
         except BaseException:
             # A kernel error, a lost worker, Ctrl-C: the rest is not wanted.
@@ -255,11 +271,13 @@ class _DaskCall:
 
     def store(self, c0: int, c1: int, rows: Any) -> None:
         start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
-        arr = check_map_result(rows, start, stop)
+        structure, arrays = split_map_result(rows, start, stop, self.structure)
         if self.out is None:
-            self.out = np.empty((self.n, *arr.shape[1:]), dtype=arr.dtype)
-        check_row_like(arr, self.out, start, stop)
-        self.out[start:stop] = arr
+            self.structure = structure
+            self.out = [np.empty((self.n, *a.shape[1:]), dtype=a.dtype) for a in arrays]
+        for i, (arr, out) in enumerate(zip(arrays, self.out, strict=True)):
+            check_row_like(arr, out, start, stop, structure.label(i))
+            out[start:stop] = arr
 
     def failure(self, fut: Any) -> BaseException:
         c0, c1 = self.pending[fut]
@@ -385,6 +403,7 @@ class DaskRunner:
         chunk_len: int,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
+        meter: Meter | None = None,
     ) -> Any:
         if self.client is None or self.client.status != "running":
             raise _closed(self.client) if self.client is not None else RuntimeError("closed")
@@ -393,11 +412,19 @@ class DaskRunner:
             # Every worker holding the shared data died, or the cluster was
             # restarted, since the last call: send it again.
             self._scatter(self._data)
-        call = _DaskCall(self, kernel, n, chunk_len, mode)
-        fold = OrderedFold(combine) if mode == "reduce" and combine is not None else None
+        nthreads = self.client.nthreads()
+        meter = meter if meter is not None else Meter(self.workers)
+        # Kernels run one per worker thread, whatever the tasks in flight.
+        meter.workers = max(1, int(sum(nthreads.values())))
+        meter.slots = sorted(nthreads)
+        call = _DaskCall(self, kernel, n, chunk_len, mode, meter)
+        fold = None
+        if mode == "reduce" and combine is not None:
+            fold = OrderedFold(combine, lambda c: chunk_bounds(c, c + 1, chunk_len, n))
         call.run(fold)
         if mode == "map":
-            return call.out
+            assert call.structure is not None and call.out is not None
+            return call.structure.build(call.out)
         assert fold is not None
         return fold.result()
 

@@ -6,15 +6,17 @@ importable module of their own, apart from the client side (``runner``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autotune.backends.rows import check_map_result, check_row_like
+from autotune.backends.rows import check_row_like
 from autotune.backends.schedule import chunk_bounds
 from autotune.backends.shared import SharedNamespace
+from autotune.backends.structure import Structure, split_map_result
 
 if TYPE_CHECKING:
     pass
@@ -75,24 +77,27 @@ def _run_batch(
     c1: int,
     blas_threads: int | None,
 ) -> Any:
-    """One task: chunks ``[c0, c1)``; partials (reduce) or the batch's rows (map).
+    """One task: chunks ``[c0, c1)``; ``(result, busy_s, worker)``, or :class:`_Missing`.
 
-    ``data`` is the shared dict only where the client resent the task with
-    the scattered data as a dependency, after this worker answered
-    :class:`_Missing`.
+    The result is the partials (reduce) or the batch's rows (map: an array,
+    or a tuple or dict of arrays like the kernel's); ``busy_s`` the seconds
+    spent in the kernel, for ``ev.stats``.  ``data`` is the shared dict only
+    where the client resent the task with the scattered data as a
+    dependency, after this worker answered :class:`_Missing`.
     """
+    from distributed import get_worker
+
     if data is not None:
         _SHARED[token] = data
     else:
         found = _SHARED.get(token)
         if found is None:
-            from distributed import get_worker
-
             return _Missing(get_worker().address)
         data = found
     _limit_blas(blas_threads)
     shared = SharedNamespace(data)  # read-only views; the data itself is not copied
     start = stop = c0 * chunk_len
+    began = time.perf_counter()
     try:
         if mode == "reduce":
             partials = []
@@ -100,25 +105,33 @@ def _run_batch(
                 start = c * chunk_len
                 stop = min(n, start + chunk_len)
                 partials.append(kernel(shared, start, stop))
-            return partials
-        s0, s1 = chunk_bounds(c0, c1, chunk_len, n)
-        rows: np.ndarray | None = None
-        for c in range(c0, c1):
-            start = c * chunk_len
-            stop = min(n, start + chunk_len)
-            arr = check_map_result(kernel(shared, start, stop), start, stop)
-            if c1 - c0 == 1:
-                return arr
-            if rows is None:
-                rows = np.empty((s1 - s0, *arr.shape[1:]), dtype=arr.dtype)
-            else:
-                check_row_like(arr, rows, start, stop)
-            rows[start - s0 : stop - s0] = arr
-        return rows
+            result: Any = partials
+        else:
+            # The batch's rows, in the structure the kernel returns (one
+            # array, or a tuple or dict of arrays).
+            s0, s1 = chunk_bounds(c0, c1, chunk_len, n)
+            structure: Structure | None = None
+            rows: list[np.ndarray] = []
+            for c in range(c0, c1):
+                start = c * chunk_len
+                stop = min(n, start + chunk_len)
+                r = kernel(shared, start, stop)
+                structure, arrays = split_map_result(r, start, stop, structure)
+                if c1 - c0 == 1:
+                    rows = arrays
+                    break
+                if not rows:
+                    rows = [np.empty((s1 - s0, *a.shape[1:]), dtype=a.dtype) for a in arrays]
+                for i, (arr, out) in enumerate(zip(arrays, rows, strict=True)):
+                    check_row_like(arr, out, start, stop, structure.label(i))
+                    out[start - s0 : stop - s0] = arr
+            assert structure is not None
+            result = structure.build(rows)
     except Exception as exc:
         if hasattr(exc, "add_note"):
             exc.add_note(f"[raised by the kernel on a Dask worker on items [{start}, {stop})]")
         raise
+    return result, time.perf_counter() - began, get_worker().address
 
 
 def _probe_worker() -> dict[str, Any]:

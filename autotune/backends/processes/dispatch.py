@@ -12,7 +12,6 @@ the control word, and the call drains before the error is raised.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Protocol
@@ -24,7 +23,9 @@ from autotune.backends.processes.exits import describe_exit, rebuild_exception
 from autotune.backends.processes.worker import wants_shared_output
 from autotune.backends.rows import check_row_like
 from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
-from autotune.backends.shm import Segment
+from autotune.backends.shm import Layout, Segment, output_layout, output_views
+from autotune.backends.stats import Meter
+from autotune.backends.structure import Structure, split_map_result
 
 __all__ = ["Dispatch", "Pool", "WorkerHandle"]
 
@@ -81,6 +82,7 @@ class Dispatch:
         chunk_len: int,
         mode: str,
         combine: Any,
+        meter: Meter,
     ) -> None:
         self.pool = pool
         self.n = n
@@ -89,10 +91,14 @@ class Dispatch:
         self.total = n_chunks(n, self.chunk_len)
         self.call_id = call_id
         self.kernel_bytes = kernel_bytes
+        self.meter = meter
         self.batches = Batches(self.total, pool.workers)
-        self.fold = OrderedFold(combine) if mode == "reduce" else None
-        self.out: np.ndarray | None = None
-        self.out_desc: tuple[str, int] | None = None  # shared output (name, size)
+        self.fold = OrderedFold(combine, self._bounds) if mode == "reduce" else None
+        # A map's outputs: one array per output of the kernel (several when
+        # it returns a tuple or a dict), all in one shared segment or none.
+        self.structure: Structure | None = None
+        self.out: list[np.ndarray] | None = None
+        self.out_desc: tuple[str, int, Layout] | None = None  # shared (name, size, layout)
         self.failure: BaseException | None = None
         self.tries: dict[tuple[int, int], int] = {}  # re-run batch -> deaths so far
         self.completed = 0  # chunks
@@ -116,9 +122,13 @@ class Dispatch:
         if self.failure is not None:
             return None
         if self.mode == "map":
-            return self.out
+            assert self.structure is not None and self.out is not None
+            return self.structure.build(self.out)
         assert self.fold is not None
         return self.fold.result()
+
+    def _bounds(self, c: int) -> tuple[int, int]:
+        return chunk_bounds(c, c + 1, self.chunk_len, self.n)
 
     def _step(self) -> None:
         live = self.pool.live
@@ -163,11 +173,12 @@ class Dispatch:
             if self.out is None:
                 self._allocate(msg[2], msg[3])
             if self.out_desc is None:  # small output: results come back inline
-                self._send(w, ("out", self.call_id, None, 0, (), None))
+                self._send(w, ("out", self.call_id, None, 0, None, None))
             return
         batch_id = msg[2]
         batch = w.inflight.pop(batch_id, None)
         if kind == "done" and batch is not None:
+            self.meter.add_busy(w.index, msg[4])
             self._accept(batch, msg[3])
         elif kind == "error":
             self._fail(rebuild_exception(msg))
@@ -187,38 +198,54 @@ class Dispatch:
     def _accept(self, batch: tuple[int, int], results: list[Any] | None) -> None:
         c0, c1 = batch
         if results is not None:
-            if self.mode == "map":
-                try:
-                    for c, arr in zip(range(c0, c1), results, strict=True):
-                        if arr is not None:  # None: written to shared memory
-                            self._store(c, arr)
-                except ValueError as exc:
-                    self._fail(exc)
-            else:
-                assert self.fold is not None and len(results) == c1 - c0
-                self.fold.extend(c0, results)
+            try:
+                if self.mode == "map":
+                    for c, item in zip(range(c0, c1), results, strict=True):
+                        if item is not None:  # None: written to shared memory
+                            self._store(c, item)
+                else:
+                    assert self.fold is not None and len(results) == c1 - c0
+                    self.fold.extend(c0, results)
+            except Exception as exc:
+                # A result that does not fit (or a combine function that
+                # raised): the call fails and drains; the pool stays usable.
+                self._fail(exc)
         self.completed += c1 - c0
+        start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
+        self.meter.advance(stop - start)
 
-    def _store(self, c: int, arr: np.ndarray) -> None:
-        start, stop = chunk_bounds(c, c + 1, self.chunk_len, self.n)
+    def _store(self, c: int, item: Any) -> None:
+        start, stop = c * self.chunk_len, min(self.n, (c + 1) * self.chunk_len)
+        structure = self.structure
+        if type(item) is np.ndarray and structure is not None and structure.kind == "array":
+            # The worker checked its length; only its rows are left to check.
+            arrays = [item]
+        else:
+            structure, arrays = split_map_result(item, start, stop, structure)
         if self.out is None:
-            self._allocate(arr.shape[1:], arr.dtype)
+            self._allocate(structure, [(a.shape[1:], a.dtype) for a in arrays])
         assert self.out is not None
-        check_row_like(arr, self.out, start, stop)
-        self.out[start:stop] = arr
+        for i, (arr, out) in enumerate(zip(arrays, self.out, strict=True)):
+            check_row_like(arr, out, start, stop, structure.label(i))
+            out[start:stop] = arr
 
-    def _allocate(self, tail: tuple[int, ...], dtype: np.dtype) -> None:
-        """Create the output for rows of shape ``tail`` and ``dtype``; tell the workers."""
-        shape = (self.n, *tail)
-        count = math.prod(shape)
-        if not wants_shared_output(np.empty((1, *tail), dtype=dtype), self.n):
-            self.out = np.empty(shape, dtype=dtype)
+    def _allocate(self, structure: Structure, rows: list[tuple[tuple[int, ...], Any]]) -> None:
+        """Create the outputs for ``rows`` (row shape, dtype) of ``structure``; tell the workers.
+
+        Every output of the map lives in one segment, laid out one after the
+        other (:func:`~autotune.backends.shm.output_layout`), so a tuple or
+        dict result is written in place by the workers like a single array.
+        """
+        self.structure = structure
+        if not wants_shared_output(rows, self.n):
+            self.out = [np.empty((self.n, *tail), dtype=dtype) for tail, dtype in rows]
             return
-        seg = self.pool.output_segment(max(count * dtype.itemsize, 1))
-        self.out_desc = (seg.name, seg.size)
-        self.out = np.frombuffer(seg.mmap, dtype=dtype, count=count).reshape(shape)
+        size, layout = output_layout(self.n, rows)
+        seg = self.pool.output_segment(size)
+        self.out_desc = (seg.name, seg.size, layout)
+        self.out = output_views(seg.mmap, layout)
         for w in self.pool.live:
-            self._send(w, ("out", self.call_id, seg.name, seg.size, shape, dtype))
+            self._send(w, ("out", self.call_id, seg.name, seg.size, structure, layout))
 
     def _refill(self, w: WorkerHandle, depth: int = DEPTH) -> None:
         """Keep ``depth`` batches queued on worker ``w``."""
@@ -227,9 +254,9 @@ class Dispatch:
             msg = ("call", self.call_id, self.kernel_bytes, self.mode, self.n, self.chunk_len)
             if not self._send(w, msg):
                 return
-            if self.out_desc is not None and self.out is not None:
-                name, size = self.out_desc
-                out_msg = ("out", self.call_id, name, size, self.out.shape, self.out.dtype)
+            if self.out_desc is not None:
+                name, size, layout = self.out_desc
+                out_msg = ("out", self.call_id, name, size, self.structure, layout)
                 if not self._send(w, out_msg):
                     return
         while len(w.inflight) < depth and self.batches and self.failure is None:
@@ -284,6 +311,7 @@ class Dispatch:
                     )
                 )
             else:
+                self.meter.retries += 1
                 for c in range(*running):
                     self.tries[(c, c + 1)] = tries
                     self.batches.requeue((c, c + 1))

@@ -34,6 +34,7 @@ from autotune.backends.processes.worker import WorkerSpec, worker_main
 from autotune.backends.sending import main_snapshot
 from autotune.backends.shared import PackedShared, dumps_callable, is_shared_array_segment, pack
 from autotune.backends.shm import OutputCache, Segment
+from autotune.backends.stats import Meter
 
 __all__ = ["ProcessPool", "WorkerHandle"]
 
@@ -160,8 +161,11 @@ class ProcessPool:
         chunk_len: int,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
+        meter: Meter | None = None,
     ) -> Any:
         """Run one call; the kernel's exception (or ``WorkerLost``) is raised as is.
+
+        ``meter`` records the workers' busy time, re-run batches and progress.
 
         After a kernel error the call has drained and the pool stays usable;
         anything else (Ctrl-C, a failure of our own) closes the pool, since
@@ -171,7 +175,8 @@ class ProcessPool:
             raise RuntimeError("this process pool is closed")
         kernel_bytes = dumps_callable(kernel, "kernel", self._main_at_fork)
         self._call_id += 1
-        call = Dispatch(self, self._call_id, kernel_bytes, n, chunk_len, mode, combine)
+        meter = meter if meter is not None else Meter(self.workers)
+        call = Dispatch(self, self._call_id, kernel_bytes, n, chunk_len, mode, combine, meter)
         try:
             result = call.run()
         except BaseException:

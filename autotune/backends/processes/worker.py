@@ -5,12 +5,16 @@ a worker between batches because each worker has a batch queued ahead):
 
 parent -> worker
     ("call", call_id, kernel_bytes, mode, n, chunk_len)
-    ("out", call_id, segment_name, segment_size, shape, dtype)
+    ("out", call_id, segment_name, segment_size, structure, layout)
+                                             name None: send map results back inline
     ("batch", call_id, batch_id, c0, c1)
     ("end", call_id)
     ("stop",)
 worker -> parent
-    ("done", call_id, batch_id, results)     results: list, or None if written to shm
+    ("need_out", call_id, structure, rows)   rows: [(row_shape, dtype)] per output
+    ("done", call_id, batch_id, results, busy_s)
+                                             results: list, or None if written to shm;
+                                             busy_s: seconds spent in the kernel
     ("cancelled", call_id, batch_id)
     ("error", call_id, batch_id, start, stop, exc_bytes, type_name, message, traceback)
 
@@ -20,9 +24,11 @@ A worker that finds its pipe closed (the parent died or closed it) exits.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import signal
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -31,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from autotune.backends.rows import check_map_result, check_row_like
+from autotune.backends.rows import check_row_like
 from autotune.backends.shared import PackedShared, SharedNamespace, unpack
-from autotune.backends.shm import SHM_OUTPUT_MIN, Segment
+from autotune.backends.shm import SHM_OUTPUT_MIN, Layout, Segment, output_views
+from autotune.backends.structure import Structure, split_map_result
 
 __all__ = ["WorkerSpec", "worker_main", "in_worker"]
 
@@ -72,7 +79,7 @@ def _error_message(call_id: int, batch_id: int, start: int, stop: int, exc: Base
 
 
 class _Call:
-    """State of the call being served: the kernel and, for map, the output."""
+    """State of the call being served: the kernel and, for map, the outputs."""
 
     def __init__(self, call_id: int, kernel: Callable[..., Any], mode: str, n: int, cl: int):
         self.call_id = call_id
@@ -80,11 +87,19 @@ class _Call:
         self.mode = mode
         self.n = n
         self.chunk_len = cl
-        self.out: np.ndarray | None = None
+        self.out: list[np.ndarray] | None = None  # one array per output of the map
+        self.structure: Structure | None = None  # the call's, once known
         self.asked = False  # told where map results go (or to send them back)
 
     def release(self) -> None:
         self.out = None
+
+    def told(self, name: str | None, size: int, structure: Structure, layout: Layout) -> None:
+        """The parent's ``out`` message: where results go, or None to send them back."""
+        self.asked = True
+        if name is not None:
+            self.structure = structure
+            self.out = _output_views(name, size, layout)
 
 
 # The last map output we mapped.  The parent reuses its segment for the next
@@ -92,14 +107,13 @@ class _Call:
 _output: Segment | None = None
 
 
-def _output_view(name: str, size: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+def _output_views(name: str, size: int, layout: Layout) -> list[np.ndarray]:
     global _output
     if _output is None or _output.name != name:
         if _output is not None:
             _output.close()  # the parent has given that one up
         _output = Segment.attach(name, size)
-    count = int(np.prod(shape))
-    return np.frombuffer(_output.mmap, dtype=dtype, count=count).reshape(shape)
+    return output_views(_output.mmap, layout)
 
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -175,11 +189,8 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
                 continue
             call = _Call(call_id, kernel, mode, n, chunk_len)
         elif kind == "out":
-            _, call_id, name, size, shape, dtype = msg
-            if call is not None and call.call_id == call_id:
-                call.asked = True
-                if name is not None:
-                    call.out = _output_view(name, size, shape, dtype)
+            if call is not None and call.call_id == msg[1]:
+                call.told(*msg[2:])
         elif kind == "end":
             if call is not None:
                 call.release()
@@ -188,27 +199,41 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
             return
 
 
-def wants_shared_output(row: np.ndarray, n: int) -> bool:
-    """Whether a map result of ``n`` rows like ``row`` goes through shared memory.
+def wants_shared_output(rows: list[tuple[tuple[int, ...], Any]], n: int) -> bool:
+    """Whether a map result of ``n`` rows of each ``(row_shape, dtype)`` goes through shm.
 
-    The parent and the workers decide it with this same function.
+    The parent and the workers decide it with this same function.  All the
+    outputs of a map go the same way; one holding objects keeps them all
+    in the pipe.
     """
-    return not row.dtype.hasobject and n * row.nbytes >= SHM_OUTPUT_MIN
+    dtypes = [np.dtype(dtype) for _, dtype in rows]
+    if any(dtype.hasobject for dtype in dtypes):
+        return False
+    row_bytes = sum(math.prod(tail) * d.itemsize for (tail, _), d in zip(rows, dtypes, strict=True))
+    return n * row_bytes >= SHM_OUTPUT_MIN
 
 
-def _request_output(conn: Any, stash: deque[tuple], call: _Call, arr: np.ndarray) -> None:
+def _row_specs(arrays: list[np.ndarray]) -> list[tuple[tuple[int, ...], Any]]:
+    return [(a.shape[1:], a.dtype) for a in arrays]
+
+
+def _request_output(
+    conn: Any,
+    stash: deque[tuple],
+    call: _Call,
+    structure: Structure,
+    arrays: list[np.ndarray],
+) -> None:
     """Ask the parent for the map output and wait for it (once per call).
 
     Without this, the first result of a call would travel through the pipe;
     with one big chunk per worker, that is the whole output, pickled.
     """
-    conn.send(("need_out", call.call_id, arr.shape[1:], arr.dtype))
+    conn.send(("need_out", call.call_id, structure, _row_specs(arrays)))
     while not call.asked:
         msg = conn.recv()
         if msg[0] == "out" and msg[1] == call.call_id:
-            call.asked = True
-            if msg[2] is not None:
-                call.out = _output_view(*msg[2:])
+            call.told(*msg[2:])
         elif msg[0] == "out":
             continue  # for a call that is over
         else:
@@ -231,10 +256,15 @@ def _run_batch(
     # so keep attribute lookups and calls out of it.
     kernel, call_id, chunk_len, n = call.kernel, call.call_id, call.chunk_len, call.n
     out = call.out
+    structure = call.structure
     mapping = call.mode == "map"
     results: list[Any] = []
     append = results.append
     start = stop = c0 * chunk_len
+    # Time in the kernel and in writing its rows, sent back for ev.stats; the
+    # wait for the parent's answer about the output is not work.
+    began = time.perf_counter()
+    waited = 0.0
     try:
         for c in range(c0, c1):
             # The parent writes the id of a failed call here, or a number
@@ -247,19 +277,40 @@ def _run_batch(
             if not mapping:
                 append(r)
                 continue
-            arr = check_map_result(r, start, stop)
-            if out is None and not call.asked and wants_shared_output(arr[:1], n):
-                _request_output(conn, stash, call, arr)
-                out = call.out
+            structure, arrays = split_map_result(r, start, stop, structure)
             if out is None:
-                append(arr)
-            else:
-                check_row_like(arr, out, start, stop)
-                out[start:stop] = arr
+                if call.structure is None:
+                    call.structure = structure  # later chunks must match it
+                if not call.asked and wants_shared_output(_row_specs(arrays), n):
+                    t = time.perf_counter()
+                    _request_output(conn, stash, call, structure, arrays)
+                    waited += time.perf_counter() - t
+                    out = call.out
+                    if call.structure != structure:
+                        # Another worker's first chunk made the output: this
+                        # chunk must have its structure.
+                        structure, arrays = split_map_result(r, start, stop, call.structure)
+                else:
+                    # A small output: results go back through the pipe.  Decided
+                    # once per call (every chunk has the same rows), not per chunk.
+                    call.asked = True
+                if out is None:
+                    append(arrays[0] if structure.kind == "array" else structure.build(arrays))
+                    continue
+            if len(arrays) == 1:  # one array: the common case, kept lean
+                arr, o = arrays[0], out[0]
+                check_row_like(arr, o, start, stop)
+                o[start:stop] = arr
+                continue
+            for i, arr in enumerate(arrays):
+                o = out[i]
+                check_row_like(arr, o, start, stop, structure.label(i))
+                o[start:stop] = arr
     except Exception as exc:
         return _error_message(call_id, batch_id, start, stop, exc)
+    busy = time.perf_counter() - began - waited
     if out is None:
-        return ("done", call_id, batch_id, results)
+        return ("done", call_id, batch_id, results, busy)
     if results:  # rows from before the output existed, then rows written
-        return ("done", call_id, batch_id, results + [None] * (c1 - c0 - len(results)))
-    return ("done", call_id, batch_id, None)
+        return ("done", call_id, batch_id, results + [None] * (c1 - c0 - len(results)), busy)
+    return ("done", call_id, batch_id, None, busy)

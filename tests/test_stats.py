@@ -1,0 +1,147 @@
+"""``ev.stats`` after every call, ``progress=True``, and the EfficiencyWarning.
+
+Nothing here times code: the figures are checked for what they must be (one busy figure per
+worker, efficiency as its definition, a retry counted when a worker died), and the warning
+is forced with a kernel that sleeps in one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import kernels
+import numpy as np
+import pytest
+
+import autotune
+from autotune import CallStats, EfficiencyWarning, Evaluator
+from autotune.backends import stats as stats_module
+from autotune.backends.stats import advice
+
+N = 100_000
+CHUNK = 2_500
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(5).random(N)
+
+
+def check_stats(st, *, n, mode, workers, chunk_len, backend):
+    assert isinstance(st, CallStats)
+    assert (st.n, st.mode, st.workers, st.chunk_len, st.backend) == (
+        n,
+        mode,
+        workers,
+        chunk_len,
+        backend,
+    )
+    assert st.chunks == math.ceil(n / chunk_len)
+    assert st.inline is False
+    assert st.wall_s > 0
+    assert len(st.busy_s) == workers and all(b >= 0 for b in st.busy_s)
+    assert st.efficiency == pytest.approx(sum(st.busy_s) / (workers * st.wall_s))
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_stats_after_map_reduce_and_n_zero(backend, x, no_leaks):
+    with Evaluator(2, CHUNK, shared={"x": x}, backend=backend) as ev:
+        assert ev.stats is None
+        ev.map(kernels.double, N)
+        check_stats(ev.stats, n=N, mode="map", workers=2, chunk_len=CHUNK, backend=backend)
+        assert sum(ev.stats.busy_s) > 0 and ev.stats.retries == 0
+        ev.reduce(kernels.exp_sum, N)
+        check_stats(ev.stats, n=N, mode="reduce", workers=2, chunk_len=CHUNK, backend=backend)
+        ev.map(kernels.dist_idx, N)  # several outputs: the same figures
+        check_stats(ev.stats, n=N, mode="map", workers=2, chunk_len=CHUNK, backend=backend)
+        ev.reduce(kernels.exp_sum, 0)
+        st = ev.stats
+        assert (st.n, st.chunks, st.busy_s, st.retries, st.inline) == (0, 0, (0.0, 0.0), 0, False)
+        assert "CallStats(n=0" in repr(st)
+
+
+def test_stats_count_a_batch_rerun_after_a_worker_died(start_method, x, tmp_path, no_leaks):
+    flag = tmp_path / "killed"
+    shared = {"x": x, "at": 60_000, "flag": str(flag)}
+    with Evaluator(2, CHUNK, shared=shared, start_method=start_method) as ev:
+        out = ev.map(kernels.kill_once, N)
+        assert flag.exists() and np.array_equal(out, x * 2.0)
+        assert ev.stats.retries == 1
+        check_stats(ev.stats, n=N, mode="map", workers=2, chunk_len=CHUNK, backend="processes")
+        ev.map(kernels.kill_once, N)  # the fault has fired: nothing re-run
+        assert ev.stats.retries == 0
+
+
+def test_stats_after_a_failed_call(x, no_leaks):
+    with Evaluator(2, 100, shared={"x": x, "bad": 5_000}) as ev:
+        with pytest.raises(KeyError):
+            ev.map(kernels.fail_at, 10_000)
+        assert ev.stats.n == 10_000 and ev.stats.retries == 0
+
+
+# -- progress -------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_progress_bar_on_stderr_only_when_asked(backend, x, capsys, no_leaks):
+    with Evaluator(2, CHUNK, shared={"x": x}, backend=backend) as ev:
+        ev.map(kernels.double, N)
+        ev.reduce(kernels.exp_sum, N)
+        out, err = capsys.readouterr()
+        assert out == "" and err == ""
+        ev.map(kernels.double, N, progress=True)
+        out, err = capsys.readouterr()
+        assert out == "" and "map" in err and "100%" in err and "100k/100k" in err
+        ev.reduce(kernels.exp_sum, N, progress=True)
+        out, err = capsys.readouterr()
+        assert "reduce" in err and "100%" in err
+
+
+# -- the efficiency warning -------------------------------------------------------------
+def test_efficiency_warning_once_per_evaluator(monkeypatch, no_leaks):
+    # A long call is >= 1 s; a shorter threshold keeps the test short (same code path).
+    monkeypatch.setattr(stats_module, "LONG_CALL_S", 0.25)
+    with Evaluator(2, 1, shared={"delay": 0.3}) as ev:
+        with pytest.warns(EfficiencyWarning, match="one worker was busy") as record:
+            assert ev.reduce(kernels.sleep_first, 16) == 16.0
+        assert len(record) == 1 and record[0].filename == __file__
+        assert ev.stats.efficiency < 0.8 and ev.stats.wall_s >= 0.25
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ev.reduce(kernels.sleep_first, 16)  # as poor again: said once only
+        assert ev.stats.efficiency < 0.8
+
+
+def make(**kw):
+    base = dict(
+        n=1_000_000,
+        mode="map",
+        workers=2,
+        chunk_len=10_000,
+        chunks=100,
+        backend="processes",
+        inline=False,
+        wall_s=2.0,
+        busy_s=(1.0, 1.0),
+        efficiency=0.5,
+        retries=0,
+    )
+    base.update(kw)
+    return CallStats(**base)
+
+
+def test_advice_names_the_likely_cause():
+    assert advice(make(efficiency=0.9)) is None
+    assert advice(make(wall_s=0.5)) is None  # short calls are not judged
+    assert "too few chunks" in advice(make(chunks=5))
+    assert "one worker was busy 1.9 s" in advice(make(busy_s=(1.9, 0.1)))
+    gil = advice(make(backend="threads", busy_s=(1.0, 1.0)))
+    assert "hold the GIL" in gil and "backend='processes'" in gil
+    assert "memory-bound" in advice(make(busy_s=(1.0, 1.0)))
+    line = advice(make(busy_s=(1.0, 1.0)))
+    assert "\n" not in line and "efficiency 0.50" in line
+
+
+def test_public_names():
+    assert issubclass(autotune.EfficiencyWarning, RuntimeWarning)
+    assert autotune.CallStats is CallStats
+    assert {"CallStats", "EfficiencyWarning"} <= set(autotune.__all__)
