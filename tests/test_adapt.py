@@ -10,6 +10,7 @@ when a slower kernel makes it explore again.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import pytest
@@ -111,3 +112,43 @@ def test_item_bytes_inferred_from_arrays_of_length_n():
 
 def test_kernel_name():
     assert kernel_name(peaked) == f"{__name__}:peaked"
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_a_call_can_use_fewer_workers_than_the_pool(backend, no_leaks):
+    """What online refinement uses to try fewer workers without a new pool."""
+    import kernels
+
+    from autotune.backends.runners import open_runner
+    from autotune.backends.stats import Meter
+
+    x = np.random.default_rng(0).random(50_000)
+    runner = open_runner(backend, 2, {"x": x})
+    try:
+        meter = Meter(1)
+        out = runner.run(kernels.double, len(x), 1000, "map", None, meter, workers=1)
+        assert np.array_equal(out, x * 2.0)
+        assert set(meter.busy) == {0}  # worker 1 took no part
+        if backend == "processes":  # the first batches go one per worker
+            meter = Meter(2)
+            runner.run(kernels.double, len(x), 1000, "map", None, meter)
+            assert set(meter.busy) == {0, 1}
+    finally:
+        runner.close()
+
+
+def test_run_inline_gives_the_workers_bits():
+    import kernels
+
+    from autotune import Evaluator
+    from autotune.backends.shared import SharedNamespace
+    from autotune.backends.stats import Meter
+    from autotune.backends.threads import run_inline
+
+    x = np.random.default_rng(3).random(100_000)
+    with Evaluator(2, 3000, shared={"x": x}, adapt=False) as ev:
+        pooled = ev.reduce(kernels.exp_sum, len(x))
+    inline = run_inline(
+        kernels.exp_sum, SharedNamespace({"x": x}), len(x), 3000, "reduce", operator.add, Meter(1)
+    )
+    assert inline == pooled  # the same chunks folded in the same order: the same bits

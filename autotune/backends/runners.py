@@ -30,6 +30,7 @@ class Runner(Protocol):
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
+        workers: int | None = None,
     ) -> Any: ...
 
     def close(self) -> None: ...

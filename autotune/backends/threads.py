@@ -26,7 +26,7 @@ from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache, output_layout, ou
 from autotune.backends.stats import Meter
 from autotune.backends.structure import Structure, split_map_result
 
-__all__ = ["ThreadRunner", "in_thread_kernel"]
+__all__ = ["ThreadRunner", "in_thread_kernel", "run_inline"]
 
 # Set in the backend's threads while they run kernels: an evaluator used from
 # there would wait for the very threads that wait for it.
@@ -75,6 +75,16 @@ class _ThreadCall:
         self.out: list[np.ndarray] | None = None  # one array per output of the map
         self.failure: BaseException | None = None
         self.cancelled = False
+
+    def result(self) -> Any:
+        """The call's result, or its failure raised."""
+        if self.failure is not None:
+            raise self.failure
+        if self.mode == "map":
+            assert self.structure is not None and self.out is not None
+            return self.structure.build(self.out)
+        assert self.fold is not None
+        return self.fold.result()
 
     def fail(self, exc: BaseException, start: int, stop: int) -> None:
         with self.lock:
@@ -188,10 +198,13 @@ class ThreadRunner:
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
+        workers: int | None = None,
     ) -> Any:
-        meter = meter if meter is not None else Meter(self.workers)
+        """Run one call on ``workers`` of the threads (default: all)."""
+        active = self.workers if workers is None else max(1, min(workers, self.workers))
+        meter = meter if meter is not None else Meter(active)
         call = _ThreadCall(
-            kernel, self.shared, n, chunk_len, mode, combine, self.workers, self._allocate, meter
+            kernel, self.shared, n, chunk_len, mode, combine, active, self._allocate, meter
         )
         limiter = None
         if self.blas_threads is not None:
@@ -201,7 +214,7 @@ class ThreadRunner:
             # the duration of the call, so threads x BLAS threads fits.
             limiter = threadpool_limits(limits=self.blas_threads)
         try:
-            futures = [self._executor.submit(call.drain, i) for i in range(self.workers)]
+            futures = [self._executor.submit(call.drain, i) for i in range(active)]
             try:
                 wait(futures)
             except BaseException:
@@ -212,13 +225,7 @@ class ThreadRunner:
         finally:
             if limiter is not None:
                 limiter.restore_original_limits()
-        if call.failure is not None:
-            raise call.failure
-        if mode == "map":
-            assert call.structure is not None and call.out is not None
-            return call.structure.build(call.out)
-        assert call.fold is not None
-        return call.fold.result()
+        return call.result()
 
     def close(self) -> None:
         self._closed = True
@@ -228,3 +235,27 @@ class ThreadRunner:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def run_inline(
+    kernel: Callable[..., Any],
+    shared: SharedNamespace,
+    n: int,
+    chunk_len: int,
+    mode: str,
+    combine: Callable[[Any, Any], Any] | None,
+    meter: Meter,
+) -> Any:
+    """The call in the calling thread, chunk after chunk, folded in order.
+
+    What one thread of the backend would do alone: the same chunks, hence
+    the same bits for a reduce as on the workers with the same chunk length.
+    """
+    call = _ThreadCall(kernel, shared, n, chunk_len, mode, combine, 1, _plain_outputs, meter)
+    call.drain(0)
+    return call.result()
+
+
+def _plain_outputs(n: int, rows: list[tuple[tuple[int, ...], Any]]) -> list[np.ndarray]:
+    _, layout = output_layout(n, rows)
+    return [np.empty(shape, dtype=dtype) for _, shape, dtype in layout]

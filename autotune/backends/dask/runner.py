@@ -404,7 +404,9 @@ class DaskRunner:
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
+        workers: int | None = None,
     ) -> Any:
+        """Run one call; ``workers`` is not used (the tasks in flight are the runner's)."""
         if self.client is None or self.client.status != "running":
             raise _closed(self.client) if self.client is not None else RuntimeError("closed")
         _check_kernel(kernel)

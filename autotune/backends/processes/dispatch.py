@@ -83,8 +83,11 @@ class Dispatch:
         mode: str,
         combine: Any,
         meter: Meter,
+        active: int | None = None,
     ) -> None:
         self.pool = pool
+        # Workers 0 .. active-1 take part (all by default); the others idle.
+        self.active = pool.workers if active is None else max(1, min(active, pool.workers))
         self.n = n
         self.mode = mode
         self.chunk_len = chunk_len
@@ -92,7 +95,7 @@ class Dispatch:
         self.call_id = call_id
         self.kernel_bytes = kernel_bytes
         self.meter = meter
-        self.batches = Batches(self.total, pool.workers)
+        self.batches = Batches(self.total, self.active)
         self.fold = OrderedFold(combine, self._bounds) if mode == "reduce" else None
         # A map's outputs: one array per output of the kernel (several when
         # it returns a tuple or a dict), all in one shared segment or none.
@@ -103,6 +106,10 @@ class Dispatch:
         self.tries: dict[tuple[int, int], int] = {}  # re-run batch -> deaths so far
         self.completed = 0  # chunks
 
+    def taking_part(self) -> list[WorkerHandle]:
+        """The workers this call uses."""
+        return self.pool.live[: self.active]
+
     # The loop ---------------------------------------------------------------
     def run(self) -> Any:
         """The call's result, or None with ``self.failure`` set."""
@@ -111,7 +118,7 @@ class Dispatch:
             # One batch for every worker first, then the queued second ones:
             # with few chunks, the first worker must not take them all.
             for depth in range(1, DEPTH + 1):
-                for w in list(pool.live):
+                for w in self.taking_part():
                     self._refill(w, depth)
             while self.completed < self.total or any(w.inflight for w in pool.live):
                 if self.failure is not None and not any(w.inflight for w in pool.live):
@@ -244,11 +251,13 @@ class Dispatch:
         seg = self.pool.output_segment(size)
         self.out_desc = (seg.name, seg.size, layout)
         self.out = output_views(seg.mmap, layout)
-        for w in self.pool.live:
+        for w in self.taking_part():
             self._send(w, ("out", self.call_id, seg.name, seg.size, structure, layout))
 
     def _refill(self, w: WorkerHandle, depth: int = DEPTH) -> None:
         """Keep ``depth`` batches queued on worker ``w``."""
+        if w.index >= self.active:
+            return  # not taking part in this call (a replaced idle worker)
         if w.call_id != self.call_id:
             w.call_id = self.call_id
             msg = ("call", self.call_id, self.kernel_bytes, self.mode, self.n, self.chunk_len)
@@ -260,7 +269,7 @@ class Dispatch:
                 if not self._send(w, out_msg):
                     return
         while len(w.inflight) < depth and self.batches and self.failure is None:
-            if w.inflight and self.batches.remaining < len(self.pool.live):
+            if w.inflight and self.batches.remaining < self.active:
                 break  # the last chunks go to idle workers, not into a queue
 
             # Until a map knows its output's shape, results come back through

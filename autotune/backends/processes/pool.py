@@ -162,10 +162,12 @@ class ProcessPool:
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
+        workers: int | None = None,
     ) -> Any:
         """Run one call; the kernel's exception (or ``WorkerLost``) is raised as is.
 
-        ``meter`` records the workers' busy time, re-run batches and progress.
+        ``meter`` records the workers' busy time, re-run batches and progress;
+        ``workers`` (at most the pool's) take part, the others stay idle.
 
         After a kernel error the call has drained and the pool stays usable;
         anything else (Ctrl-C, a failure of our own) closes the pool, since
@@ -175,8 +177,11 @@ class ProcessPool:
             raise RuntimeError("this process pool is closed")
         kernel_bytes = dumps_callable(kernel, "kernel", self._main_at_fork)
         self._call_id += 1
-        meter = meter if meter is not None else Meter(self.workers)
-        call = Dispatch(self, self._call_id, kernel_bytes, n, chunk_len, mode, combine, meter)
+        active = self.workers if workers is None else max(1, min(workers, self.workers))
+        meter = meter if meter is not None else Meter(active)
+        call = Dispatch(
+            self, self._call_id, kernel_bytes, n, chunk_len, mode, combine, meter, active
+        )
         try:
             result = call.run()
         except BaseException:
