@@ -39,15 +39,22 @@ from typing import Any
 
 import numpy as np
 
+from autotune.cpu import CpuInfo
 from autotune.engine import NOISY, Checkpoint, Lane, Request, Tally, auto_requests, pick_best
+from autotune.profile import Profile
+from autotune.profile.online import online_profile
 
 __all__ = [
     "DRIFT",
+    "PROBE_SLICES",
     "RECHECK",
     "RECHECK_MAX",
     "BreakEven",
+    "Learner",
     "Refiner",
+    "Shifted",
     "infer_item_bytes",
+    "join_parts",
     "kernel_name",
     "online_ladder",
 ]
@@ -60,6 +67,13 @@ RECHECK_MAX = 512
 DRIFT = 2 * NOISY
 #: Runs kept per point: the median of the recent ones is what counts.
 KEEP_RUNS = 64
+#: A long call while exploring is cut into this many slices (at most half
+#: of them probe other points, the rest runs at the best one found).
+PROBE_SLICES = 16
+#: Probing inside a call is worth it when what is left takes longer than this.
+PROBE_WORTH_S = 0.2
+#: Save an online profile again after this many more calls.
+SAVE_EVERY = 100
 
 
 def kernel_name(kernel: Any) -> str:
@@ -269,6 +283,7 @@ class BreakEven:
     def __init__(self) -> None:
         self._per_item: deque[float] = deque(maxlen=8)  # seconds per item, kernel only
         self._overhead: deque[float] = deque(maxlen=8)  # seconds per pool call, not kernel
+        self._inline_since = 0  # inline calls since the last pool call
 
     def pool_call(self, items: int, wall: float, busy: float, workers: int) -> None:
         if items <= 0 or busy <= 0:
@@ -277,8 +292,10 @@ class BreakEven:
         self._per_item.append(per_item)
         # The part of the call that was not kernel work spread over workers.
         self._overhead.append(max(0.0, wall - busy / max(workers, 1)))
+        self._inline_since = 0
 
     def inline_call(self, items: int, wall: float) -> None:
+        self._inline_since += 1
         if items > 0 and wall > 0:
             self._per_item.append(wall / items)
 
@@ -297,4 +314,164 @@ class BreakEven:
         return overhead / (c * (1 - 1 / workers))
 
     def inline(self, n: int, workers: int) -> bool:
-        return n < self.items(workers)
+        """Whether to run ``n`` items inline; every :data:`RECHECK` inline calls of a
+        size near the break-even, one goes to the pool instead, so that a pool
+        slowed down for a while (a busy machine) is measured again."""
+        below = n < self.items(workers)
+        if below and self._inline_since >= RECHECK and n >= self.items(workers) / 8:
+            return False
+        return below
+
+
+class Shifted:
+    """``kernel`` over items ``[offset + start, offset + stop)``: one slice of a long call."""
+
+    def __init__(self, kernel: Any, offset: int) -> None:
+        self.kernel = kernel
+        self.offset = offset
+
+    def __call__(self, shared: Any, start: int, stop: int) -> Any:
+        return self.kernel(shared, start + self.offset, stop + self.offset)
+
+
+def join_parts(parts: list[Any]) -> Any:
+    """The map results of consecutive slices as one result of the same structure."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if isinstance(first, tuple):
+        joined = [np.concatenate([p[i] for p in parts]) for i in range(len(first))]
+        return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
+    if isinstance(first, dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in first}
+    return np.concatenate(parts)
+
+
+class Learner:
+    """What an evaluator knows of one kernel (by name): its refiner and its break-even.
+
+    Parameters
+    ----------
+    name : str
+        The kernel's ``module:qualname``, or the ``profile=`` name given.
+    lane : Lane
+        ``(backend, workers)`` of the pool.
+    mid_len : int
+        The heuristic's chunk length for this kernel.
+    ladder : list of int
+        The search's chunk ladder for the first call's ``n``.
+    item_bytes : int
+    settled : Profile, optional
+        An online profile of this kernel on this CPU: start settled on its best.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        lane: Lane,
+        mid_len: int,
+        ladder: list[int],
+        item_bytes: int,
+        settled: Profile | None = None,
+    ) -> None:
+        self.name = name
+        self.lane = lane
+        self.item_bytes = item_bytes
+        backend, workers = lane
+        plan = {lane: online_ladder(ladder, mid_len)}
+        if workers >= 4:
+            # Fewer workers can match all of them on a memory-bound kernel;
+            # on two cores one worker never came close (DESIGN.md).
+            plan[(backend, workers // 2)] = plan[lane]
+        start = None
+        if settled is not None:
+            start = ((backend, min(settled.workers, workers)), settled.chunk_len)
+        self.refiner = Refiner(plan, mid_len, item_bytes, settled=start)
+        if settled is not None:
+            # What the profile measured stands in as one run per point, so a
+            # re-check has a runner-up to try.
+            for m in settled.measurements:
+                if m.throughput and m.workers <= workers:
+                    self.refiner.tally.add((backend, m.workers), m.chunk_len, 1.0 / m.throughput, 1)
+        self.breakeven = BreakEven()
+        self.n = 0  # items of the latest call, for the profile
+        self._saved_at: tuple[int, tuple[Lane, int]] | None = None
+        self._rate: float | None = None  # items per second of the latest slice
+
+    # -- one call -------------------------------------------------------------
+    def inline(self, n: int) -> bool:
+        """Whether a call of ``n`` items is cheaper in the calling process."""
+        return self.breakeven.inline(n, self.refiner.best[0][1])
+
+    def slices(self, n: int) -> Iterator[tuple[int, int, tuple[Lane, int]]]:
+        """``(start, items, point)`` for each run of a call of ``n`` items.
+
+        Record each with :meth:`record` before asking for the next.  A call
+        too short to cut runs whole at the point the engine asks for; a long
+        one, while exploring, probes one slice per point for up to half its
+        items, while what is left is worth it, and runs the rest at the best
+        point so far.
+        """
+        self.n = n
+        point = self.refiner.next()
+        (_, workers), chunk_len = point
+        if not self.refiner.exploring or n < PROBE_SLICES * 2 * workers * chunk_len:
+            yield 0, n, point
+            return
+        piece, done = n // PROBE_SLICES, 0
+        while done < n:
+            items = piece if done == 0 or self._probing(n, done, piece) else n - done
+            yield done, items, point
+            done += items
+            if done < n:
+                point = self.refiner.next() if self._probing(n, done, piece) else self.leader()
+
+    def _probing(self, n: int, done: int, piece: int) -> bool:
+        """Whether the next slice of a call still probes (else the rest runs at the leader)."""
+        remaining = n - done
+        return (
+            self.refiner.exploring
+            and remaining - piece >= n // 2
+            and self._rate is not None
+            and remaining / self._rate > PROBE_WORTH_S
+        )
+
+    def record(
+        self, point: tuple[Lane, int], items: int, wall: float, busy: float, workers: int
+    ) -> None:
+        """A run over ``items`` items at ``point``: wall seconds, kernel seconds summed."""
+        self._rate = items / wall if wall > 0 else None
+        self.refiner.record(point, wall, items)
+        self.breakeven.pool_call(items, wall, busy, workers)
+
+    def leader(self) -> tuple[Lane, int]:
+        """The fastest point measured so far (the settled one once settled)."""
+        if self.refiner.settled:
+            return self.refiner.best
+        leaders = self.refiner.tally.leaders(1)
+        return (leaders[0][0], leaders[0][1].chunk_len) if leaders else self.refiner.best
+
+    # -- what to remember ---------------------------------------------------------
+    def profile_due(self) -> bool:
+        """Whether what was learned should be saved now (newly settled, moved, or aged)."""
+        if not self.refiner.settled or self.refiner.best not in self.refiner.tally.times:
+            return False
+        if self._saved_at is None or self._saved_at[1] != self.refiner.best:
+            return True
+        return self.refiner.calls - self._saved_at[0] >= SAVE_EVERY
+
+    def profile(self, cpu: CpuInfo) -> Profile:
+        """The online profile of what was learned (and remember that it was saved)."""
+        lane, chunk_len = self.refiner.best
+        tally = self.refiner.tally
+        measured = [m for _, m in tally.measured()]
+        self._saved_at = (self.refiner.calls, self.refiner.best)
+        return online_profile(
+            self.name,
+            cpu,
+            tally.measurement(lane, chunk_len),
+            sorted(measured, key=lambda m: (m.workers, m.chunk_len)),
+            backend=lane[0],
+            item_bytes=self.item_bytes,
+            n=max(self.n, 1),
+        )

@@ -35,17 +35,33 @@ from typing import Any
 
 import numpy as np
 
-from autotune._errors import EfficiencyWarning
+from autotune._errors import EfficiencyWarning, ProfileError, ProfileWarning
 from autotune._util import BACKENDS, check_int, positive_int
+from autotune.adapt import (
+    Learner,
+    Shifted,
+    file_slug,
+    infer_item_bytes,
+    join_parts,
+    kernel_name,
+)
 from autotune.backends.dask.cluster import load_cluster_profile
 from autotune.backends.processes.worker import in_worker
 from autotune.backends.runners import Runner, open_runner
-from autotune.backends.schedule import balanced_chunk_len, n_chunks
-from autotune.backends.shared import check_names
+from autotune.backends.schedule import OrderedFold, balanced_chunk_len, n_chunks
+from autotune.backends.shared import SharedNamespace, check_names
 from autotune.backends.stats import CallStats, Meter, advice
-from autotune.backends.threads import in_thread_kernel
+from autotune.backends.threads import in_thread_kernel, run_inline
 from autotune.cpu import probe
-from autotune.profile import Profile, heuristic_profile, load_profile
+from autotune.engine import chunk_ladder
+from autotune.profile import (
+    DEFAULT_ITEM_BYTES,
+    Profile,
+    cpu_mismatch,
+    heuristic_profile,
+    load_profile,
+)
+from autotune.profile.online import online_path, save_online
 
 __all__ = ["Evaluator"]
 
@@ -118,9 +134,31 @@ class Evaluator:
     address : str, optional
         Instead of ``client``: a scheduler address (``"tcp://host:8786"``) to
         connect to; that connection is closed by :meth:`close`.
+    adapt : bool, optional
+        Tune chunk length (and, on 4 or more workers, the worker count) with
+        the calls themselves (:mod:`autotune.adapt`): ``None`` (default) does
+        so when the settings came from the heuristic (no ``workers``, no
+        ``chunk_len``, no measured or published profile), ``True`` from any
+        starting point, ``False`` never.  While adapting, a call too small to
+        pay for the pool runs in this process (``stats.inline``), and what
+        was learned is saved as an online profile (``$AUTOTUNE_PROFILE_DIR``,
+        else the user's config directory), under the ``profile`` name given
+        or the kernel's ``module:qualname``, for the next process.  Not with
+        ``backend="dask"``.
+    item_bytes : int, optional
+        Bytes each item touches, temporaries included, when you know better
+        than the evaluator's inference (the rows of the ``shared`` arrays of
+        length ``n``, plus a map's output row).
 
     Notes
     -----
+    **Reproducibility.**  A ``map``'s result never depends on the chunking.
+    A ``reduce`` over floats does, in the last bits: partials are summed
+    chunk by chunk.  With an explicit ``chunk_len`` (or ``adapt=False``) the
+    chunks are the same on every call and repeats are bit-identical; while
+    adapting, the chunk length changes between calls and so may the last
+    bits of a floating-point reduce.
+
     The pool starts in the constructor and serves every call until
     :meth:`close` (or the end of a ``with`` block).  Calls from several
     threads are serialised.  A ``KeyboardInterrupt`` (or any exception in the
@@ -143,6 +181,8 @@ class Evaluator:
         backend: str | None = None,
         client: Any = None,
         address: str | None = None,
+        adapt: bool | None = None,
+        item_bytes: int | None = None,
     ) -> None:
         if in_worker() or in_thread_kernel():
             raise RuntimeError(
@@ -152,9 +192,13 @@ class Evaluator:
             )
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if adapt not in (None, True, False):
+            raise TypeError(f"adapt must be None, True or False, got {adapt!r}")
         workers = positive_int("workers", workers)
         chunk_len = explicit_chunk_len = positive_int("chunk_len", chunk_len)
+        explicit = workers is not None or chunk_len is not None
         blas_threads = positive_int("blas_threads", blas_threads)
+        self.item_bytes = positive_int("item_bytes", item_bytes)
         retries = check_int("retries", retries, minimum=0)
         method = start_method or default_start_method()
         if method not in mp.get_all_start_methods():
@@ -165,6 +209,8 @@ class Evaluator:
         shared_dict = check_names(shared)
 
         self._profile = None
+        # Online profiles are saved under the name given (else the kernel's).
+        self._profile_name = profile if isinstance(profile, str) and _is_name(profile) else None
         if profile is not None and (workers is None or chunk_len is None or backend is None):
             self._profile = _resolve_profile(
                 profile, backend, client if client is not None else address
@@ -178,13 +224,16 @@ class Evaluator:
             raise ValueError("pin=True needs backend='processes'")
         if backend != "dask" and (client is not None or address is not None):
             raise ValueError("client= and address= are for backend='dask'")
+        self._adapt = _resolve_adapt(adapt, backend, explicit, self._profile)
         # The heuristic's chunk may be too long for a small n; a chunk from a
         # profile or the heuristic was measured at another n and is fitted to
         # each call's; an explicit chunk_len is honoured to the item.
         self._heuristic_chunks = chunk_len is None
         self._fit_chunks = explicit_chunk_len is None
+        self._cpu = probe() if workers is None or chunk_len is None or self._adapt else None
         if workers is None or chunk_len is None:
-            guess = heuristic_profile(probe(), "default", None)
+            assert self._cpu is not None
+            guess = heuristic_profile(self._cpu, "default", self.item_bytes)
             chunk_len = chunk_len or guess.chunk_len
             if backend != "dask":  # dask: tasks in flight, from the cluster
                 workers = workers or guess.workers
@@ -218,6 +267,10 @@ class Evaluator:
         #: What the last call cost (:class:`~autotune.CallStats`); None before the first.
         self.stats: CallStats | None = None
         self._warned = False  # the EfficiencyWarning is given once per evaluator
+        # Online refinement: what is known of each kernel, by name.
+        self._shared = shared_dict
+        self._learners: dict[str, Learner] = {}
+        self._inline_shared: SharedNamespace | None = None
 
     # -- public API -------------------------------------------------------
     def map(self, kernel: Callable[..., Any], n: int, *, progress: bool = False) -> Any:
@@ -287,6 +340,8 @@ class Evaluator:
         with self._lock:
             self._closed = True
             self._finalizer()
+            # Let the user's data go with the pool, even if this object lingers.
+            self._shared, self._inline_shared = {}, None
 
     def __enter__(self) -> Evaluator:
         return self
@@ -327,18 +382,21 @@ class Evaluator:
             if self._closed:
                 raise RuntimeError("this Evaluator is closed")
             self._busy = threading.get_ident()
-            chunk_len = self._chunk_len_for(n)
             bar = _progress_bar(n, mode) if progress else None
             meter = Meter(self.workers, None if bar is None else bar.update)
+            chunk_len, inline = self._chunk_len_for(n), False
             began = time.perf_counter()
             try:
-                result = self._runner.run(kernel, n, chunk_len, mode, combine, meter)
+                if self._adapt:
+                    result, chunk_len, inline = self._adaptive(kernel, n, mode, combine, meter)
+                else:
+                    result = self._runner.run(kernel, n, chunk_len, mode, combine, meter)
             finally:
                 # Stats on every path: a failed call's are as true as any.
                 wall = time.perf_counter() - began
                 if bar is not None:
                     bar.close()
-                self.stats = self._stats(meter, n, mode, chunk_len, wall)
+                self.stats = self._stats(meter, n, mode, chunk_len, wall, inline)
                 self._busy = None
                 if self._runner.closed:
                     # The pool ended itself (Ctrl-C or a failure of our own
@@ -347,7 +405,114 @@ class Evaluator:
         self._warn_if_inefficient()
         return result
 
-    def _stats(self, meter: Meter, n: int, mode: str, chunk_len: int, wall: float) -> CallStats:
+    # -- online refinement ------------------------------------------------
+    def _adaptive(
+        self, kernel: Callable[..., Any], n: int, mode: str, combine: Any, meter: Meter
+    ) -> tuple[Any, int, bool]:
+        """One call while adapting: (result, chunk length, ran inline)."""
+        learner = self._learner(kernel, n)
+        if learner.inline(n):
+            (_, workers), nominal = learner.leader()
+            chunk_len = self._fit(nominal, n, workers)  # the pool's chunks: the same bits
+            meter.workers, meter.slots = 1, [0]
+            began = time.perf_counter()
+            result = run_inline(kernel, self._namespace(), n, chunk_len, mode, combine, meter)
+            learner.breakeven.inline_call(n, time.perf_counter() - began)
+            return result, chunk_len, True
+        parts: list[Any] = []
+        chunk_len = self.chunk_len
+        for start, items, point in learner.slices(n):
+            (_, workers), nominal = point
+            chunk_len = self._fit(nominal, items, workers)
+            meter.workers = workers
+            busy = sum(meter.busy.values())
+            began = time.perf_counter()
+            try:
+                part = self._runner.run(
+                    kernel if items == n else Shifted(kernel, start),
+                    items,
+                    chunk_len,
+                    mode,
+                    combine,
+                    meter,
+                    workers=workers,
+                )
+            except Exception as exc:
+                if start and hasattr(exc, "add_note"):
+                    exc.add_note(
+                        f"[autotune was timing this call in slices: item numbers above count "
+                        f"from {start}, where the slice began]"
+                    )
+                raise
+            wall = time.perf_counter() - began
+            learner.record(point, items, wall, sum(meter.busy.values()) - busy, workers)
+            parts.append(part)
+        self._remember(learner)
+        return _join(parts, mode, combine), chunk_len, False
+
+    def _learner(self, kernel: Callable[..., Any], n: int) -> Learner:
+        """What is known of this kernel; on its first call, from an online profile or afresh."""
+        name = self._profile_name or kernel_name(kernel)
+        learner = self._learners.get(name)
+        if learner is not None:
+            return learner
+        assert self._cpu is not None
+        item_bytes = self.item_bytes or infer_item_bytes(self._shared, n) or DEFAULT_ITEM_BYTES
+        mid = heuristic_profile(self._cpu, name, item_bytes).chunk_len
+        ladder = chunk_ladder(self._cpu, item_bytes, n, self.workers)
+        learner = Learner(
+            name,
+            (self.backend, self.workers),
+            mid,
+            ladder,
+            item_bytes,
+            settled=self._online_profile(name),
+        )
+        self._learners[name] = learner
+        return learner
+
+    def _online_profile(self, name: str) -> Profile | None:
+        """The online profile saved for ``name`` on this CPU and backend, if one fits."""
+        assert self._cpu is not None
+        path = online_path(file_slug(name), self._cpu)
+        if not path.is_file():
+            return None
+        try:
+            found = Profile.load(path)
+        except ProfileError as exc:
+            warnings.warn(
+                f"online profile not used, tuning afresh: {exc}", ProfileWarning, stacklevel=5
+            )
+            return None
+        if (
+            found.source != "online"
+            or found.workload != name
+            or found.backend != self.backend
+            or cpu_mismatch(found.cpu, self._cpu) is not None
+        ):
+            return None
+        return found
+
+    def _remember(self, learner: Learner) -> None:
+        """Save what was learned once settled (and again when it moves or ages)."""
+        if learner.profile_due():
+            assert self._cpu is not None
+            save_online(learner.profile(self._cpu), online_path(file_slug(learner.name), self._cpu))
+
+    def _namespace(self) -> SharedNamespace:
+        if self._inline_shared is None:
+            self._inline_shared = SharedNamespace(self._shared)
+        return self._inline_shared
+
+    def _fit(self, chunk_len: int, n: int, workers: int) -> int:
+        """A point's chunk length for a call of ``n`` items: at least two chunks per
+        worker, few chunks split evenly."""
+        chunk_len = max(1, min(chunk_len, math.ceil(n / (2 * workers))))
+        return balanced_chunk_len(n, chunk_len, workers)
+
+    def _stats(
+        self, meter: Meter, n: int, mode: str, chunk_len: int, wall: float, inline: bool = False
+    ) -> CallStats:
         return CallStats.of(
             meter,
             n=n,
@@ -356,6 +521,7 @@ class Evaluator:
             chunks=n_chunks(n, chunk_len),
             backend=self.backend,
             wall_s=wall,
+            inline=inline,
         )
 
     def _warn_if_inefficient(self) -> None:
@@ -399,6 +565,38 @@ def _progress_bar(n: int, mode: str) -> Any:
 
     # unit_scale writes 100k, not 100000; but 1.00/1.00 for small counts.
     return tqdm(total=n, desc=mode, unit="item", unit_scale=n >= 10_000, file=sys.stderr)
+
+
+def _is_name(profile: str) -> bool:
+    """A workload name rather than a path to a profile file."""
+    return not (profile.endswith((".yaml", ".yml")) or os.sep in profile)
+
+
+def _resolve_adapt(
+    adapt: bool | None, backend: str, explicit: bool, profile: Profile | None
+) -> bool:
+    """Whether an evaluator refines its settings online (see ``Evaluator(adapt=...)``)."""
+    if backend == "dask":
+        if adapt:
+            raise ValueError(
+                "adapt=True is not supported with backend='dask': tune a cluster with "
+                "`autotune search --backend dask --scheduler ADDRESS` and pass its profile"
+            )
+        return False
+    if adapt is not None:
+        return adapt
+    measured = profile is not None and profile.source in ("measured", "published")
+    return not explicit and not measured
+
+
+def _join(parts: list[Any], mode: str, combine: Any) -> Any:
+    """The result of a call run in slices: maps joined, partials folded in order."""
+    if mode == "map":
+        return join_parts(parts)
+    fold = OrderedFold(combine)
+    for i, part in enumerate(parts):
+        fold.add(i, part)
+    return fold.result()
 
 
 def _pin_cpus(workers: int) -> list[int]:

@@ -29,6 +29,21 @@ I3 = CpuInfo(
     ),
 )
 
+
+@pytest.fixture(autouse=True, scope="session")
+def private_profile_dir(tmp_path_factory):
+    """No test reads or writes the user's own profiles (online profiles included)."""
+    saved = {k: os.environ.get(k) for k in ("AUTOTUNE_PROFILE_DIR", "AUTOTUNE_PROFILE")}
+    os.environ["AUTOTUNE_PROFILE_DIR"] = str(tmp_path_factory.mktemp("profiles"))
+    os.environ.pop("AUTOTUNE_PROFILE", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 
 

@@ -293,3 +293,17 @@ def sleep_first(shared, start, stop):
     if start == 0:
         time.sleep(shared.delay)
     return float(stop - start)
+
+
+def heavy_map(shared, start, stop):
+    """About 20 passes over the chunk: tens of ns per item, so the pool pays at 1e5 items."""
+    y = shared.x[start:stop] * 1.0
+    for _ in range(10):
+        np.multiply(y, y, out=y)
+        y += 1.0
+        np.sqrt(y, out=y)
+    return y
+
+
+def heavy_sum(shared, start, stop):
+    return float(heavy_map(shared, start, stop).sum())

@@ -25,6 +25,7 @@ LAYERS = {
     "autotune.cpu": 1,
     "autotune.profile": 2,
     "autotune.backends": 3,
+    "autotune.adapt": 4,
     "autotune.engine": 4,
     "autotune.evaluator": 4,
     "autotune.tuner": 5,
