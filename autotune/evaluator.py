@@ -26,6 +26,7 @@ import multiprocessing as mp
 import operator
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,6 +42,7 @@ from autotune.backends.schedule import balanced_chunk_len
 from autotune.backends.shared import check_names
 from autotune.backends.threads import in_thread_kernel
 from autotune.cpu import probe
+from autotune.cpu.memory import available_memory as _available_memory
 from autotune.profile import Profile, heuristic_profile, load_profile
 
 __all__ = ["Evaluator"]
@@ -78,10 +80,15 @@ class Evaluator:
         (``shared.x`` or ``shared["x"]``).  Never pickled per task: under
         ``fork`` inherited copy-on-write; under ``spawn``/``forkserver``
         pickled once, with every array inside it placed in shared memory.
-    profile : Profile or str, optional
-        A profile, or a workload name looked up with
-        :func:`autotune.load_profile`.  Explicit ``workers``/``chunk_len``
-        override it.
+    profile : Profile, str or path-like, optional
+        A profile; a path to a profile file (what ``autotune search --out``
+        wrote: a string with a ``/`` or ending in ``.yaml``); or a workload
+        name looked up with :func:`autotune.load_profile` (the same lookup,
+        the same backend choice).  A file that does not fit this CPU or
+        backend raises :class:`autotune.ProfileError` naming why; a name with
+        no fitting profile falls back to the heuristic with a warning and
+        then chunks exactly as with no profile.  Explicit
+        ``workers``/``chunk_len`` override it.
     start_method : {"fork", "spawn", "forkserver"}, optional
         Default ``"fork"`` where the platform has it, else ``"spawn"``.
     blas_threads : int or None
@@ -108,6 +115,13 @@ class Evaluator:
     address : str, optional
         Instead of ``client``: a scheduler address (``"tcp://host:8786"``) to
         connect to; that connection is closed by :meth:`close`.
+    item_bytes : int, optional
+        Bytes each item touches, temporaries included (a float64 input, a
+        float64 output and two float64 temporaries: 32).  The heuristic
+        chunk is about L2 per core / 8 / ``item_bytes`` (default 16 bytes
+        assumed); each call warns (``RuntimeWarning``) when ``chunk_len x
+        item_bytes x workers`` exceeds the memory available (``MemAvailable``,
+        narrowed by a cgroup ``memory.max``).
 
     Notes
     -----
@@ -133,6 +147,7 @@ class Evaluator:
         backend: str | None = None,
         client: Any = None,
         address: str | None = None,
+        item_bytes: int | None = None,
     ) -> None:
         if in_worker() or in_thread_kernel():
             raise RuntimeError(
@@ -145,6 +160,7 @@ class Evaluator:
         workers = positive_int("workers", workers)
         chunk_len = explicit_chunk_len = positive_int("chunk_len", chunk_len)
         blas_threads = positive_int("blas_threads", blas_threads)
+        item_bytes = positive_int("item_bytes", item_bytes)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         method = start_method or default_start_method()
@@ -156,14 +172,19 @@ class Evaluator:
         shared_dict = check_names(shared)
 
         self._profile = None
+        from_heuristic = False  # the chunk comes from the probe's rule, not a measurement
         if profile is not None and (workers is None or chunk_len is None or backend is None):
             self._profile = _resolve_profile(
-                profile, backend, client if client is not None else address
+                profile, backend, client if client is not None else address, item_bytes
             )
-            workers = workers or self._profile.workers
-            chunk_len = chunk_len or self._profile.chunk_len
-            if backend is None and self._profile.source != "heuristic":
-                backend = self._profile.backend  # run what was measured fastest
+            if self._profile.source == "heuristic" and self._profile.backend != "dask":
+                # No profile fitted: chunk exactly as with no profile at all.
+                from_heuristic = True
+            else:
+                workers = workers or self._profile.workers
+                chunk_len = chunk_len or self._profile.chunk_len
+                if backend is None:
+                    backend = self._profile.backend  # run what was measured fastest
         backend = backend or "processes"
         if pin and backend != "processes":
             raise ValueError("pin=True needs backend='processes'")
@@ -172,10 +193,10 @@ class Evaluator:
         # The heuristic's chunk may be too long for a small n; a chunk from a
         # profile or the heuristic was measured at another n and is fitted to
         # each call's; an explicit chunk_len is honoured to the item.
-        self._heuristic_chunks = chunk_len is None
+        self._heuristic_chunks = chunk_len is None or from_heuristic
         self._fit_chunks = explicit_chunk_len is None
         if workers is None or chunk_len is None:
-            guess = heuristic_profile(probe(), "default", None)
+            guess = heuristic_profile(probe(), "default", item_bytes)
             chunk_len = chunk_len or guess.chunk_len
             if backend != "dask":  # dask: tasks in flight, from the cluster
                 workers = workers or guess.workers
@@ -206,6 +227,7 @@ class Evaluator:
         self._finalizer = weakref.finalize(self, self._runner.close)
         self.workers: int = self._runner.workers
         self.chunk_len: int = chunk_len
+        self.item_bytes = item_bytes
 
     # -- public API -------------------------------------------------------
     def map(self, kernel: Callable[..., Any], n: int) -> np.ndarray:
@@ -292,8 +314,11 @@ class Evaluator:
             if self._closed:
                 raise RuntimeError("this Evaluator is closed")
             self._busy = threading.get_ident()
+            chunk_len = self._chunk_len_for(n)
+            if self.item_bytes is not None:
+                _check_memory(n, chunk_len, self.item_bytes, self.workers, self.backend)
             try:
-                return self._runner.run(kernel, n, self._chunk_len_for(n), mode, combine)
+                return self._runner.run(kernel, n, chunk_len, mode, combine)
             finally:
                 self._busy = None
                 if self._runner.closed:
@@ -332,12 +357,45 @@ def _pin_cpus(workers: int) -> list[int]:
     return [order[i % len(order)] for i in range(workers)]
 
 
-def _resolve_profile(profile: Any, backend: str | None = None, cluster: Any = None) -> Profile:
+def _check_memory(n: int, chunk_len: int, item_bytes: int, workers: int, backend: str) -> None:
+    """Warn when the chunks in progress at once would not fit the memory left."""
+    if backend == "dask":
+        return  # the cluster's memory, not ours
+    chunk_len = min(chunk_len, n)
+    workers = min(workers, math.ceil(n / chunk_len))
+    need = chunk_len * item_bytes * workers
+    room = _available_memory()
+    if room is not None and need > room:
+        warnings.warn(
+            f"chunk_len {chunk_len} x item_bytes {item_bytes} x {workers} workers = "
+            f"{need} bytes in flight, more than the {room} bytes of memory available "
+            f"(MemAvailable, cgroup memory.max); pass a smaller chunk_len or fewer workers",
+            RuntimeWarning,  # shown by default, unlike ResourceWarning
+            stacklevel=4,
+        )
+
+
+def _looks_like_path(text: str) -> bool:
+    """A profile argument naming a file rather than a workload."""
+    return os.sep in text or "/" in text or text.endswith((".yaml", ".yml"))
+
+
+def _resolve_profile(
+    profile: Any, backend: str | None = None, cluster: Any = None, item_bytes: int | None = None
+) -> Profile:
     if isinstance(profile, Profile):
         return profile
+    if isinstance(profile, os.PathLike) or (isinstance(profile, str) and _looks_like_path(profile)):
+        # A file named explicitly: used as it is, or a ProfileError says why not
+        # (another CPU, another backend); never replaced by the heuristic.
+        workload = Profile.load(profile).workload
+        return load_profile(workload, profile, backend=backend or "local")
     if isinstance(profile, str):
         if backend == "dask" and cluster is not None:
             # Matched to the cluster's workers, never to a local profile.
             return load_cluster_profile(profile, cluster)
-        return load_profile(profile, backend="local")
-    raise TypeError(f"profile must be a Profile or a workload name, got {type(profile).__name__}")
+        return load_profile(profile, item_bytes=item_bytes, backend=backend or "local")
+    raise TypeError(
+        f"profile must be a Profile, a path to a profile file or a workload name, "
+        f"got {type(profile).__name__}"
+    )
