@@ -17,17 +17,25 @@ its best point and the Python build (GIL or free-threaded) it ran on.
 ``strategy="auto"`` reaches nearly the same pick for a fraction of that:
 
 0. a screening run of every (backend, worker count) at a mid-sized chunk (an
-   eighth of the L2 per core) and at one eight times longer; those below 80%
-   of the best are not searched further;
+   eighth of the L2 per core) and at one eight times longer (the longest the
+   ladder has, when it is short); those below 80% of the best are not
+   searched further;
 1. a coarse pass over every other chunk size for each remaining count, one
    run each (the pool is already warm);
 2. the ladder neighbours of the two best points;
-3. successive halving: the three leaders get two more runs each, the best
-   two two more, and a point whose runs spread over 15% gets two more.
+3. successive halving: the three leaders get two more runs each (so every
+   point kept is timed at least 3 times), the best two two more, and a
+   point whose runs spread over 15% gets two more;
+4. ties: while the best and the points that tie with it within their
+   spread (:func:`is_tie`) are not told apart, they are timed again, one run
+   each per round, in alternating order, until they separate, each has
+   :data:`TIE_REPEATS` runs, or the budget is spent.
 
-Runs are sized from a quick serial estimate so that the whole search fits
-``budget`` seconds: on a slow kernel the measured range is a prefix of the
-workload's ``n`` items (throughput is items per second, so it compares).
+Every phase checks the clock.  Runs are sized from a quick serial estimate
+so that phases 0-3 fit two thirds of ``budget`` seconds and the rest goes to
+ties: on a slow kernel the measured range is a prefix of the workload's
+``n`` items (throughput is items per second, so it compares).  The pick is
+the fastest median among the points timed at least 3 times.
 """
 
 from __future__ import annotations
@@ -58,7 +66,14 @@ from autotune.profile import (
 )
 from autotune.workload import Workload
 
-__all__ = ["SearchResult", "search", "candidate_workers", "chunk_ladder", "pick_best"]
+__all__ = [
+    "SearchResult",
+    "search",
+    "candidate_workers",
+    "chunk_ladder",
+    "is_tie",
+    "pick_best",
+]
 
 STRATEGIES = ("auto", "grid")
 #: Timed runs per point in the grid (after one warm-up run).
@@ -69,6 +84,13 @@ NOISY = 0.15
 SCREEN = 0.8
 #: Smallest chunk tried, whatever the L1d says.
 MIN_CHUNK_BYTES = 8 * 1024
+#: Timed runs of every point auto keeps (the leaders it picks among).
+KEPT_REPEATS = 3
+#: auto stops re-timing tied points when each has this many runs (the budget
+#: usually ends the tie rounds first).
+TIE_REPEATS = 100
+#: At most this many points (the best and those tied with it) per tie round.
+TIE_POINTS = 3
 
 
 @dataclass(frozen=True)
@@ -129,12 +151,15 @@ def chunk_ladder(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> list[in
     unchunked = max(1, math.ceil(n / workers))
     lo = max(MIN_CHUNK_BYTES, (cpu.l1d or 32 * 1024) // 2)
     size = 1 << (lo - 1).bit_length()
-    lengths = []
+    lengths: list[int] = []
     while True:
         length = max(1, size // item_bytes)
         if length >= unchunked:
             break
-        lengths.append(length)
+        # Items bigger than the smallest sizes give 1 item for several
+        # rungs: time each length once.
+        if not lengths or length > lengths[-1]:
+            lengths.append(length)
         size *= 2
     lengths.append(unchunked)
     return lengths
@@ -143,6 +168,18 @@ def chunk_ladder(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> list[in
 def pick_best(measurements: Iterable[Measurement]) -> Measurement:
     """The fastest point; among equals, fewer workers, then the longer chunk."""
     return max(measurements, key=lambda m: (m.throughput or 0.0, -m.workers, m.chunk_len))
+
+
+def is_tie(best: Measurement, other: Measurement) -> bool:
+    """Whether ``other`` is as fast as ``best`` within their runs' spread.
+
+    A point's runs spread over ``spread x throughput`` around its median;
+    two points tie when their medians are closer than the sum of half those
+    spreads (their ranges overlap).  Points timed once have no spread and
+    tie only when equal.
+    """
+    a, b = best.throughput or 0.0, other.throughput or 0.0
+    return abs(a - b) <= (best.spread * a + other.spread * b) / 2
 
 
 # -- the measuring engine ------------------------------------------------------------
@@ -241,6 +278,10 @@ def _items_per_second(workload: Workload) -> float:
     """A quick serial estimate on growing prefixes, about 0.1 s in all."""
     shared = SharedNamespace(dict(workload.shared or {}))
     m = min(workload.n, 1024)
+    # Untimed: a first call pays for imports and caches (scipy.special, say,
+    # 0.2 s), and an estimate that counted them would size every run a
+    # hundred times too short.
+    workload.kernel(shared, 0, m)
     while True:
         t0 = time.perf_counter()
         workload.kernel(shared, 0, m)
@@ -271,19 +312,25 @@ def _grid(bench: _Bench, plan: dict[Lane, list[int]], deadline: float) -> bool:
 
 
 def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes: int) -> bool:
+    def late() -> bool:
+        return time.monotonic() > deadline
+
     # 0. screen every (backend, workers) at a mid-sized chunk and at one eight
     #    times longer; keep the lanes near the best.  For threads this is the
     #    GIL test: a kernel that holds the GIL gains nothing from a second
     #    thread; one whose GIL-free numpy calls are short gains only with the
-    #    longer chunk, hence two lengths.
+    #    longer chunk, hence two lengths (the ladder's longest, if it is short).
     def nearest(lengths: list[int]) -> int:
         return min(lengths[:-1] or lengths, key=lambda c: abs(c * bench.item_bytes - mid_bytes))
 
-    screen = {}
+    screen: dict[Lane, float] = {}
     for lane, lengths in plan.items():
+        if screen and late():
+            return False
         mid = nearest(lengths)
         i = lengths.index(mid)
-        probes = [mid] + ([lengths[i + 3]] if i + 3 < len(lengths) - 1 else [])
+        longer = lengths[min(i + 3, len(lengths) - 1)]
+        probes = [mid] + ([longer] if longer != mid else [])
         bench.run(lane, probes[0], 1, warmup=True)
         for c in probes[1:]:
             bench.run(lane, c, 1)
@@ -295,6 +342,8 @@ def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes
         rungs = lengths[::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else [])
         for c in rungs:
             if (lane, c) not in bench.times:
+                if late():
+                    return False
                 bench.run(lane, c, 1)
     # 2. refine: ladder neighbours of the two best points
     for lane, m in bench.leaders(2):
@@ -302,25 +351,65 @@ def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes
         i = lengths.index(m.chunk_len)
         for j in (i - 1, i + 1):
             if 0 <= j < len(lengths) and (lane, lengths[j]) not in bench.times:
+                if late():
+                    return False
                 bench.run(lane, lengths[j], 1)
-    # 3. successive halving among the leaders
+    # 3. successive halving among the leaders: every point kept gets at
+    #    least KEPT_REPEATS runs
     for keep, more in ((3, 2), (2, 2)):
-        if time.monotonic() > deadline:
+        if late():
             return False
         for lane, m in bench.leaders(keep):
             bench.run(lane, m.chunk_len, more)
     for lane, m in bench.leaders(2):
-        if m.spread > NOISY and time.monotonic() < deadline:
+        if m.spread > NOISY and not late():
             bench.run(lane, m.chunk_len, 2)
+    # 4. spend what is left of the budget on the points still tied with the best
+    _break_ties(bench, deadline)
     return True
 
 
+def _break_ties(bench: _Bench, deadline: float) -> None:
+    """Re-time the best kept point and those tied with it, alternately, while time lasts."""
+    flip = False
+    last_round = 0.0
+    while True:
+        kept = [(lane, m) for lane, m in bench.measured() if m.repeats >= KEPT_REPEATS]
+        if len(kept) < 2:
+            return
+        kept.sort(key=lambda lm: -(lm[1].throughput or 0.0))
+        best = kept[0][1]
+        tied = [kept[0]] + [lm for lm in kept[1:] if is_tie(best, lm[1])][: TIE_POINTS - 1]
+        if len(tied) < 2:
+            return  # the best stands apart
+        tied = [(lane, m) for lane, m in tied if m.repeats < TIE_REPEATS]
+        if not tied:
+            return
+        # One round is a run of each: stop unless one more (as long as the
+        # last) fits in the time left.
+        now = time.monotonic()
+        if now + last_round > deadline:
+            return
+        # Alternate the order so that neither point always runs just after
+        # the other (a warm cache, a clock ramping up).
+        for lane, m in reversed(tied) if flip else tied:
+            bench.run(lane, m.chunk_len, 1)
+        flip = not flip
+        last_round = time.monotonic() - now
+
+
 def _planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
+    """Timed runs (warm-ups included) a search of ``plan`` makes, before ties."""
     points = sum(len(v) for v in plan.values())
     if strategy == "grid":
         return points * (GRID_REPEATS + 1)
-    longest = max(len(v) for v in plan.values())
-    return 2 * len(plan) + longest // 2 + 1 + 4 + 10
+    screening = 3 * len(plan)  # a warm-up and two lengths per lane
+    # Every kept lane's coarse pass: at most every other rung and the end
+    # (assume all lanes are kept; the mid and longer lengths may be among them).
+    coarse = sum(len(v) // 2 + 1 for v in plan.values())
+    refine = 4
+    halving = 3 * 2 + 2 * 2 + 2 * 2  # the rounds, then the noise re-runs
+    return screening + coarse + refine + halving
 
 
 def search(
@@ -491,8 +580,12 @@ def _search(
         # (On a cluster, one local process is the baseline, not a point to pick.)
         measured.append(serial)
     # A point timed once may have been lucky: the pick is among those that
-    # were confirmed by more runs (all of them in the grid).
-    best = pick_best([m for m in measured if m.repeats > 1] or measured)
+    # were confirmed by KEPT_REPEATS runs (all of them in the grid).
+    best = pick_best(
+        [m for m in measured if m.repeats >= KEPT_REPEATS]
+        or [m for m in measured if m.repeats > 1]
+        or measured
+    )
     profile = Profile(
         workload=workload.name,
         source="measured",
