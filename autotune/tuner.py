@@ -64,6 +64,7 @@ from autotune.profile import (
     cpu_section,
     python_build,
 )
+from autotune.report import is_tie
 from autotune.workload import Workload
 
 __all__ = [
@@ -168,18 +169,6 @@ def chunk_ladder(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> list[in
 def pick_best(measurements: Iterable[Measurement]) -> Measurement:
     """The fastest point; among equals, fewer workers, then the longer chunk."""
     return max(measurements, key=lambda m: (m.throughput or 0.0, -m.workers, m.chunk_len))
-
-
-def is_tie(best: Measurement, other: Measurement) -> bool:
-    """Whether ``other`` is as fast as ``best`` within their runs' spread.
-
-    A point's runs spread over ``spread x throughput`` around its median;
-    two points tie when their medians are closer than the sum of half those
-    spreads (their ranges overlap).  Points timed once have no spread and
-    tie only when equal.
-    """
-    a, b = best.throughput or 0.0, other.throughput or 0.0
-    return abs(a - b) <= (best.spread * a + other.spread * b) / 2
 
 
 # -- the measuring engine ------------------------------------------------------------
