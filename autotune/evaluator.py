@@ -36,7 +36,7 @@ import numpy as np
 from autotune._util import positive_int
 from autotune.backends import BACKENDS
 from autotune.backends.dask.cluster import load_cluster_profile
-from autotune.backends.processes.worker import in_worker
+from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import balanced_chunk_len
 from autotune.backends.shared import check_names
@@ -155,6 +155,7 @@ class Evaluator:
                 "process pools oversubscribe the cores and can deadlock; parallelise the outer "
                 "level only"
             )
+        check_not_bootstrapping()
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         workers = positive_int("workers", workers)

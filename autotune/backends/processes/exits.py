@@ -10,7 +10,7 @@ from typing import Any
 
 from autotune._errors import RemoteError
 
-__all__ = ["describe_exit", "fileno", "join_all", "rebuild_exception"]
+__all__ = ["describe_exit", "fileno", "join_all", "rebuild_exception", "startup_failure"]
 
 
 class _RemoteTraceback(Exception):
@@ -91,3 +91,41 @@ def rebuild_exception(msg: tuple) -> BaseException:
         exc.add_note(f"[{where}]")
     exc.__cause__ = _RemoteTraceback(tb)
     return exc
+
+
+def startup_failure(
+    index: int, code: int | None, start_method: str, message: str | None
+) -> RuntimeError:
+    """The one error for a worker that ended before it was ready, with the likely cause.
+
+    Parameters
+    ----------
+    index : int
+        The worker's number.
+    code : int or None
+        Its exit status.
+    start_method : str
+        How it was started.
+    message : str or None
+        What the worker said (its exception and traceback), if anything.
+    """
+    head = (
+        f"autotune worker {index} ({start_method}) ended before it was ready "
+        f"({describe_exit(code) if message is None else 'it reported an error'}); "
+        f"no worker is retried at start-up."
+    )
+    if start_method == "fork":
+        cause = "Likely cause: the process ran out of memory or was killed while starting."
+    else:
+        cause = (
+            'Likely causes: a script without `if __name__ == "__main__":` around the code '
+            "that creates the Evaluator (under spawn and forkserver every worker re-imports "
+            "the main module), or a module the shared data needs that the worker cannot "
+            "import (an ImportError in the kernel's or the data's module)."
+        )
+    own = (
+        f"\nThe worker's own message:\n{message.rstrip()}"
+        if message
+        else "\nThe worker left no message here; its traceback, if any, is on stderr above."
+    )
+    return RuntimeError(f"{head} {cause}{own}")
