@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-__all__ = ["one_line", "positive_int", "utc_timestamp"]
+__all__ = ["check_kernel_signature", "one_line", "positive_int", "utc_timestamp"]
 
 
 def positive_int(name: str, value: Any) -> int | None:
@@ -35,3 +36,20 @@ def utc_timestamp(when: datetime | None = None) -> str:
     """``when`` (default: now) as the profiles' ``YYYY-MM-DDTHH:MM:SSZ``."""
     when = datetime.now(timezone.utc) if when is None else when.astimezone(timezone.utc)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_kernel_signature(kernel: Any, what: str = "kernel") -> None:
+    """Refuse, in the parent, a kernel that cannot be called as ``kernel(shared, start, stop)``.
+
+    Raises ``TypeError`` naming the kernel and its signature; callables
+    without an inspectable signature (some builtins) pass.
+    """
+    try:
+        sig = inspect.signature(kernel)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, 0, 0)
+    except TypeError as exc:
+        name = getattr(kernel, "__qualname__", None) or type(kernel).__name__
+        raise TypeError(f"{what} {name}{sig} must accept (shared, start, stop): {exc}") from None

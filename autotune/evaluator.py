@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune._util import positive_int
+from autotune._util import check_kernel_signature, positive_int
 from autotune.backends import BACKENDS
 from autotune.backends.dask.cluster import load_cluster_profile
 from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
@@ -299,6 +299,7 @@ class Evaluator:
     def _call(self, kernel: Callable[..., Any], n: int, mode: str, combine: Any) -> Any:
         if not callable(kernel):
             raise TypeError(f"kernel must be callable, got {type(kernel).__name__}")
+        check_kernel_signature(kernel)  # here, before any worker runs it
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
         n = int(n)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from autotune._util import check_kernel_signature
+
 __all__ = ["Workload", "MODES"]
 
 MODES = ("map", "reduce")
@@ -55,6 +57,7 @@ class Workload:
             raise ValueError(f"Workload n must be an integer >= 0, got {self.n!r}")
         if not callable(self.kernel):
             raise TypeError(f"Workload kernel must be callable, got {type(self.kernel).__name__}")
+        check_kernel_signature(self.kernel, "Workload kernel")
         if self.mode not in MODES:
             raise ValueError(f"Workload mode must be one of {MODES}, got {self.mode!r}")
         if self.item_bytes is not None and (

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autotune.backends.rows import check_map_result, check_row_like
+from autotune.backends.rows import check_map_result, check_row_like, where
 from autotune.backends.schedule import chunk_bounds
 from autotune.backends.shared import SharedNamespace
 
@@ -117,7 +117,7 @@ def _run_batch(
         return rows
     except Exception as exc:
         if hasattr(exc, "add_note"):
-            exc.add_note(f"[raised by the kernel on a Dask worker on items [{start}, {stop})]")
+            exc.add_note(f"[{where(exc, start, stop, 'on a Dask worker')}]")
         raise
 
 

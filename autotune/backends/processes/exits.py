@@ -9,6 +9,7 @@ import signal
 from typing import Any
 
 from autotune._errors import RemoteError
+from autotune.backends.rows import ResultError, where
 
 __all__ = ["describe_exit", "fileno", "join_all", "rebuild_exception", "startup_failure"]
 
@@ -73,7 +74,12 @@ def rebuild_exception(msg: tuple) -> BaseException:
             exc = None
     if exc is None:
         exc = RemoteError(f"{name}: {message}")
-    where = f"raised by the kernel in a worker on items [{start}, {stop})"
+    place = where(exc, start, stop, "in a worker")
+    if isinstance(exc, ResultError):
+        # autotune's own check: the worker's traceback would show our code,
+        # not the user's; the message says what was wrong.
+        exc.args = (f"{exc.args[0]} [{place}]",) if len(exc.args) == 1 else exc.args
+        return exc
     # Put the worker's traceback into the message itself where the exception
     # is a plain one-string exception, so that it shows in logs that print
     # only str(exc); always chain it as the cause too (as concurrent.futures).
@@ -86,9 +92,9 @@ def rebuild_exception(msg: tuple) -> BaseException:
             Exception.__str__,
         )
     ):
-        exc.args = (f"{exc.args[0]}\n\n[{where}]\nWorker traceback:\n{tb}",)
+        exc.args = (f"{exc.args[0]}\n\n[{place}]\nWorker traceback:\n{tb}",)
     elif hasattr(exc, "add_note"):
-        exc.add_note(f"[{where}]")
+        exc.add_note(f"[{place}]")
     exc.__cause__ = _RemoteTraceback(tb)
     return exc
 
