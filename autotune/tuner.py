@@ -89,7 +89,7 @@ MIN_CHUNK_BYTES = 8 * 1024
 KEPT_REPEATS = 3
 #: auto stops re-timing tied points when each has this many runs (the budget
 #: usually ends the tie rounds first).
-TIE_REPEATS = 100
+TIE_REPEATS = 1000
 #: At most this many points (the best and those tied with it) per tie round.
 TIE_POINTS = 3
 
