@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from datetime import datetime, timezone
 from typing import Any
 
@@ -11,6 +12,7 @@ __all__ = [
     "BACKENDS",
     "LOCAL_BACKENDS",
     "check_int",
+    "check_kernel_signature",
     "format_bytes",
     "one_line",
     "positive_int",
@@ -61,3 +63,20 @@ def utc_timestamp(when: datetime | None = None) -> str:
     """``when`` (default: now) as the profiles' ``YYYY-MM-DDTHH:MM:SSZ``."""
     when = datetime.now(timezone.utc) if when is None else when.astimezone(timezone.utc)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_kernel_signature(kernel: Any, what: str = "kernel") -> None:
+    """Refuse, in the parent, a kernel that cannot be called as ``kernel(shared, start, stop)``.
+
+    Raises ``TypeError`` naming the kernel and its signature; callables
+    without an inspectable signature (some builtins) pass.
+    """
+    try:
+        sig = inspect.signature(kernel)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, 0, 0)
+    except TypeError as exc:
+        name = getattr(kernel, "__qualname__", None) or type(kernel).__name__
+        raise TypeError(f"{what} {name}{sig} must accept (shared, start, stop): {exc}") from None

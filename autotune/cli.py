@@ -131,10 +131,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
             require_matplotlib()
         except PlotUnavailable as exc:
             raise UsageError(str(exc)) from None
+    if ":" in args.workload:
+        # MODULE is found from the current directory too, as `python -m` does
+        # (the `autotune` script's own directory is what sys.path starts with).
+        here = os.getcwd()
+        if "" not in sys.path and here not in sys.path:
+            sys.path.insert(0, here)
     try:
         workload = get_workload(args.workload)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(" ".join(str(exc).split())) from None
 
     client = None
     if dask:

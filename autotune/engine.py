@@ -13,8 +13,13 @@ The strategy (``auto``):
    eight times longer; lanes below :data:`SCREEN` of the best are dropped;
 1. a coarse pass over every other chunk length of each remaining lane;
 2. the ladder neighbours of the two best points;
-3. successive halving: the three leaders get two more runs each, the best
-   two two more, and a leader whose runs spread over :data:`NOISY` two more.
+3. successive halving: the three leaders get two more runs each (so every
+   point kept is timed at least :data:`KEPT_REPEATS` times), the best two
+   two more, and a leader whose runs spread over :data:`NOISY` two more;
+4. ties (optional): while the best and the points tied with it within
+   their spread (:func:`~autotune.profile.is_tie`) are not told apart, one
+   run of each per round, in alternating order, until they separate or each
+   has :data:`TIE_REPEATS` runs.
 
 Points are ``(lane, chunk_len)``; a lane is ``(backend, workers)``.
 """
@@ -29,12 +34,15 @@ from dataclasses import dataclass
 
 from autotune.cpu import CpuInfo
 from autotune.cpu.model import FALLBACK_L1D_BYTES
-from autotune.profile import Measurement
+from autotune.profile import Measurement, is_tie
 
 __all__ = [
+    "KEPT_REPEATS",
     "MIN_CHUNK_BYTES",
     "NOISY",
     "SCREEN",
+    "TIE_POINTS",
+    "TIE_REPEATS",
     "Checkpoint",
     "Lane",
     "Request",
@@ -43,6 +51,7 @@ __all__ = [
     "candidate_workers",
     "chunk_ladder",
     "pick_best",
+    "pick_kept",
 ]
 
 #: A point whose runs spread more than this (relative) is re-measured.
@@ -51,6 +60,13 @@ NOISY = 0.15
 SCREEN = 0.8
 #: Smallest chunk tried, whatever the L1d says.
 MIN_CHUNK_BYTES = 8 * 1024
+#: Timed runs of every point auto keeps (the leaders it picks among).
+KEPT_REPEATS = 3
+#: Tie rounds stop when each tied point has this many runs (a budget
+#: usually ends them first).
+TIE_REPEATS = 1000
+#: At most this many points (the best and those tied with it) per tie round.
+TIE_POINTS = 3
 
 Lane = tuple[str, int]  # (backend, workers)
 
@@ -81,12 +97,15 @@ def chunk_ladder(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> list[in
     unchunked = max(1, math.ceil(n / workers))
     lo = max(MIN_CHUNK_BYTES, (cpu.l1d or FALLBACK_L1D_BYTES) // 2)
     size = 1 << (lo - 1).bit_length()
-    lengths = []
+    lengths: list[int] = []
     while True:
         length = max(1, size // item_bytes)
         if length >= unchunked:
             break
-        lengths.append(length)
+        # Items bigger than the smallest sizes give 1 item for several
+        # rungs: time each length once.
+        if not lengths or length > lengths[-1]:
+            lengths.append(length)
         size *= 2
     lengths.append(unchunked)
     return lengths
@@ -151,34 +170,40 @@ class Request:
 @dataclass(frozen=True)
 class Checkpoint:
     """A point where a budget may end the strategy; ``complete``: whether the
-    result then counts as a complete search."""
+    result then counts as a complete search.  ``round``: a tie round starts
+    (stop unless one more round, as long as the last, fits)."""
 
     complete: bool
+    round: bool = False
 
 
 def auto_requests(
-    tally: Tally, plan: dict[Lane, list[int]], mid_bytes: int
+    tally: Tally, plan: dict[Lane, list[int]], mid_bytes: int, ties: bool = False
 ) -> Iterator[Request | Checkpoint]:
     """The ``auto`` strategy as a sequence of runs to make.
 
     The caller makes each :class:`Request`'s runs and adds them to ``tally``
     before asking for the next; at a :class:`Checkpoint` it may stop.
-    ``plan`` gives each lane its chunk ladder (ascending, unchunked last).
+    ``plan`` gives each lane its chunk ladder (ascending, unchunked last);
+    ``ties`` adds the tie rounds (phase 4).
     """
 
     # 0. screen every (backend, workers) at a mid-sized chunk and at one eight
     #    times longer; keep the lanes near the best.  For threads this is the
     #    GIL test: a kernel that holds the GIL gains nothing from a second
     #    thread; one whose GIL-free numpy calls are short gains only with the
-    #    longer chunk, hence two lengths.
+    #    longer chunk, hence two lengths (the ladder's longest, if it is short).
     def nearest(lengths: list[int]) -> int:
         return min(lengths[:-1] or lengths, key=lambda c: abs(c * tally.item_bytes - mid_bytes))
 
-    screen = {}
+    screen: dict[Lane, float] = {}
     for lane, lengths in plan.items():
+        if screen:
+            yield Checkpoint(complete=False)
         mid = nearest(lengths)
         i = lengths.index(mid)
-        probes = [mid] + ([lengths[i + 3]] if i + 3 < len(lengths) - 1 else [])
+        longer = lengths[min(i + 3, len(lengths) - 1)]
+        probes = [mid] + ([longer] if longer != mid else [])
         yield Request(lane, probes[0], 1, warmup=True)
         for c in probes[1:]:
             yield Request(lane, c, 1)
@@ -190,6 +215,7 @@ def auto_requests(
         rungs = lengths[::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else [])
         for c in rungs:
             if (lane, c) not in tally.times:
+                yield Checkpoint(complete=False)
                 yield Request(lane, c, 1)
     # 2. refine: ladder neighbours of the two best points
     for lane, m in tally.leaders(2):
@@ -197,8 +223,10 @@ def auto_requests(
         i = lengths.index(m.chunk_len)
         for j in (i - 1, i + 1):
             if 0 <= j < len(lengths) and (lane, lengths[j]) not in tally.times:
+                yield Checkpoint(complete=False)
                 yield Request(lane, lengths[j], 1)
-    # 3. successive halving among the leaders
+    # 3. successive halving among the leaders: every point kept gets at
+    #    least KEPT_REPEATS runs
     for keep, more in ((3, 2), (2, 2)):
         yield Checkpoint(complete=False)
         for lane, m in tally.leaders(keep):
@@ -207,3 +235,40 @@ def auto_requests(
         if m.spread > NOISY:
             yield Checkpoint(complete=True)
             yield Request(lane, m.chunk_len, 2)
+    # 4. spend what is left on the points still tied with the best
+    if ties:
+        yield from _tie_rounds(tally)
+
+
+def _tie_rounds(tally: Tally) -> Iterator[Request | Checkpoint]:
+    """Re-time the best kept point and those tied with it, alternately."""
+    flip = False
+    while True:
+        kept = [(lane, m) for lane, m in tally.measured() if m.repeats >= KEPT_REPEATS]
+        if len(kept) < 2:
+            return
+        kept.sort(key=lambda lm: -(lm[1].throughput or 0.0))
+        best = kept[0][1]
+        tied = [kept[0]] + [lm for lm in kept[1:] if is_tie(best, lm[1])][: TIE_POINTS - 1]
+        if len(tied) < 2:
+            return  # the best stands apart
+        tied = [(lane, m) for lane, m in tied if m.repeats < TIE_REPEATS]
+        if not tied:
+            return
+        yield Checkpoint(complete=True, round=True)
+        # Alternate the order so that neither point always runs just after
+        # the other (a warm cache, a clock ramping up).
+        for lane, m in reversed(tied) if flip else tied:
+            yield Request(lane, m.chunk_len, 1)
+        flip = not flip
+
+
+def pick_kept(measurements: Iterable[Measurement]) -> Measurement:
+    """The best point among those confirmed by :data:`KEPT_REPEATS` runs (else
+    by two or more, else any): a point timed once may have been lucky."""
+    measured = list(measurements)
+    return pick_best(
+        [m for m in measured if m.repeats >= KEPT_REPEATS]
+        or [m for m in measured if m.repeats > 1]
+        or measured
+    )

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from autotune._errors import EfficiencyWarning, ProfileError, ProfileWarning
-from autotune._util import BACKENDS, check_int, positive_int
+from autotune._util import BACKENDS, check_int, check_kernel_signature, positive_int
 from autotune.adapt import (
     Learner,
     Shifted,
@@ -46,13 +46,14 @@ from autotune.adapt import (
     kernel_name,
 )
 from autotune.backends.dask.cluster import load_cluster_profile
-from autotune.backends.processes.worker import in_worker
+from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import OrderedFold, balanced_chunk_len, n_chunks
 from autotune.backends.shared import SharedNamespace, check_names
 from autotune.backends.stats import CallStats, Meter, advice
 from autotune.backends.threads import in_thread_kernel, run_inline
 from autotune.cpu import probe
+from autotune.cpu.memory import available_memory as _available_memory
 from autotune.engine import chunk_ladder
 from autotune.profile import (
     DEFAULT_ITEM_BYTES,
@@ -98,10 +99,15 @@ class Evaluator:
         (``shared.x`` or ``shared["x"]``).  Never pickled per task: under
         ``fork`` inherited copy-on-write; under ``spawn``/``forkserver``
         pickled once, with every array inside it placed in shared memory.
-    profile : Profile or str, optional
-        A profile, or a workload name looked up with
-        :func:`autotune.load_profile`.  Explicit ``workers``/``chunk_len``
-        override it.
+    profile : Profile, str or path-like, optional
+        A profile; a path to a profile file (what ``autotune search --out``
+        wrote: a string with a ``/`` or ending in ``.yaml``); or a workload
+        name looked up with :func:`autotune.load_profile` (the same lookup,
+        the same backend choice).  A file that does not fit this CPU or
+        backend raises :class:`autotune.ProfileError` naming why; a name with
+        no fitting profile falls back to the heuristic with a warning and
+        then chunks exactly as with no profile.  Explicit
+        ``workers``/``chunk_len`` override it.
     start_method : {"fork", "spawn", "forkserver"}, optional
         Default ``"fork"`` where the platform has it, else ``"spawn"``, also
         in a process with other threads (a Jupyter kernel): the forked worker
@@ -146,9 +152,13 @@ class Evaluator:
         or the kernel's ``module:qualname``, for the next process.  Not with
         ``backend="dask"``.
     item_bytes : int, optional
-        Bytes each item touches, temporaries included, when you know better
+        Bytes each item touches, temporaries included (a float64 input, a
+        float64 output and two float64 temporaries: 32), when you know better
         than the evaluator's inference (the rows of the ``shared`` arrays of
-        length ``n``, plus a map's output row).
+        length ``n``).  The heuristic chunk is about L2 per core / 8 /
+        ``item_bytes``; each call warns (``RuntimeWarning``) when ``chunk_len
+        x item_bytes x workers`` exceeds the memory available
+        (``MemAvailable``, narrowed by a cgroup ``memory.max``).
 
     Notes
     -----
@@ -190,6 +200,7 @@ class Evaluator:
                 "process pools oversubscribe the cores and can deadlock; parallelise the outer "
                 "level only"
             )
+        check_not_bootstrapping()
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if adapt not in (None, True, False):
@@ -210,15 +221,22 @@ class Evaluator:
 
         self._profile = None
         # Online profiles are saved under the name given (else the kernel's).
-        self._profile_name = profile if isinstance(profile, str) and _is_name(profile) else None
+        self._profile_name = (
+            profile if isinstance(profile, str) and not _looks_like_path(profile) else None
+        )
+        from_heuristic = False  # the chunk comes from the probe's rule, not a measurement
         if profile is not None and (workers is None or chunk_len is None or backend is None):
             self._profile = _resolve_profile(
-                profile, backend, client if client is not None else address
+                profile, backend, client if client is not None else address, self.item_bytes
             )
-            workers = workers or self._profile.workers
-            chunk_len = chunk_len or self._profile.chunk_len
-            if backend is None and self._profile.source != "heuristic":
-                backend = self._profile.backend  # run what was measured fastest
+            if self._profile.source == "heuristic" and self._profile.backend != "dask":
+                # No profile fitted: chunk exactly as with no profile at all.
+                from_heuristic = True
+            else:
+                workers = workers or self._profile.workers
+                chunk_len = chunk_len or self._profile.chunk_len
+                if backend is None:
+                    backend = self._profile.backend  # run what was measured fastest
         backend = backend or "processes"
         if pin and backend != "processes":
             raise ValueError("pin=True needs backend='processes'")
@@ -228,7 +246,7 @@ class Evaluator:
         # The heuristic's chunk may be too long for a small n; a chunk from a
         # profile or the heuristic was measured at another n and is fitted to
         # each call's; an explicit chunk_len is honoured to the item.
-        self._heuristic_chunks = chunk_len is None
+        self._heuristic_chunks = chunk_len is None or from_heuristic
         self._fit_chunks = explicit_chunk_len is None
         self._cpu = probe() if workers is None or chunk_len is None or self._adapt else None
         if workers is None or chunk_len is None:
@@ -367,6 +385,7 @@ class Evaluator:
     ) -> Any:
         if not callable(kernel):
             raise TypeError(f"kernel must be callable, got {type(kernel).__name__}")
+        check_kernel_signature(kernel)  # here, before any worker runs it
         n = check_int("n", n, minimum=0)
         self._check_not_nested()
         if self._closed:
@@ -385,6 +404,8 @@ class Evaluator:
             bar = _progress_bar(n, mode) if progress else None
             meter = Meter(self.workers, None if bar is None else bar.update)
             chunk_len, inline = self._chunk_len_for(n), False
+            if self.item_bytes is not None:
+                _check_memory(n, chunk_len, self.item_bytes, self.workers, self.backend)
             began = time.perf_counter()
             try:
                 if self._adapt:
@@ -567,11 +588,6 @@ def _progress_bar(n: int, mode: str) -> Any:
     return tqdm(total=n, desc=mode, unit="item", unit_scale=n >= 10_000, file=sys.stderr)
 
 
-def _is_name(profile: str) -> bool:
-    """A workload name rather than a path to a profile file."""
-    return not (profile.endswith((".yaml", ".yml")) or os.sep in profile)
-
-
 def _resolve_adapt(
     adapt: bool | None, backend: str, explicit: bool, profile: Profile | None
 ) -> bool:
@@ -605,12 +621,45 @@ def _pin_cpus(workers: int) -> list[int]:
     return [order[i % len(order)] for i in range(workers)]
 
 
-def _resolve_profile(profile: Any, backend: str | None = None, cluster: Any = None) -> Profile:
+def _check_memory(n: int, chunk_len: int, item_bytes: int, workers: int, backend: str) -> None:
+    """Warn when the chunks in progress at once would not fit the memory left."""
+    if backend == "dask":
+        return  # the cluster's memory, not ours
+    chunk_len = min(chunk_len, n)
+    workers = min(workers, math.ceil(n / chunk_len))
+    need = chunk_len * item_bytes * workers
+    room = _available_memory()
+    if room is not None and need > room:
+        warnings.warn(
+            f"chunk_len {chunk_len} x item_bytes {item_bytes} x {workers} workers = "
+            f"{need} bytes in flight, more than the {room} bytes of memory available "
+            f"(MemAvailable, cgroup memory.max); pass a smaller chunk_len or fewer workers",
+            RuntimeWarning,  # shown by default, unlike ResourceWarning
+            stacklevel=4,
+        )
+
+
+def _looks_like_path(text: str) -> bool:
+    """A profile argument naming a file rather than a workload."""
+    return os.sep in text or "/" in text or text.endswith((".yaml", ".yml"))
+
+
+def _resolve_profile(
+    profile: Any, backend: str | None = None, cluster: Any = None, item_bytes: int | None = None
+) -> Profile:
     if isinstance(profile, Profile):
         return profile
+    if isinstance(profile, os.PathLike) or (isinstance(profile, str) and _looks_like_path(profile)):
+        # A file named explicitly: used as it is, or a ProfileError says why not
+        # (another CPU, another backend); never replaced by the heuristic.
+        workload = Profile.load(profile).workload
+        return load_profile(workload, profile, backend=backend or "local")
     if isinstance(profile, str):
         if backend == "dask" and cluster is not None:
             # Matched to the cluster's workers, never to a local profile.
             return load_cluster_profile(profile, cluster)
-        return load_profile(profile, backend="local")
-    raise TypeError(f"profile must be a Profile or a workload name, got {type(profile).__name__}")
+        return load_profile(profile, item_bytes=item_bytes, backend=backend or "local")
+    raise TypeError(
+        f"profile must be a Profile, a path to a profile file or a workload name, "
+        f"got {type(profile).__name__}"
+    )

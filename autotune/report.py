@@ -1,9 +1,12 @@
 """Reports of measurements: the seed-style table and the heatmap.
 
 The table is the one the seed published (rows: workers, columns: bytes per
-chunk, cells: millions of items per second), followed by the serial baseline
-and the best point.  ``autotune show`` prints it for a saved profile and
-``autotune search`` for the points it just measured: both go through
+chunk, cells: items per second in the unit that fits, k, M or G), followed by
+the serial baseline, the best point with its speedups (vs one worker at the
+same chunk, vs serial unchunked), and the spread of every point the search
+kept, with whether the best is a tie with the runner-up.  ``autotune show``
+prints it for a saved profile and ``autotune search`` for the points it just
+measured: both go through
 :func:`render_table`, which takes the measurements, the serial throughput and
 the best point, so neither needs a saved file.
 
@@ -22,13 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from autotune.cpu import CpuInfo
-from autotune.profile import Measurement, Profile, is_unchunked
+from autotune.engine import KEPT_REPEATS
+from autotune.profile import Measurement, Profile, is_tie, is_unchunked
 
 __all__ = [
     "PlotUnavailable",
     "bytes_label",
+    "format_rate",
     "format_table",
+    "is_tie",
     "plot_heatmap",
+    "rate_unit",
     "render_table",
     "require_matplotlib",
 ]
@@ -115,8 +122,93 @@ def _best_key(best: Measurement | None, n: int | None) -> tuple[Row, int | str] 
     return (_row(best), UNCHUNKED if is_unchunked(best, n) else best.chunk_bytes)
 
 
-def _rate(items_per_s: float) -> str:
-    return f"{items_per_s / 1e6:.2f}"
+_UNITS = ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""))
+
+
+def rate_unit(items_per_s: float) -> tuple[float, str]:
+    """The scale and prefix (``k``, ``M``, ``G`` or none) that shows ``items_per_s`` as 1-999."""
+    for scale, prefix in _UNITS:
+        if items_per_s >= scale:
+            return scale, prefix
+    return 1.0, ""
+
+
+def _unit(prefix: str) -> str:
+    return f"{prefix} items/s" if prefix else "items/s"
+
+
+def _number(value: float, top: float) -> str:
+    """``value`` (already scaled) with as many decimals as a column topping at ``top`` needs."""
+    decimals = 2 if top < 10 else 1 if top < 100 else 0
+    return f"{value:.{decimals}f}"
+
+
+def format_rate(items_per_s: float) -> str:
+    """Items per second with a readable prefix: ``9.70 k items/s``, ``4.28 M items/s``."""
+    scale, prefix = rate_unit(items_per_s)
+    return f"{_number(items_per_s / scale, items_per_s / scale)} {_unit(prefix)}"
+
+
+#: ``show`` and ``search`` list the spread of this many kept points at most.
+KEPT_SHOWN = 5
+
+
+def _point(m: Measurement) -> str:
+    kind = " (threads)" if m.backend == "threads" else ""
+    return (
+        f"{m.workers} worker{'s' if m.workers != 1 else ''}{kind}, "
+        f"chunk_len {m.chunk_len} ({m.chunk_bytes} bytes)"
+    )
+
+
+def _same_chunk_one_worker(
+    measurements: list[Measurement], best: Measurement
+) -> Measurement | None:
+    return next(
+        (
+            m
+            for m in measurements
+            if m.workers == 1
+            and m.chunk_len == best.chunk_len
+            and m.backend == best.backend
+            and m.throughput
+        ),
+        None,
+    )
+
+
+def _confidence(measurements: list[Measurement], best: Measurement | None) -> list[str]:
+    """The kept points' spreads, and whether the best is a tie with the runner-up."""
+    kept = sorted(
+        (m for m in measurements if m.repeats >= KEPT_REPEATS and m.throughput),
+        key=lambda m: -(m.throughput or 0.0),
+    )
+    if not kept:
+        return []
+    lines = ["", "kept points (timed >= 3 times; spread = (max - min) / median of the runs):"]
+    for m in kept[:KEPT_SHOWN]:
+        mark = "  * best" if best is not None and m == best else ""
+        lines.append(
+            f"  {format_rate(m.throughput or 0.0):>16}  spread {m.spread:4.0%}  "
+            f"{m.repeats:3d} runs  {_point(m)}{mark}"
+        )
+    if len(kept) > KEPT_SHOWN:
+        lines.append(f"  ({len(kept) - KEPT_SHOWN} more)")
+    if best is not None and best.throughput and best.repeats >= KEPT_REPEATS:
+        others = [m for m in kept if m != best]
+        if others:
+            runner = others[0]
+            ratio = (runner.throughput or 0.0) / best.throughput
+            if is_tie(best, runner):
+                lines.append(
+                    f"best and runner-up are a tie within their spread (runner-up "
+                    f"{ratio:.2f}x the best: {_point(runner)})"
+                )
+            else:
+                lines.append(
+                    f"best leads the runner-up beyond their spread (runner-up {ratio:.2f}x)"
+                )
+    return lines
 
 
 def render_table(
@@ -148,7 +240,10 @@ def render_table(
     str
         Lines without a trailing newline.
     """
+    measurements = list(measurements)
     rows, cols, cells = _grid(measurements, n)
+    scale, prefix = rate_unit(max(cells.values(), default=1.0))
+    top = max(cells.values(), default=1.0) / scale
     lines: list[str] = []
     if rows:
         labels = [c if isinstance(c, str) else bytes_label(c) for c in cols]
@@ -164,33 +259,37 @@ def render_table(
             line = f"{_row_label(r):>7} "
             for c, w in zip(cols, widths, strict=True):
                 value = cells.get((r, c))
-                text = "" if value is None else _rate(value)
+                text = "" if value is None else _number(value / scale, top)
                 line += f" {text.rjust(w)}{'*' if (r, c) == key else ' '}"
             lines.append(line.rstrip())
         per_item = f", {item_bytes} B per item" if item_bytes else ""
         star = "; * best" if key in cells else ""
         threads = "; 'thr': threads backend" if any(r[0] for r in rows) else ""
-        lines.append(f"(M items/s; columns: bytes per chunk{per_item}{star}{threads})")
+        lines.append(f"({_unit(prefix)}; columns: bytes per chunk{per_item}{star}{threads})")
     else:
         lines.append("(no measurements)")
     lines.append("")
     if serial_throughput is not None:
-        lines.append(f"serial  {_rate(serial_throughput)} M items/s (1 process, one chunk)")
+        lines.append(f"serial  {format_rate(serial_throughput)} (1 process, one chunk)")
     else:
         lines.append("serial  not measured")
     if best is not None:
-        kind = " (threads)" if best.backend == "threads" else ""
-        point = (
-            f"{best.workers} worker{'s' if best.workers != 1 else ''}{kind}, "
-            f"chunk_len {best.chunk_len} ({best.chunk_bytes} bytes)"
-        )
+        point = _point(best)
         if best.throughput is None:
             lines.append(f"best    {point} (not measured)")
         else:
-            speedup = ""
+            lines.append(f"best    {format_rate(best.throughput)}: {point}")
+            one = _same_chunk_one_worker(measurements, best)
+            speedups = []
+            if one is not None and best.workers > 1:
+                ratio = best.throughput / (one.throughput or 1.0)
+                speedups.append(f"{ratio:.2f}x vs one worker, same chunk")
             if serial_throughput:
-                speedup = f", {best.throughput / serial_throughput:.2f}x serial"
-            lines.append(f"best    {_rate(best.throughput)} M items/s: {point}{speedup}")
+                ratio = best.throughput / serial_throughput
+                speedups.append(f"{ratio:.2f}x vs serial, unchunked")
+            if speedups:
+                lines.append(f"speedup {'; '.join(speedups)}")
+    lines.extend(_confidence(measurements, best))
     return "\n".join(lines)
 
 

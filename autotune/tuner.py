@@ -17,17 +17,28 @@ its best point and the Python build (GIL or free-threaded) it ran on.
 ``strategy="auto"`` reaches nearly the same pick for a fraction of that:
 
 0. a screening run of every (backend, worker count) at a mid-sized chunk (an
-   eighth of the L2 per core) and at one eight times longer; those below 80%
-   of the best are not searched further;
+   eighth of the L2 per core) and at one eight times longer (the longest the
+   ladder has, when it is short); those below 80% of the best are not
+   searched further;
 1. a coarse pass over every other chunk size for each remaining count, one
    run each (the pool is already warm);
 2. the ladder neighbours of the two best points;
-3. successive halving: the three leaders get two more runs each, the best
-   two two more, and a point whose runs spread over 15% gets two more.
+3. successive halving: the three leaders get two more runs each (so every
+   point kept is timed at least 3 times), the best two two more, and a
+   point whose runs spread over 15% gets two more;
+4. ties: while the best and the points that tie with it within their
+   spread (:func:`~autotune.profile.is_tie`) are not told apart, they are
+   timed again, one run each per round, in alternating order, until they
+   separate, each has :data:`~autotune.engine.TIE_REPEATS` runs, or the
+   budget is spent.
 
-Runs are sized from a quick serial estimate so that the whole search fits
-``budget`` seconds: on a slow kernel the measured range is a prefix of the
-workload's ``n`` items (throughput is items per second, so it compares).
+The strategy lives in :mod:`autotune.engine`, shared with the evaluator's
+online refinement; this module runs it as fast as it can.  Every phase
+checks the clock.  Runs are sized from a quick serial estimate so that
+phases 0-3 fit two thirds of ``budget`` seconds and the rest goes to ties:
+on a slow kernel the measured range is a prefix of the workload's ``n``
+items (throughput is items per second, so it compares).  The pick is the
+fastest median among the points timed at least 3 times.
 """
 
 from __future__ import annotations
@@ -49,13 +60,14 @@ from autotune.backends.shared import SharedNamespace, check_names
 from autotune.cpu import probe
 from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.engine import (
-    Checkpoint,
     Lane,
+    Request,
     Tally,
     auto_requests,
     candidate_workers,
     chunk_ladder,
     pick_best,
+    pick_kept,
 )
 from autotune.evaluator import default_start_method
 from autotune.profile import (
@@ -63,11 +75,19 @@ from autotune.profile import (
     Measurement,
     Profile,
     cpu_section,
+    is_tie,
     python_build,
 )
 from autotune.workload import Workload
 
-__all__ = ["SearchResult", "search", "candidate_workers", "chunk_ladder", "pick_best"]
+__all__ = [
+    "SearchResult",
+    "search",
+    "candidate_workers",
+    "chunk_ladder",
+    "is_tie",
+    "pick_best",
+]
 
 STRATEGIES = ("auto", "grid")
 #: Timed runs per point in the grid (after one warm-up run).
@@ -179,6 +199,10 @@ def _items_per_second(workload: Workload) -> float:
     """A quick serial estimate on growing prefixes, about 0.1 s in all."""
     shared = SharedNamespace(dict(workload.shared or {}))
     m = min(workload.n, 1024)
+    # Untimed: a first call pays for imports and caches (scipy.special, say,
+    # 0.2 s), and an estimate that counted them would size every run a
+    # hundred times too short.
+    workload.kernel(shared, 0, m)
     while True:
         t0 = time.perf_counter()
         workload.kernel(shared, 0, m)
@@ -209,23 +233,39 @@ def _grid(bench: _Bench, plan: dict[Lane, list[int]], deadline: float) -> bool:
 
 
 def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes: int) -> bool:
-    """The engine's ``auto`` strategy, run as fast as the bench can; False when
-    the budget ran out before successive halving was done."""
-    for step in auto_requests(bench, plan, mid_bytes):
-        if isinstance(step, Checkpoint):
-            if time.monotonic() > deadline:
-                return step.complete
+    """The engine's ``auto`` strategy, tie rounds included, run as fast as the bench
+    can; False when the budget ran out before successive halving was done."""
+    round_began: float | None = None
+    last_round = 0.0
+    for step in auto_requests(bench, plan, mid_bytes, ties=True):
+        if isinstance(step, Request):
+            bench.run(step.lane, step.chunk_len, step.repeats, warmup=step.warmup)
             continue
-        bench.run(step.lane, step.chunk_len, step.repeats, warmup=step.warmup)
+        now = time.monotonic()
+        if step.round:
+            # One more tie round only if it fits, as long as the last one.
+            if round_began is not None:
+                last_round = now - round_began
+            if now + last_round > deadline:
+                return True
+            round_began = now
+        elif now > deadline:
+            return step.complete
     return True
 
 
 def _planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
+    """Timed runs (warm-ups included) a search of ``plan`` makes, before ties."""
     points = sum(len(v) for v in plan.values())
     if strategy == "grid":
         return points * (GRID_REPEATS + 1)
-    longest = max(len(v) for v in plan.values())
-    return 2 * len(plan) + longest // 2 + 1 + 4 + 10
+    screening = 3 * len(plan)  # a warm-up and two lengths per lane
+    # Every kept lane's coarse pass: at most every other rung and the end
+    # (assume all lanes are kept; the mid and longer lengths may be among them).
+    coarse = sum(len(v) // 2 + 1 for v in plan.values())
+    refine = 4
+    halving = 3 * 2 + 2 * 2 + 2 * 2  # the rounds, then the noise re-runs
+    return screening + coarse + refine + halving
 
 
 def search(
@@ -417,8 +457,8 @@ def _search(
         # (On a cluster, one local process is the baseline, not a point to pick.)
         measured.append(serial)
     # A point timed once may have been lucky: the pick is among those that
-    # were confirmed by more runs (all of them in the grid).
-    best = pick_best([m for m in measured if m.repeats > 1] or measured)
+    # were confirmed by KEPT_REPEATS runs (all of them in the grid).
+    best = pick_kept(measured)
     profile = Profile(
         workload=workload.name,
         source="measured",

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from autotune._util import check_int
+from autotune._util import check_int, check_kernel_signature
 
 __all__ = ["Workload", "MODES"]
 
@@ -56,6 +56,7 @@ class Workload:
         check_int("Workload n", self.n, minimum=0)
         if not callable(self.kernel):
             raise TypeError(f"Workload kernel must be callable, got {type(self.kernel).__name__}")
+        check_kernel_signature(self.kernel, "Workload kernel")
         if self.mode not in MODES:
             raise ValueError(f"Workload mode must be one of {MODES}, got {self.mode!r}")
         if self.item_bytes is not None:

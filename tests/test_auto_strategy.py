@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from autotune.engine import NOISY, SCREEN
+from autotune.engine import NOISY, SCREEN, TIE_REPEATS
 from autotune.tuner import GRID_REPEATS, _auto, _Bench, _grid
 
 #: The chunk ladder of every lane: powers of two, then the unchunked length.
@@ -235,6 +235,12 @@ def test_auto_successive_halving_retimes_the_leaders(clock):
     assert others and all(bench.repeats(*p) == 1 for p in others)
 
 
+def after_halving(bench):
+    """The calls after the successive-halving rounds (5 calls of 2 runs)."""
+    rounds = [i for i, c in enumerate(bench.calls) if c.repeats > 1]
+    return bench.calls[rounds[4] + 1 :]
+
+
 def test_auto_reruns_a_leader_whose_runs_spread(clock):
     # Factors on the seconds of successive runs; the medians stay unchanged,
     # so the leaders are the same as without noise.
@@ -242,18 +248,44 @@ def test_auto_reruns_a_leader_whose_runs_spread(clock):
     steady = (1.0, 1.0 + NOISY - 0.05, 1.0, 1.0, 1.0)  # spread below it
     bench, complete = auto(OFF_SCREEN, clock, noise={(P2, 128): noisy, (P2, 64): steady})
     assert complete
-    assert bench.calls[-1] == Call(P2, 128, 2, False)
-    assert bench.repeats(P2, 128) == 7
-    assert bench.repeats(P2, 64) == 5
+    later = after_halving(bench)
+    assert later[0] == Call(P2, 128, 2, False)  # the noise re-run, for the noisy one only
     assert bench.measurement(P2, 64).spread == pytest.approx(NOISY - 0.05)
+    # 200 and 180 then tie within their spreads: both are re-timed, one run
+    # each, alternately, until each has TIE_REPEATS runs; the pick holds.
+    ties = later[1:]
+    assert {(c.lane, c.chunk_len, c.repeats) for c in ties} == {(P2, 128, 1), (P2, 64, 1)}
+    pairs = [(ties[i].chunk_len, ties[i + 1].chunk_len) for i in range(0, len(ties) - 1, 2)]
+    assert pairs[:4] == [(128, 64), (64, 128), (128, 64), (64, 128)]
+    assert bench.repeats(P2, 128) == bench.repeats(P2, 64) == TIE_REPEATS
+    assert bench.best() == (P2, 128)
 
 
 def test_auto_noise_rerun_is_for_the_top_two_only(clock):
-    # The third leader spreads (its median unchanged): it is not re-run.
+    # The third leader spreads (its median unchanged): it gets no noise re-run ...
     bench, _ = auto(OFF_SCREEN, clock, noise={(P2, 256): (1.0, 1.0, 1.0 + 2 * NOISY)})
     assert bench.measurement(P2, 256).spread > NOISY
-    assert bench.calls[-1] == Call(P2, 64, 2, False)  # the last halving round's
-    assert bench.repeats(P2, 256) == 3
+    later = after_halving(bench)
+    assert all(c.repeats == 1 for c in later)
+    # ... but its spread makes it a tie with the best (175 vs 200): the tie
+    # rounds re-time both; 180 (no spread) is told apart from 200 and left.
+    assert {(c.lane, c.chunk_len) for c in later} == {(P2, 128), (P2, 256)}
+    assert bench.repeats(P2, 64) == 5
+    assert bench.best() == (P2, 128)
+
+
+def test_auto_tie_rounds_stop_when_the_budget_is_spent(clock):
+    noise = {(P2, 64): (1.0, 1.3)}  # 180 with a 0.3 spread ties with 200
+    full, _ = auto(OFF_SCREEN, clock, noise=noise)
+    ties = after_halving(full)[1:]  # after the noise re-run of (P2, 64)
+    assert len(ties) > 4 and all(c.repeats == 1 for c in ties)
+    start = sum(c.repeats + c.warmup for c in full.calls) - len(ties)
+    clock.now = 0.0
+    # Time for two rounds of the two tied points (one tick per run) and a
+    # half: a third round would not fit, going by the last round's length.
+    bench, complete = auto(OFF_SCREEN, clock, noise=noise, deadline=start + 4.5)
+    assert complete
+    assert len(after_halving(bench)[1:]) == 4
 
 
 def runs_before_halving(clock):
@@ -266,10 +298,9 @@ def test_auto_stops_at_a_deadline_already_past(clock):
     clock.now = 10.0
     bench, complete = auto(OFF_SCREEN, clock, deadline=5.0)
     assert not complete
-    # No point was confirmed: the halving rounds and the noise re-runs are
-    # skipped.  (The clock is first read before halving: the screen, coarse
-    # pass and refinement rely on the runs having been sized to the budget.)
-    assert all(c.repeats == 1 for c in bench.calls)
+    # Every phase reads the clock: the first lane is screened (a search
+    # needs one point), then nothing else is timed.
+    assert bench.calls == [Call(P1, 64, 1, True), Call(P1, 512, 1, False)]
     assert all(len(t) == 1 for t in bench.times.values())
 
 
@@ -311,3 +342,15 @@ def test_grid_stops_at_the_deadline(clock, points):
     assert not done
     assert len(bench.calls) == points
     assert bench.calls == [Call(P1, c, GRID_REPEATS, True) for c in LADDER[:points]]
+
+
+def test_auto_screens_short_ladders_at_their_longest_length_too(clock):
+    # A ladder too short for a rung 8x past the mid one: the second screening
+    # length is its longest (the unchunked end), not skipped.
+    ladder = [64, 128, 5000]
+    table = {P2: [100, 120, 130], T2: [50, 60, 200]}
+    bench, _ = auto(table, clock, ladder=ladder)
+    for lane in table:
+        first = [c for c in bench.calls if c.lane == lane][:2]
+        assert first == [Call(lane, 64, 1, True), Call(lane, 5000, 1, False)]
+    assert bench.best() == (T2, 5000)

@@ -70,7 +70,8 @@ def test_show_prints_the_table_and_best_point(capsys):
     code, out, err = run(capsys, "show", str(SHIPPED))
     assert code == 0 and err == ""
     assert "      2    4.28*   1.96    1.30    1.31" in out
-    assert "best    4.28 M items/s: 2 workers, chunk_len 7812 (125000 bytes), 5.22x serial" in out
+    assert "best    4.28 M items/s: 2 workers, chunk_len 7812 (125000 bytes)" in out
+    assert "speedup 5.22x vs serial, unchunked" in out
 
 
 @pytest.mark.parametrize(

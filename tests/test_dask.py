@@ -356,8 +356,9 @@ def test_address_connection_is_owned(cluster, x):
 
 # -- the tuner on dask ------------------------------------------------------------------
 def test_search_writes_a_cluster_profile(client, tmp_path):
+    from autotune import ProfileError
     from autotune.backends.dask.cluster import describe_cluster, load_cluster_profile
-    from autotune.profile import Profile, ProfileWarning, load_profile
+    from autotune.profile import Profile, load_profile
 
     # 60k items of a fast map: a few ms of Dask tasks lose to one local process.
     with pytest.warns(UserWarning, match="slower than one local process"):
@@ -374,9 +375,8 @@ def test_search_writes_a_cluster_profile(client, tmp_path):
     assert loaded.cpu == p.cpu and loaded.best == p.best
 
     # Never to a local evaluator ...
-    with pytest.warns(ProfileWarning, match="backend 'dask'"):
-        local = load_profile("stream", path, backend="local")
-    assert local.source == "heuristic"
+    with pytest.raises(ProfileError, match="backend 'dask', not a local one"):
+        load_profile("stream", path, backend="local")
     # ... and found again for this cluster.
     found = load_cluster_profile("stream", client, path=path)
     assert found.best == p.best and found.path == str(path)

@@ -847,13 +847,11 @@ def test_env_file_for_another_workload_is_passed_over(tmp_path, monkeypatch, iso
     assert load_quietly("spline", cpu=I3).path == str(user / "spline.yaml")
 
 
-def test_explicit_profile_from_another_cpu_is_warned_and_not_used(tmp_path):
+def test_explicit_profile_from_another_cpu_is_an_error_naming_why(tmp_path):
+    # DESIGN: a file named explicitly that does not fit is an error, never a fallback.
     path = write(tmp_path / "i3.yaml", doc_for(cpu=I3, workers=2))
-    with pytest.warns(ProfileWarning) as record:
-        p = load_profile("spline", path, cpu=HERE)
-    assert p.source == "heuristic"
-    messages = " | ".join(str(w.message) for w in record)
-    assert "i3.yaml not used: made on another CPU" in messages
+    with pytest.raises(ProfileError, match=r"i3.yaml: cannot be used here: made on another CPU"):
+        load_profile("spline", path, cpu=HERE)
     # Asked for: with any_cpu, or by naming the CPU it was made for.
     assert load_quietly("spline", path, cpu=HERE, any_cpu=True).path == str(path)
     assert load_quietly("spline", path, cpu=I3).path == str(path)
@@ -887,8 +885,11 @@ def test_other_backends_are_not_handed_out_by_default(tmp_path, isolated):
         assert load_profile("spline", cpu=I3).source == "heuristic"
     assert load_quietly("spline", cpu=I3, backend="dask").backend == "dask"
     explicit = write(tmp_path / "t.yaml", doc_for(backend="threads"))
-    with pytest.warns(ProfileWarning, match="backend 'threads', not 'processes'"):
-        assert load_profile("spline", explicit, cpu=I3, any_cpu=True).source == "heuristic"
+    # The default backend is the evaluator's ("local": processes or threads) ...
+    assert load_quietly("spline", explicit, cpu=I3, any_cpu=True).backend == "threads"
+    # ... and a named file measured with another backend than asked is an error.
+    with pytest.raises(ProfileError, match="backend 'threads', not 'processes'"):
+        load_profile("spline", explicit, cpu=I3, any_cpu=True, backend="processes")
 
 
 def test_missing_env_dir_is_warned(monkeypatch, tmp_path):
@@ -961,9 +962,7 @@ def test_threads_profile_needs_the_same_gil_setting(tmp_path, isolated):
     same = write(tmp_path / "same.yaml", doc_for(backend="threads", python=here))
     assert load_quietly("spline", same, cpu=I3, backend="local").backend == "threads"
     built_elsewhere = write(tmp_path / "other.yaml", doc_for(backend="threads", python=other))
-    with pytest.warns(ProfileWarning, match="GIL"):
-        assert load_profile("spline", built_elsewhere, cpu=I3, backend="local").source == (
-            "heuristic"
-        )
+    with pytest.raises(ProfileError, match="GIL"):
+        load_profile("spline", built_elsewhere, cpu=I3, backend="local")
     with pytest.raises(ProfileError, match="python.gil must be true or false"):
         Profile.load(write(tmp_path / "bad.yaml", doc_for(python={"version": "3", "gil": 1})))

@@ -29,8 +29,9 @@ workers    125K    250K    500K   1000K  unchunked
       4    2.17    1.27    1.23    1.28
 (M items/s; columns: bytes per chunk, 16 B per item; * best)
 
-serial  0.82 M items/s (1 process, one chunk)
-best    4.28 M items/s: 2 workers, chunk_len 7812 (125000 bytes), 5.22x serial"""
+serial  820 k items/s (1 process, one chunk)
+best    4.28 M items/s: 2 workers, chunk_len 7812 (125000 bytes)
+speedup 5.22x vs serial, unchunked"""
 
 
 def test_seed_table_from_the_shipped_profile():
@@ -66,14 +67,45 @@ def test_table_of_cache_sized_points_without_serial_or_n():
     text = render_table(ms, best=ms[2])
     assert text.splitlines() == [
         "workers    32Ki   256Ki     2Mi",
-        "      1  400.00",
-        "      2  790.00  840.00*",
-        "      4                    1.25",
+        "      1     400",
+        "      2     790     840*",
+        "      4                       1",
         "(M items/s; columns: bytes per chunk; * best)",
         "",
         "serial  not measured",
-        "best    840.00 M items/s: 2 workers, chunk_len 16384 (262144 bytes)",
+        "best    840 M items/s: 2 workers, chunk_len 16384 (262144 bytes)",
+        "",
+        "kept points (timed >= 3 times; spread = (max - min) / median of the runs):",
+        "     790 M items/s  spread   2%    5 runs  2 workers, chunk_len 2048 (32768 bytes)",
     ]
+
+
+def test_heavy_kernels_get_readable_units_and_both_speedups():
+    # The issue's kNN and T2 map: 9,700 and 750 items/s were "0.01" and "0.00" M items/s.
+    ms = [
+        Measurement(1, 64, 4096, 5100.0, repeats=3, spread=0.04, backend="processes"),
+        Measurement(2, 64, 4096, 9700.0, repeats=5, spread=0.05, backend="processes"),
+        Measurement(2, 128, 8192, 9500.0, repeats=5, spread=0.06, backend="processes"),
+    ]
+    lines = render_table(ms, serial_throughput=4800.0, best=ms[1]).splitlines()
+    assert lines[1].split() == ["1", "5.10"]
+    assert lines[2].split() == ["2", "9.70*", "9.50"]
+    assert "(k items/s;" in lines[3]
+    assert "serial  4.80 k items/s (1 process, one chunk)" in lines
+    assert "best    9.70 k items/s: 2 workers, chunk_len 64 (4096 bytes)" in lines
+    assert "speedup 1.90x vs one worker, same chunk; 2.02x vs serial, unchunked" in lines
+    assert lines[-1].startswith("best and runner-up are a tie within their spread")
+    slow = render_table([Measurement(2, 8, 512, 750.0, repeats=3)], best=None).splitlines()
+    assert slow[1].split() == ["2", "750"] and "(items/s;" in slow[2]
+
+
+def test_a_best_beyond_the_spread_is_not_called_a_tie():
+    ms = [
+        Measurement(2, 64, 4096, 100.0, repeats=5, spread=0.02),
+        Measurement(2, 128, 8192, 80.0, repeats=5, spread=0.02),
+    ]
+    lines = render_table(ms, best=ms[0]).splitlines()
+    assert lines[-1] == "best leads the runner-up beyond their spread (runner-up 0.80x)"
 
 
 def test_table_of_an_unmeasured_heuristic_pick():
@@ -92,7 +124,7 @@ def test_unchunked_points_go_to_their_own_column():
     lines = render_table(ms, serial_throughput=1e6, best=ms[1], n=n).splitlines()
     assert lines[0].split() == ["workers", "unchunked"]
     assert lines[2].split() == ["2", "1.50*"]
-    assert lines[-1].endswith("1.50x serial")
+    assert lines[-1] == "speedup 1.50x vs serial, unchunked"
 
 
 def test_log_position_of_cache_sizes():

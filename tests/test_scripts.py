@@ -229,3 +229,17 @@ def test_bench_dask_quick():
         rows_of(section, contenders, r".*\d+\.\d{4} s +\d+\.\d\dx +\d+\.\d\dx  OK$")
         assert re.search(r"tuned: \d+ tasks in flight x \d+ items per chunk", section), out
     assert "DIFFERS" not in out
+
+
+def test_bench_repeatable_smoke():
+    done = run_script(
+        "bench_repeatable.py",
+        *("--workload", "horner", "--searches", "2", "--budget", "0.5"),
+        *("--rounds", "1", "--n", "20000"),
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert len(re.findall(r"^  search [AB]: ", out, re.M)) == 2, out
+    ratios = re.findall(r"^    [AB]  .* items/s  (\d\.\d{3})$", out, re.M)
+    assert len(ratios) == 2 and max(float(r) for r in ratios) == 1.0, out
+    assert "worst pick over all workloads" in out

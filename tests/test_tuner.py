@@ -46,6 +46,31 @@ def test_chunk_ladder_powers_of_two_then_unchunked():
     assert chunk_ladder(cpu(), item_bytes=16, n=100, workers=2) == [50]
 
 
+def test_chunk_ladder_has_no_repeats_when_items_are_big():
+    # 40 KiB items: 16, 32 and 64 KiB chunks would all be 1 item long.
+    ladder = chunk_ladder(cpu(), item_bytes=40 * 1024, n=1000, workers=2)
+    assert ladder == sorted(set(ladder))
+    assert ladder[:3] == [1, 3, 6] and ladder[-1] == 500
+
+
+def test_planned_runs_count_every_phase_of_auto():
+    from autotune.tuner import _planned_runs
+
+    lanes = {("processes", 1): list(range(9)), ("processes", 2): list(range(8))}
+    # screening 3 per lane; coarse 9 // 2 + 1 and 8 // 2 + 1; refine 4; halving 6 + 4 + 4
+    assert _planned_runs(lanes, "auto") == 6 + (5 + 5) + 4 + 14
+    assert _planned_runs(lanes, "grid") == 17 * 4
+
+
+def test_is_tie_within_the_spread():
+    from autotune.tuner import is_tie
+
+    best = Measurement(2, 1000, 16000, 100.0, repeats=5, spread=0.1)
+    assert is_tie(best, Measurement(2, 500, 8000, 96.0, repeats=5, spread=0.0))
+    assert not is_tie(best, Measurement(2, 500, 8000, 90.0, repeats=5, spread=0.0))
+    assert is_tie(best, Measurement(2, 500, 8000, 90.0, repeats=5, spread=0.12))
+
+
 def test_pick_best_prefers_fewer_workers_on_ties():
     ms = [
         Measurement(4, 1000, 16000, 5.0),

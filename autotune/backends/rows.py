@@ -6,7 +6,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_map_result", "check_row_like"]
+__all__ = ["ResultError", "check_map_result", "check_row_like", "where"]
+
+
+class ResultError(ValueError):
+    """autotune's own check of a kernel's result failed (not an error the kernel raised)."""
+
+
+def where(exc: BaseException, start: int, stop: int, place: str) -> str:
+    """The note added to an exception from a chunk: the kernel's, or autotune's check."""
+    if isinstance(exc, ResultError):
+        return f"found by autotune's check of the kernel's result {place}, items [{start}, {stop})"
+    return f"raised by the kernel {place} on items [{start}, {stop})"
 
 
 def check_map_result(result: Any, start: int, stop: int) -> np.ndarray:
@@ -14,7 +25,7 @@ def check_map_result(result: Any, start: int, stop: int) -> np.ndarray:
     arr = np.asarray(result)
     if arr.ndim == 0 or arr.shape[0] != stop - start:
         got = "a scalar" if arr.ndim == 0 else f"first axis {arr.shape[0]}"
-        raise ValueError(
+        raise ResultError(
             f"map kernel returned {got} for items [{start}, {stop}); it must return an array "
             f"(or a tuple or dict of arrays) whose first axis has length stop - start = "
             f"{stop - start}"
@@ -31,7 +42,7 @@ def check_row_like(
     """
     if arr.shape[1:] != out.shape[1:] or arr.dtype != out.dtype:
         what = f" ({label})" if label else ""
-        raise ValueError(
+        raise ResultError(
             f"map kernel returned shape {arr.shape} dtype {arr.dtype}{what} for items "
             f"[{start}, {stop}), "
             f"but the first chunk gave rows of shape {out.shape[1:]} dtype {out.dtype}; "

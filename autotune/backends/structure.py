@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune.backends.rows import check_map_result
+from autotune.backends.rows import ResultError, check_map_result
 
 __all__ = [
     "ARRAY",
@@ -96,7 +96,7 @@ def split_map_result(
         structure = Structure("dict", tuple(result))
         values = list(result.values())
     if not values:
-        raise ValueError(
+        raise ResultError(
             f"map kernel returned an empty {structure.kind} for items [{start}, {stop}); "
             f"{_EXPECTS} stop - start = {stop - start}"
         )
@@ -113,15 +113,15 @@ def split_map_result(
     lengths = [None if a.ndim == 0 else a.shape[0] for a in arrays]
     if any(length != stop - start for length in lengths):
         axes = ", ".join("a scalar" if a is None else str(a) for a in lengths)
-        raise ValueError(
+        raise ResultError(
             f"map kernel returned {structure.describe()} for items [{start}, {stop}) with "
             f"first axes {axes}; {_EXPECTS} stop - start = {stop - start}"
         )
     return structure, arrays
 
 
-def _changed(got: Structure, first: Structure, start: int, stop: int) -> ValueError:
-    return ValueError(
+def _changed(got: Structure, first: Structure, start: int, stop: int) -> ResultError:
+    return ResultError(
         f"map kernel returned {got.describe()} for items [{start}, {stop}), but the first "
         f"chunk to finish returned {first.describe()}; every chunk must return the same "
         f"structure"
@@ -145,7 +145,7 @@ def describe(partial: Any) -> str:
     return f"a {type(partial).__name__}"
 
 
-class PartialMismatch(ValueError):
+class PartialMismatch(ResultError):
     """Two reduce partials that cannot be combined element by element.
 
     :class:`~autotune.backends.schedule.OrderedFold` turns it into the error

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune.backends.rows import check_row_like
+from autotune.backends.rows import check_row_like, where
 from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache, output_layout, output_views
@@ -90,7 +90,7 @@ class _ThreadCall:
         with self.lock:
             if self.failure is None:
                 if hasattr(exc, "add_note"):
-                    exc.add_note(f"[raised by the kernel in a thread on items [{start}, {stop})]")
+                    exc.add_note(f"[{where(exc, start, stop, 'in a thread')}]")
                 self.failure = exc
             self.cancelled = True
 

@@ -27,6 +27,7 @@ from autotune.profile.model import (
     Recommendation,
     dump_yaml,
     gil_enabled,
+    is_tie,
     python_build,
 )
 from autotune.profile.validate import SCHEMA, SOURCES
@@ -48,6 +49,7 @@ __all__ = [
     "dump_yaml",
     "gil_enabled",
     "heuristic_profile",
+    "is_tie",
     "is_unchunked",
     "load_profile",
     "pick_profile",

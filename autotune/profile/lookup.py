@@ -100,7 +100,7 @@ def recommend(
     cpu: CpuInfo | None = None,
     *,
     item_bytes: int | None = None,
-    backend: str = "processes",
+    backend: str = "local",
     any_cpu: bool = False,
 ) -> Recommendation:
     """Find the profile to use for ``workload``, and say why; never raises for "none found".
@@ -111,9 +111,9 @@ def recommend(
     ``*.yaml`` files whose ``workload`` is ``workload``; the first directory
     holding one that fits wins, and :func:`pick_profile` chooses within it.
 
-    - ``path`` is final: if it does not fit this CPU or backend, the
-      heuristic is returned with a warning (it is never silently replaced
-      by another file).  A file for another workload raises.
+    - ``path`` is final: if it does not fit this CPU or backend,
+      :class:`ProfileError` says why (it is never replaced by another file
+      or by the heuristic).  A file for another workload raises too.
     - ``$AUTOTUNE_PROFILE`` applies to the whole process, so a file there for
       another workload is passed over silently, and one that does not fit
       this CPU is warned about and the directories are searched next.
@@ -132,9 +132,11 @@ def recommend(
     item_bytes : int, optional
         Bytes per item, for the heuristic only (a profile records its own).
     backend : str
-        Backend the profile will be used with; profiles measured with
-        another one are not handed out (their best point means something
-        else there).
+        Backend the profile will be used with: ``"local"`` (default, as
+        ``Evaluator(profile=name)`` looks up: processes or threads, whichever
+        the profile measured fastest), ``"processes"``, ``"threads"``;
+        profiles measured with another one are not handed out (their best
+        point means something else there).
     any_cpu : bool
         Use ``path`` (or ``$AUTOTUNE_PROFILE``) even if it was made on
         another CPU.  Directories are always matched to the CPU.
@@ -143,7 +145,7 @@ def recommend(
     ------
     ProfileError
         ``path`` or ``$AUTOTUNE_PROFILE`` is missing or malformed, or
-        ``path`` is a profile for another workload.
+        ``path`` is a profile for another workload, CPU or backend.
     """
     _check_args(workload, item_bytes, backend)
     notes: list[str] = []
@@ -176,7 +178,8 @@ def recommend(
         why = _unusable(p, None if any_cpu and cpu is None else this_cpu(), backend, any_cpu)
         if why is None:
             return found(p, "given")
-        return heuristic(f"profile {p.path} not used: {why}")
+        # Named explicitly: an error, never a silent (or warned) fallback.
+        raise ProfileError(path, f"cannot be used here: {why}")
 
     env_file = os.environ.get("AUTOTUNE_PROFILE")
     if env_file:
@@ -212,7 +215,7 @@ def load_profile(
     cpu: CpuInfo | None = None,
     *,
     item_bytes: int | None = None,
-    backend: str = "processes",
+    backend: str = "local",
     any_cpu: bool = False,
 ) -> Profile:
     """The profile to use for ``workload`` on this CPU (or ``cpu``).
@@ -232,13 +235,15 @@ def load_profile(
     workload : str
         The workload's name.
     path : str or path-like, optional
-        A profile file to use (only if it fits, unless ``any_cpu``).
+        A profile file to use; one that does not fit this CPU (unless
+        ``any_cpu``) or ``backend`` raises :class:`ProfileError` naming why.
     cpu : CpuInfo, optional
         Match against this CPU instead of probing this machine.
     item_bytes : int, optional
         Bytes per item, for the heuristic.
     backend : str
-        ``"processes"`` (default), ``"threads"``, or ``"local"`` for either;
+        ``"local"`` (default: processes or threads, the same choice as
+        ``Evaluator(profile=name)``), ``"processes"`` or ``"threads"``;
         profiles of other backends are not used.
     any_cpu : bool
         Use ``path`` or ``$AUTOTUNE_PROFILE`` even if made on another CPU.
@@ -251,7 +256,7 @@ def load_profile(
     ------
     ProfileError
         ``path`` or ``$AUTOTUNE_PROFILE`` is missing, malformed, hostile, of
-        an unknown schema, or (``path``) for another workload.
+        an unknown schema, or (``path``) for another workload, CPU or backend.
     """
     rec = recommend(workload, path, cpu, item_bytes=item_bytes, backend=backend, any_cpu=any_cpu)
     messages = list(rec.warnings)

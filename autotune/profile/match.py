@@ -77,7 +77,8 @@ def _unusable(profile: Profile, cpu: CpuInfo | None, backend: str, any_cpu: bool
     """
     allowed = LOCAL_BACKENDS if backend == "local" else (backend,)
     if profile.backend not in allowed:
-        return f"measured with backend {profile.backend!r}, not {backend!r}"
+        wanted = "a local one (processes or threads)" if backend == "local" else repr(backend)
+        return f"measured with backend {profile.backend!r}, not {wanted}"
     build = profile.python
     if profile.backend == "threads" and build is not None and build.get("gil") != gil_enabled():
 

@@ -330,3 +330,15 @@ def _plain_float(value: Any) -> Any:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def is_tie(best: Measurement, other: Measurement) -> bool:
+    """Whether ``other`` is as fast as ``best`` within their runs' spread.
+
+    A point's runs spread over ``spread x throughput`` around its median;
+    two points tie when their medians are closer than the sum of half those
+    spreads (their ranges overlap).  Points timed once have no spread and
+    tie only when equal.
+    """
+    a, b = best.throughput or 0.0, other.throughput or 0.0
+    return abs(a - b) <= (best.spread * a + other.spread * b) / 2

@@ -283,19 +283,12 @@ class _DaskCall:
         c0, c1 = self.pending[fut]
         start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
         client = self.runner.client
-        lost = self.runner.shared_future.status != "finished"
-        if fut.status != "error" or lost:  # cancelled, or the shared data was lost
-            if client.status != "running":
-                return _closed(client)
-            return RuntimeError(
-                f"the Dask task for items [{start}, {stop}) was cancelled: the scheduler was "
-                f"lost, or every worker holding the shared data died during the call (the next "
-                f"call sends the data again)"
-            )
-        exc, tb = fut.exception(), fut.traceback()
         from distributed import KilledWorker
 
+        exc = fut.exception() if fut.status == "error" else None
         if isinstance(exc, KilledWorker):
+            # Checked first: the worker that died may also have held the
+            # shared data, which does not make this any less a lost worker.
             allowed = exc.allowed_failures
             return WorkerLost(
                 f"Dask workers died {allowed + 1} time(s) while holding items [{start}, {stop}); "
@@ -304,7 +297,16 @@ class _DaskCall:
                 start=start,
                 stop=stop,
             )
-        return exc.with_traceback(tb)
+        lost = self.runner.shared_future.status != "finished"
+        if exc is None or lost:  # cancelled, or the shared data was lost
+            if client.status != "running":
+                return _closed(client)
+            return RuntimeError(
+                f"the Dask task for items [{start}, {stop}) was cancelled: the scheduler was "
+                f"lost, or every worker holding the shared data died during the call (the next "
+                f"call sends the data again)"
+            )
+        return exc.with_traceback(fut.traceback())
 
 
 class DaskRunner:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autotune.backends.rows import check_row_like
+from autotune.backends.rows import check_row_like, where
 from autotune.backends.schedule import chunk_bounds
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.structure import Structure, split_map_result
@@ -129,7 +129,7 @@ def _run_batch(
             result = structure.build(rows)
     except Exception as exc:
         if hasattr(exc, "add_note"):
-            exc.add_note(f"[raised by the kernel on a Dask worker on items [{start}, {stop})]")
+            exc.add_note(f"[{where(exc, start, stop, 'on a Dask worker')}]")
         raise
     return result, time.perf_counter() - began, get_worker().address
 

@@ -19,7 +19,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from autotune._errors import WorkerLost
-from autotune.backends.processes.exits import describe_exit, rebuild_exception
+from autotune.backends.processes.exits import (
+    describe_exit,
+    rebuild_exception,
+    startup_failure,
+)
 from autotune.backends.processes.worker import wants_shared_output
 from autotune.backends.rows import check_row_like
 from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
@@ -45,6 +49,7 @@ class WorkerHandle:
     conn: Any
     inflight: dict[int, tuple[int, int]] = field(default_factory=dict)  # batch_id -> (c0, c1)
     call_id: int = 0  # the call this worker has been told about
+    ready: bool = False  # it said "ready": a death from now on is a crash, not a start-up failure
 
 
 class Pool(Protocol):
@@ -52,6 +57,7 @@ class Pool(Protocol):
 
     workers: int
     retries: int
+    start_method: str
 
     @property
     def live(self) -> list[WorkerHandle]: ...
@@ -169,6 +175,9 @@ class Dispatch:
 
     def _handle(self, w: WorkerHandle, msg: tuple) -> None:
         kind, call_id = msg[0], msg[1]
+        if kind == "ready":  # a replacement has started
+            w.ready = True
+            return
         if call_id == -1:  # the worker could not start at all
             _, _, _, _, _, exc_bytes, name, message, tb = msg
             self._fail(RuntimeError(f"an autotune worker failed to start: {name}: {message}\n{tb}"))
@@ -301,7 +310,11 @@ class Dispatch:
             w.process.join(JOIN_TIMEOUT)
             code = w.process.exitcode
         how = describe_exit(code)
-        if lost and self.failure is None:
+        if not w.ready and self.failure is None:
+            # A replacement that never started: whatever stopped it stops
+            # every retry too.  One clear error instead of a cascade.
+            self._fail(startup_failure(w.index, code, pool.start_method, None))
+        elif lost and self.failure is None:
             # A worker runs its batches in order: only the oldest had started.
             # Its chunks are re-run one by one, so that a chunk that kills its
             # worker every time is pinned down and named, and the others pass.

@@ -9,8 +9,9 @@ import signal
 from typing import Any
 
 from autotune._errors import RemoteError
+from autotune.backends.rows import ResultError, where
 
-__all__ = ["describe_exit", "fileno", "join_all", "rebuild_exception"]
+__all__ = ["describe_exit", "fileno", "join_all", "rebuild_exception", "startup_failure"]
 
 
 class _RemoteTraceback(Exception):
@@ -73,7 +74,12 @@ def rebuild_exception(msg: tuple) -> BaseException:
             exc = None
     if exc is None:
         exc = RemoteError(f"{name}: {message}")
-    where = f"raised by the kernel in a worker on items [{start}, {stop})"
+    place = where(exc, start, stop, "in a worker")
+    if isinstance(exc, ResultError):
+        # autotune's own check: the worker's traceback would show our code,
+        # not the user's; the message says what was wrong.
+        exc.args = (f"{exc.args[0]} [{place}]",) if len(exc.args) == 1 else exc.args
+        return exc
     # Put the worker's traceback into the message itself where the exception
     # is a plain one-string exception, so that it shows in logs that print
     # only str(exc); always chain it as the cause too (as concurrent.futures).
@@ -86,8 +92,46 @@ def rebuild_exception(msg: tuple) -> BaseException:
             Exception.__str__,
         )
     ):
-        exc.args = (f"{exc.args[0]}\n\n[{where}]\nWorker traceback:\n{tb}",)
+        exc.args = (f"{exc.args[0]}\n\n[{place}]\nWorker traceback:\n{tb}",)
     elif hasattr(exc, "add_note"):
-        exc.add_note(f"[{where}]")
+        exc.add_note(f"[{place}]")
     exc.__cause__ = _RemoteTraceback(tb)
     return exc
+
+
+def startup_failure(
+    index: int, code: int | None, start_method: str, message: str | None
+) -> RuntimeError:
+    """The one error for a worker that ended before it was ready, with the likely cause.
+
+    Parameters
+    ----------
+    index : int
+        The worker's number.
+    code : int or None
+        Its exit status.
+    start_method : str
+        How it was started.
+    message : str or None
+        What the worker said (its exception and traceback), if anything.
+    """
+    head = (
+        f"autotune worker {index} ({start_method}) ended before it was ready "
+        f"({describe_exit(code) if message is None else 'it reported an error'}); "
+        f"no worker is retried at start-up."
+    )
+    if start_method == "fork":
+        cause = "Likely cause: the process ran out of memory or was killed while starting."
+    else:
+        cause = (
+            'Likely causes: a script without `if __name__ == "__main__":` around the code '
+            "that creates the Evaluator (under spawn and forkserver every worker re-imports "
+            "the main module), or a module the shared data needs that the worker cannot "
+            "import (an ImportError in the kernel's or the data's module)."
+        )
+    own = (
+        f"\nThe worker's own message:\n{message.rstrip()}"
+        if message
+        else "\nThe worker left no message here; its traceback, if any, is on stderr above."
+    )
+    return RuntimeError(f"{head} {cause}{own}")

@@ -20,17 +20,19 @@ import contextlib
 import gc
 import multiprocessing as mp
 import os
+import tempfile
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from typing import Any
 
 import numpy as np
 
 from autotune.backends.processes.blas import BLAS_ENV, BLAS_HOLD, environ
 from autotune.backends.processes.dispatch import JOIN_TIMEOUT, Dispatch, WorkerHandle
-from autotune.backends.processes.exits import fileno, join_all
-from autotune.backends.processes.worker import WorkerSpec, worker_main
+from autotune.backends.processes.exits import fileno, join_all, startup_failure
+from autotune.backends.processes.worker import REPORT_ENV, WorkerSpec, worker_main
 from autotune.backends.sending import main_snapshot
 from autotune.backends.shared import PackedShared, dumps_callable, is_shared_array_segment, pack
 from autotune.backends.shm import OutputCache, Segment
@@ -40,6 +42,9 @@ __all__ = ["ProcessPool", "WorkerHandle"]
 
 #: Written to the control word at shutdown: larger than any call id.
 CANCEL_ALL = 2**62
+#: Seconds a starting worker may take to say "ready" (a spawned interpreter
+#: importing numpy and scipy on a loaded machine takes a few).
+READY_TIMEOUT = 120.0
 
 # Parent-side pipe ends of every live worker of every pool in this process:
 # a worker forked later inherits them and must close them.
@@ -146,9 +151,10 @@ class ProcessPool:
                         self._res.segments.append(seg)  # ours: unlinked at close
                     else:
                         self._res.borrowed.append(seg)  # the user's shared_array
-            with self._blas_limited():
+            with self._blas_limited(), self._report_file() as report:
                 for i in range(workers):
                     self._res.workers.append(self._start_worker(i))
+                self._await_ready(report)
         except BaseException:
             self.close()
             raise
@@ -239,6 +245,61 @@ class ProcessPool:
         return self._res.outputs.get(size)
 
     # -- starting workers -----------------------------------------------------
+    @contextlib.contextmanager
+    def _report_file(self) -> Iterator[str | None]:
+        """A file spawned workers leave a start-up message in (see ``check_not_bootstrapping``)."""
+        if self.start_method != "spawn":
+            # fork runs no main-module import; a forkserver's environment was
+            # fixed when it started.
+            yield None
+            return
+        fd, path = tempfile.mkstemp(prefix="autotune_start_", suffix=".txt")
+        os.close(fd)
+        try:
+            with environ((REPORT_ENV,), path):
+                yield path
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _await_ready(self, report: str | None) -> None:
+        """Wait until every worker said "ready"; one that ended first is a start-up error.
+
+        Such a worker is not replaced: whatever stopped it (a missing main
+        guard, a module it cannot import) would stop every replacement too.
+        """
+        pending = {w.conn: w for w in self._res.workers}
+        while pending:
+            sentinels = {w.process.sentinel: w for w in pending.values()}
+            ready = wait(list(pending) + list(sentinels), timeout=READY_TIMEOUT)
+            if not ready:
+                raise RuntimeError(
+                    f"{len(pending)} autotune worker(s) did not start within "
+                    f"{READY_TIMEOUT:g} s ({self.start_method})"
+                )
+            for obj in ready:
+                w = pending.get(obj) or sentinels.get(obj)
+                if w is None or w.conn not in pending:
+                    continue
+                msg = None
+                with contextlib.suppress(EOFError, OSError):
+                    if w.conn.poll():
+                        msg = w.conn.recv()
+                if msg is not None and msg[0] == "ready":
+                    w.ready = True
+                    del pending[w.conn]
+                    continue
+                if msg is None and obj is w.conn:
+                    continue  # woken by EOF: the sentinel follows
+                told = None
+                if msg is not None and msg[0] == "error":
+                    told = f"{msg[6]}: {msg[7]}\n{msg[8]}"  # type, message, traceback
+                elif report is not None:
+                    with contextlib.suppress(OSError), open(report, encoding="utf-8") as f:
+                        told = f.read().strip() or None
+                w.process.join(JOIN_TIMEOUT)
+                raise startup_failure(w.index, w.process.exitcode, self.start_method, told)
+
     def _start_worker(self, index: int) -> WorkerHandle:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         fork = self.start_method == "fork"

@@ -11,6 +11,7 @@ parent -> worker
     ("end", call_id)
     ("stop",)
 worker -> parent
+    ("ready", -2)                            once, when started (before any call)
     ("need_out", call_id, structure, rows)   rows: [(row_shape, dtype)] per output
     ("done", call_id, batch_id, results, busy_s)
                                              results: list, or None if written to shm;
@@ -42,7 +43,7 @@ from autotune.backends.shared import PackedShared, SharedNamespace, unpack
 from autotune.backends.shm import SHM_OUTPUT_MIN, Layout, Segment, output_views
 from autotune.backends.structure import Structure, split_map_result
 
-__all__ = ["WorkerSpec", "worker_main", "in_worker"]
+__all__ = ["REPORT_ENV", "WorkerSpec", "check_not_bootstrapping", "in_worker", "worker_main"]
 
 _IN_WORKER = False
 
@@ -148,7 +149,41 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
     except BaseException as exc:
         conn.send(_error_message(-1, -1, 0, 0, exc))
         return
+    # The pool waits for this before its constructor returns: a worker that
+    # dies before it is a start-up failure (told once), not a crash to retry.
+    conn.send(("ready", -2))
     _serve(conn, shared, cancelled)
+
+
+#: Set by the pool for spawned workers: a file where a worker that fails while
+#: importing the main module leaves its message for the parent.
+REPORT_ENV = "AUTOTUNE_WORKER_REPORT"
+
+
+def check_not_bootstrapping() -> None:
+    """Refuse to start a pool while this process is a worker importing ``__main__``.
+
+    Under spawn and forkserver a worker imports the parent's main module
+    before it runs anything of ours; a script that creates its evaluator at
+    module level, without ``if __name__ == "__main__":``, would start pools
+    from inside every worker.  Say so (also to the parent, through the file
+    named by :data:`REPORT_ENV`) instead of multiprocessing's generic
+    "bootstrapping phase" error.
+    """
+    import multiprocessing as mp
+
+    if not getattr(mp.current_process(), "_inheriting", False):
+        return
+    message = (
+        "autotune.Evaluator was created while a worker process was importing the main "
+        "module: under spawn and forkserver every worker re-imports the script, so code "
+        'that starts an evaluator must sit under `if __name__ == "__main__":`'
+    )
+    report = os.environ.get(REPORT_ENV)
+    if report:
+        with contextlib.suppress(OSError), open(report, "a", encoding="utf-8") as f:
+            f.write(message + "\n")
+    raise RuntimeError(message)
 
 
 def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
