@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+import weakref
 from datetime import datetime, timezone
 from typing import Any
 
@@ -71,6 +73,9 @@ def check_kernel_signature(kernel: Any, what: str = "kernel") -> None:
     Raises ``TypeError`` naming the kernel and its signature; callables
     without an inspectable signature (some builtins) pass.
     """
+    code = kernel.__code__ if isinstance(kernel, types.FunctionType) else None
+    if code is not None and code in _SIGNATURE_OK:
+        return  # checked before (inspect.signature costs tens of microseconds)
     try:
         sig = inspect.signature(kernel)
     except (TypeError, ValueError):
@@ -80,3 +85,10 @@ def check_kernel_signature(kernel: Any, what: str = "kernel") -> None:
     except TypeError as exc:
         name = getattr(kernel, "__qualname__", None) or type(kernel).__name__
         raise TypeError(f"{what} {name}{sig} must accept (shared, start, stop): {exc}") from None
+    if code is not None and not getattr(kernel, "__defaults__", None):
+        _SIGNATURE_OK.add(code)
+
+
+# Code objects of plain functions whose signature was found fine (a function
+# with defaults is checked each time: its defaults can be reassigned).
+_SIGNATURE_OK: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -51,6 +51,7 @@ __all__ = [
     "RECHECK_MAX",
     "BreakEven",
     "Learner",
+    "PoolCost",
     "Refiner",
     "Shifted",
     "infer_item_bytes",
@@ -270,55 +271,69 @@ class Refiner:
                 self.best = (lane, m.chunk_len)
 
 
-class BreakEven:
-    """When a call is cheaper in the calling process than on the pool.
+class PoolCost:
+    """What a call on the pool costs beyond the kernel's own work, for one evaluator.
 
-    From each pool call of a kernel: its wall time and the kernel's busy
-    time summed over workers.  The kernel costs ``c`` seconds per item (busy
-    / items); a pool call costs ``overhead + c * n / workers``; running the
-    same chunks inline costs ``c * n``.  Inline wins below
-    ``n* = overhead / (c * (1 - 1 / workers))``.  Inline calls update ``c``.
+    Measured from every pool call, whatever the kernel: the call's wall time
+    less the kernel time spread over the workers (round trips, the output,
+    the tail).  Until the pool has run once, and while it is not even started
+    (an adapting evaluator starts its workers at the first call that pays for
+    them), a call is taken to cost :data:`PRIOR_S`: about what starting two
+    forked workers and a first call took on the development machine.
+    """
+
+    #: The cost assumed for a pool that has not run yet (seconds).
+    PRIOR_S = 0.010
+
+    def __init__(self) -> None:
+        self._overhead: deque[float] = deque(maxlen=16)
+
+    def pool_call(self, wall: float, busy: float, workers: int) -> None:
+        self._overhead.append(max(0.0, wall - busy / max(workers, 1)))
+
+    def per_call(self) -> float:
+        return statistics.median(self._overhead) if self._overhead else self.PRIOR_S
+
+
+class BreakEven:
+    """When a call of one kernel is cheaper in the calling process than on the pool.
+
+    The kernel costs ``c`` seconds per item (its own time: the workers' busy
+    time, or an inline call's wall time, over the items); a pool call costs
+    ``overhead + c * n / workers``; running the same chunks inline costs
+    ``c * n``.  Inline wins below ``n* = overhead / (c * (1 - 1 / workers))``.
     """
 
     def __init__(self) -> None:
         self._per_item: deque[float] = deque(maxlen=8)  # seconds per item, kernel only
-        self._overhead: deque[float] = deque(maxlen=8)  # seconds per pool call, not kernel
         self._inline_since = 0  # inline calls since the last pool call
 
-    def pool_call(self, items: int, wall: float, busy: float, workers: int) -> None:
-        if items <= 0 or busy <= 0:
-            return
-        per_item = busy / items
-        self._per_item.append(per_item)
-        # The part of the call that was not kernel work spread over workers.
-        self._overhead.append(max(0.0, wall - busy / max(workers, 1)))
-        self._inline_since = 0
-
-    def inline_call(self, items: int, wall: float) -> None:
-        self._inline_since += 1
-        if items > 0 and wall > 0:
-            self._per_item.append(wall / items)
+    def kernel_time(self, items: int, seconds: float, *, inline: bool) -> None:
+        """``seconds`` of kernel work over ``items`` items, inline or on the pool."""
+        self._inline_since = self._inline_since + 1 if inline else 0
+        if items > 0 and seconds > 0:
+            self._per_item.append(seconds / items)
 
     @property
     def known(self) -> bool:
-        return bool(self._overhead) and bool(self._per_item)
+        return bool(self._per_item)
 
-    def items(self, workers: int) -> float:
-        """The break-even number of items (``inf``: always inline; 0: never)."""
-        if not self.known or workers <= 1:
-            return 0.0 if not self.known else math.inf
+    def items(self, workers: int, overhead: float) -> float:
+        """The break-even number of items (``inf``: always inline; 0: unknown, never)."""
+        if not self.known:
+            return 0.0
         c = statistics.median(self._per_item)
-        overhead = statistics.median(self._overhead)
-        if c <= 0:
+        if workers <= 1 or c <= 0:
             return math.inf
         return overhead / (c * (1 - 1 / workers))
 
-    def inline(self, n: int, workers: int) -> bool:
+    def inline(self, n: int, workers: int, overhead: float) -> bool:
         """Whether to run ``n`` items inline; every :data:`RECHECK` inline calls of a
         size near the break-even, one goes to the pool instead, so that a pool
         slowed down for a while (a busy machine) is measured again."""
-        below = n < self.items(workers)
-        if below and self._inline_since >= RECHECK and n >= self.items(workers) / 8:
+        n_star = self.items(workers, overhead)
+        below = n < n_star
+        if below and self._inline_since >= RECHECK and n >= n_star / 8:
             return False
         return below
 
@@ -399,9 +414,10 @@ class Learner:
         self._rate: float | None = None  # items per second of the latest slice
 
     # -- one call -------------------------------------------------------------
-    def inline(self, n: int) -> bool:
-        """Whether a call of ``n`` items is cheaper in the calling process."""
-        return self.breakeven.inline(n, self.refiner.best[0][1])
+    def inline(self, n: int, overhead: float) -> bool:
+        """Whether a call of ``n`` items is cheaper in the calling process, given
+        what a pool call costs beyond the kernel (``overhead`` seconds)."""
+        return self.breakeven.inline(n, self.refiner.best[0][1], overhead)
 
     def slices(self, n: int) -> Iterator[tuple[int, int, tuple[Lane, int]]]:
         """``(start, items, point)`` for each run of a call of ``n`` items.
@@ -412,7 +428,7 @@ class Learner:
         items, while what is left is worth it, and runs the rest at the best
         point so far.
         """
-        self.n = n
+        self.n = max(self.n, n)
         point = self.refiner.next()
         (_, workers), chunk_len = point
         if not self.refiner.exploring or n < PROBE_SLICES * 2 * workers * chunk_len:
@@ -442,7 +458,7 @@ class Learner:
         """A run over ``items`` items at ``point``: wall seconds, kernel seconds summed."""
         self._rate = items / wall if wall > 0 else None
         self.refiner.record(point, wall, items)
-        self.breakeven.pool_call(items, wall, busy, workers)
+        self.breakeven.kernel_time(items, busy, inline=False)
 
     def leader(self) -> tuple[Lane, int]:
         """The fastest point measured so far (the settled one once settled)."""

@@ -39,6 +39,7 @@ from autotune._errors import EfficiencyWarning, ProfileError, ProfileWarning
 from autotune._util import BACKENDS, check_int, check_kernel_signature, positive_int
 from autotune.adapt import (
     Learner,
+    PoolCost,
     Shifted,
     file_slug,
     infer_item_bytes,
@@ -268,7 +269,10 @@ class Evaluator:
         self._busy: int | None = None  # thread running a call
         self._owner_pid = os.getpid()
         self._closed = False
-        self._runner: Runner = open_runner(
+        # The runner, once started (the finalizer closes what it holds).
+        self._holder: list[Runner] = []
+        self._finalizer = weakref.finalize(self, _close_all, self._holder)
+        self._open = lambda: open_runner(
             backend,
             workers,
             shared_dict,
@@ -279,8 +283,12 @@ class Evaluator:
             client=client,
             address=address,
         )
-        self._finalizer = weakref.finalize(self, self._runner.close)
-        self.workers: int = self._runner.workers
+        self._pool_cost = PoolCost()
+        if not self._adapt:
+            self._pool()  # started now: a worker that cannot start is reported here
+        # An adapting evaluator starts its workers at the first call that pays
+        # for them: a loop of small calls never starts a pool at all.
+        self.workers: int = self._holder[0].workers if self._holder else int(workers or 1)
         self.chunk_len: int = chunk_len
         #: What the last call cost (:class:`~autotune.CallStats`); None before the first.
         self.stats: CallStats | None = None
@@ -360,6 +368,7 @@ class Evaluator:
             self._finalizer()
             # Let the user's data go with the pool, even if this object lingers.
             self._shared, self._inline_shared = {}, None
+            self._open = _closed_runner
 
     def __enter__(self) -> Evaluator:
         return self
@@ -377,7 +386,7 @@ class Evaluator:
     @property
     def pids(self) -> list[int]:
         """Process ids of the current workers (empty for the threads and dask backends)."""
-        return list(getattr(self._runner, "pids", []))
+        return list(getattr(self._holder[0], "pids", [])) if self._holder else []
 
     # -- one call ---------------------------------------------------------
     def _call(
@@ -411,7 +420,7 @@ class Evaluator:
                 if self._adapt:
                     result, chunk_len, inline = self._adaptive(kernel, n, mode, combine, meter)
                 else:
-                    result = self._runner.run(kernel, n, chunk_len, mode, combine, meter)
+                    result = self._pool().run(kernel, n, chunk_len, mode, combine, meter)
             finally:
                 # Stats on every path: a failed call's are as true as any.
                 wall = time.perf_counter() - began
@@ -419,7 +428,7 @@ class Evaluator:
                     bar.close()
                 self.stats = self._stats(meter, n, mode, chunk_len, wall, inline)
                 self._busy = None
-                if self._runner.closed:
+                if self._holder and self._holder[0].closed:
                     # The pool ended itself (Ctrl-C or a failure of our own
                     # mid-call): so does the evaluator.
                     self.close()
@@ -427,49 +436,109 @@ class Evaluator:
         return result
 
     # -- online refinement ------------------------------------------------
+    def _pool(self) -> Runner:
+        """The runner, started on first use."""
+        if not self._holder:
+            self._holder.append(self._open())
+        return self._holder[0]
+
     def _adaptive(
         self, kernel: Callable[..., Any], n: int, mode: str, combine: Any, meter: Meter
     ) -> tuple[Any, int, bool]:
         """One call while adapting: (result, chunk length, ran inline)."""
         learner = self._learner(kernel, n)
-        if learner.inline(n):
-            (_, workers), nominal = learner.leader()
-            chunk_len = self._fit(nominal, n, workers)  # the pool's chunks: the same bits
-            meter.workers, meter.slots = 1, [0]
-            began = time.perf_counter()
-            result = run_inline(kernel, self._namespace(), n, chunk_len, mode, combine, meter)
-            learner.breakeven.inline_call(n, time.perf_counter() - began)
-            return result, chunk_len, True
+        (_, workers), nominal = learner.leader()
+        chunk_len = self._fit(nominal, n, workers)  # the pool's chunks: the same bits
         parts: list[Any] = []
-        chunk_len = self.chunk_len
-        for start, items, point in learner.slices(n):
+        done = 0
+        if not learner.breakeven.known:
+            # A kernel never seen: its first chunk runs here, timed, which
+            # says what an item costs before anything is sent to workers.
+            done = min(n, chunk_len)
+            parts.append(self._inline(kernel, learner, 0, done, chunk_len, mode, combine, meter))
+            if done == n:
+                return parts[0], chunk_len, True
+        rest = n - done
+        overhead = self._pool_cost.per_call()
+        if learner.inline(rest, overhead):
+            parts.append(self._inline(kernel, learner, done, rest, chunk_len, mode, combine, meter))
+            return _join(parts, mode, combine), chunk_len, True
+        for start, items, point in learner.slices(rest):
             (_, workers), nominal = point
             chunk_len = self._fit(nominal, items, workers)
-            meter.workers = workers
-            busy = sum(meter.busy.values())
-            began = time.perf_counter()
-            try:
-                part = self._runner.run(
-                    kernel if items == n else Shifted(kernel, start),
-                    items,
-                    chunk_len,
-                    mode,
-                    combine,
-                    meter,
-                    workers=workers,
-                )
-            except Exception as exc:
-                if start and hasattr(exc, "add_note"):
-                    exc.add_note(
-                        f"[autotune was timing this call in slices: item numbers above count "
-                        f"from {start}, where the slice began]"
-                    )
-                raise
-            wall = time.perf_counter() - began
-            learner.record(point, items, wall, sum(meter.busy.values()) - busy, workers)
-            parts.append(part)
+            parts.append(
+                self._on_pool(kernel, learner, done + start, items, point, mode, combine, meter)
+            )
         self._remember(learner)
         return _join(parts, mode, combine), chunk_len, False
+
+    def _inline(
+        self,
+        kernel: Callable[..., Any],
+        learner: Learner,
+        start: int,
+        items: int,
+        chunk_len: int,
+        mode: str,
+        combine: Any,
+        meter: Meter,
+    ) -> Any:
+        """Items ``[start, start + items)`` in this process, timed for the break-even."""
+        meter.workers, meter.slots = 1, [0]
+        began = time.perf_counter()
+        result = run_inline(
+            kernel if start == 0 else Shifted(kernel, start),
+            self._namespace(),
+            items,
+            chunk_len,
+            mode,
+            combine,
+            meter,
+        )
+        learner.breakeven.kernel_time(items, time.perf_counter() - began, inline=True)
+        return result
+
+    def _on_pool(
+        self,
+        kernel: Callable[..., Any],
+        learner: Learner,
+        start: int,
+        items: int,
+        point: tuple[tuple[str, int], int],
+        mode: str,
+        combine: Any,
+        meter: Meter,
+    ) -> Any:
+        """Items ``[start, start + items)`` on the pool at ``point``, timed for the refiner."""
+        (_, workers), nominal = point
+        chunk_len = self._fit(nominal, items, workers)
+        runner = self._pool()
+        meter.workers = workers
+        meter.slots = list(range(workers))
+        busy = sum(meter.busy.values())
+        began = time.perf_counter()
+        try:
+            part = runner.run(
+                kernel if start == 0 else Shifted(kernel, start),
+                items,
+                chunk_len,
+                mode,
+                combine,
+                meter,
+                workers=workers,
+            )
+        except Exception as exc:
+            if start and hasattr(exc, "add_note"):
+                exc.add_note(
+                    f"[autotune was timing this call in slices: item numbers above count "
+                    f"from {start}, where the slice began]"
+                )
+            raise
+        wall = time.perf_counter() - began
+        busy = sum(meter.busy.values()) - busy
+        learner.record(point, items, wall, busy, workers)
+        self._pool_cost.pool_call(wall, busy, workers)
+        return part
 
     def _learner(self, kernel: Callable[..., Any], n: int) -> Learner:
         """What is known of this kernel; on its first call, from an online profile or afresh."""
@@ -480,7 +549,8 @@ class Evaluator:
         assert self._cpu is not None
         item_bytes = self.item_bytes or infer_item_bytes(self._shared, n) or DEFAULT_ITEM_BYTES
         mid = heuristic_profile(self._cpu, name, item_bytes).chunk_len
-        ladder = chunk_ladder(self._cpu, item_bytes, n, self.workers)
+        # The ladder spans what any call may use; each call clamps the chunk to its n.
+        ladder = chunk_ladder(self._cpu, item_bytes, max(n, 64 * self.workers * mid), self.workers)
         learner = Learner(
             name,
             (self.backend, self.workers),
@@ -586,6 +656,15 @@ def _progress_bar(n: int, mode: str) -> Any:
 
     # unit_scale writes 100k, not 100000; but 1.00/1.00 for small counts.
     return tqdm(total=n, desc=mode, unit="item", unit_scale=n >= 10_000, file=sys.stderr)
+
+
+def _close_all(holder: list[Runner]) -> None:
+    for runner in holder:
+        runner.close()
+
+
+def _closed_runner() -> Runner:
+    raise RuntimeError("this Evaluator is closed")
 
 
 def _resolve_adapt(

@@ -18,6 +18,7 @@ import pytest
 from autotune.adapt import (
     RECHECK,
     BreakEven,
+    PoolCost,
     Refiner,
     infer_item_bytes,
     kernel_name,
@@ -94,13 +95,21 @@ def test_a_kernel_that_got_slower_is_explored_again():
 
 
 def test_break_even_is_measured():
-    be = BreakEven()
-    assert not be.known and not be.inline(10, 2)  # nothing measured: the pool
+    be, pool = BreakEven(), PoolCost()
+    assert not be.known and not be.inline(10, 2, pool.per_call())  # unknown kernel: not inline
+    assert pool.per_call() == PoolCost.PRIOR_S  # a pool never run: the prior
     # 1 us per item in the kernel, 1 ms per pool call on top.
     for n in (10_000, 100_000):
-        be.pool_call(n, wall=1e-3 + n * 1e-6 / 2, busy=n * 1e-6, workers=2)
-    assert be.items(2) == pytest.approx(2000, rel=0.01)  # 1 ms / (1 us x (1 - 1/2))
-    assert be.inline(1000, 2) and not be.inline(10_000, 2)
+        be.kernel_time(n, n * 1e-6, inline=False)
+        pool.pool_call(wall=1e-3 + n * 1e-6 / 2, busy=n * 1e-6, workers=2)
+    assert pool.per_call() == pytest.approx(1e-3)
+    assert be.items(2, pool.per_call()) == pytest.approx(2000, rel=0.01)  # 1 ms / (1 us x 1/2)
+    assert be.inline(1000, 2, pool.per_call()) and not be.inline(10_000, 2, pool.per_call())
+    # A long run of inline calls near the break-even sends one to the pool again.
+    for _ in range(RECHECK):
+        be.kernel_time(1000, 1000e-6, inline=True)
+    assert not be.inline(1000, 2, pool.per_call())
+    assert be.inline(10, 2, pool.per_call())  # far below: stays inline
 
 
 def test_item_bytes_inferred_from_arrays_of_length_n():

@@ -56,7 +56,7 @@ def pool_only(monkeypatch):
     which moves the break-even (tested on its own above)."""
     from autotune.adapt import BreakEven
 
-    monkeypatch.setattr(BreakEven, "inline", lambda self, n, workers: False)
+    monkeypatch.setattr(BreakEven, "inline", lambda self, n, workers, overhead: False)
 
 
 def settle(ev, kernel, n, calls=80):
@@ -98,18 +98,17 @@ def test_adapting_changes_chunks_and_a_reduce_only_in_the_last_bits(
     assert all(abs(r - expected) <= 1e-9 * abs(expected) for r in results)
 
 
-def test_small_calls_run_inline_once_the_break_even_is_measured(x, profile_dir, no_leaks):
-    with Evaluator(shared={"x": x}) as ev:
-        first = ev.map(kernels.double, 500)
-        assert not ev.stats.inline  # an unknown kernel goes to the pool first
+def test_small_calls_run_inline_and_start_no_worker(x, profile_dir, no_leaks):
+    with Evaluator(shared={"x": x, "delay": 0.02}) as ev:
         for _ in range(3):
             out = ev.map(kernels.double, 500)
             assert ev.stats.inline and ev.stats.workers == 1
             assert np.array_equal(out, x[:500] * 2.0)
-        total = ev.reduce(kernels.exp_sum, 400)
-        assert not ev.stats.inline  # another kernel: measured on the pool first
-        assert ev.reduce(kernels.exp_sum, 400) == total and ev.stats.inline
-        assert np.array_equal(first, x[:500] * 2.0)
+        assert ev.pids == []  # a loop of small calls never starts the pool
+        # 20 ms a chunk: the first chunk, timed here, says the rest pays on the pool.
+        assert ev.reduce(kernels.slow, 20_000) == 20_000.0
+        assert not ev.stats.inline and len(ev.pids) == 2
+        assert ev.reduce(kernels.slow, 2) == 2.0 and ev.stats.inline  # one chunk: here
 
 
 def test_a_kernel_error_inline_is_the_kernels(x, profile_dir, no_leaks):
