@@ -46,13 +46,14 @@ from autotune.adapt import (
     join_parts,
     kernel_name,
 )
+from autotune.backends import stats as call_stats
 from autotune.backends.dask.cluster import load_cluster_profile
 from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import OrderedFold, balanced_chunk_len, n_chunks
 from autotune.backends.shared import SharedNamespace, check_names
 from autotune.backends.stats import CallStats, Meter, advice
-from autotune.backends.threads import in_thread_kernel, run_inline
+from autotune.backends.threads import Outputs, in_thread_kernel, run_inline
 from autotune.cpu import probe
 from autotune.cpu.memory import available_memory as _available_memory
 from autotune.engine import chunk_ladder
@@ -284,14 +285,17 @@ class Evaluator:
             address=address,
         )
         self._pool_cost = PoolCost()
+        self._inline_outputs = Outputs()  # the last inline map output, reused when let go
         if not self._adapt:
             self._pool()  # started now: a worker that cannot start is reported here
         # An adapting evaluator starts its workers at the first call that pays
         # for them: a loop of small calls never starts a pool at all.
         self.workers: int = self._holder[0].workers if self._holder else int(workers or 1)
         self.chunk_len: int = chunk_len
-        #: What the last call cost (:class:`~autotune.CallStats`); None before the first.
-        self.stats: CallStats | None = None
+        # What the last call cost, as measured; ``stats`` builds the CallStats
+        # when asked (a small inline call should not pay for it).
+        self._last: tuple[Meter, int, str, int, float, bool] | None = None
+        self._stats_built: CallStats | None = None
         self._warned = False  # the EfficiencyWarning is given once per evaluator
         # Online refinement: what is known of each kernel, by name.
         self._shared = shared_dict
@@ -366,6 +370,7 @@ class Evaluator:
         with self._lock:
             self._closed = True
             self._finalizer()
+            self._inline_outputs.close()
             # Let the user's data go with the pool, even if this object lingers.
             self._shared, self._inline_shared = {}, None
             self._open = _closed_runner
@@ -400,7 +405,7 @@ class Evaluator:
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
         if n == 0:
-            self.stats = self._stats(Meter(self.workers), 0, mode, self.chunk_len, 0.0)
+            self._record(Meter(self.workers), 0, mode, self.chunk_len, 0.0, False)
             if mode == "map":
                 return np.empty((0,))
             if combine in _IDENTITY:
@@ -412,7 +417,7 @@ class Evaluator:
             self._busy = threading.get_ident()
             bar = _progress_bar(n, mode) if progress else None
             meter = Meter(self.workers, None if bar is None else bar.update)
-            chunk_len, inline = self._chunk_len_for(n), False
+            chunk_len, inline = (self.chunk_len if self._adapt else self._chunk_len_for(n)), False
             if self.item_bytes is not None:
                 _check_memory(n, chunk_len, self.item_bytes, self.workers, self.backend)
             began = time.perf_counter()
@@ -426,7 +431,7 @@ class Evaluator:
                 wall = time.perf_counter() - began
                 if bar is not None:
                     bar.close()
-                self.stats = self._stats(meter, n, mode, chunk_len, wall, inline)
+                self._record(meter, n, mode, chunk_len, wall, inline)
                 self._busy = None
                 if self._holder and self._holder[0].closed:
                     # The pool ended itself (Ctrl-C or a failure of our own
@@ -448,7 +453,13 @@ class Evaluator:
         """One call while adapting: (result, chunk length, ran inline)."""
         learner = self._learner(kernel, n)
         (_, workers), nominal = learner.leader()
-        chunk_len = self._fit(nominal, n, workers)  # the pool's chunks: the same bits
+        # In this process a reduce runs the pool's chunks (the same bits); a
+        # map, whose result does not depend on them, runs whole chunks, and
+        # a short one in one call of the kernel (no copy, no bookkeeping).
+        if mode == "reduce":
+            chunk_len = self._fit(nominal, n, workers)
+        else:
+            chunk_len = n if n <= 4 * nominal else nominal
         parts: list[Any] = []
         done = 0
         if not learner.breakeven.known:
@@ -494,6 +505,7 @@ class Evaluator:
             mode,
             combine,
             meter,
+            self._inline_outputs,
         )
         learner.breakeven.kernel_time(items, time.perf_counter() - began, inline=True)
         return result
@@ -601,25 +613,33 @@ class Evaluator:
         chunk_len = max(1, min(chunk_len, math.ceil(n / (2 * workers))))
         return balanced_chunk_len(n, chunk_len, workers)
 
-    def _stats(
-        self, meter: Meter, n: int, mode: str, chunk_len: int, wall: float, inline: bool = False
-    ) -> CallStats:
-        return CallStats.of(
-            meter,
-            n=n,
-            mode=mode,
-            chunk_len=chunk_len,
-            chunks=n_chunks(n, chunk_len),
-            backend=self.backend,
-            wall_s=wall,
-            inline=inline,
-        )
+    @property
+    def stats(self) -> CallStats | None:
+        """What the last call cost (:class:`~autotune.CallStats`); None before the first."""
+        if self._stats_built is None and self._last is not None:
+            meter, n, mode, chunk_len, wall, inline = self._last
+            self._stats_built = CallStats.of(
+                meter,
+                n=n,
+                mode=mode,
+                chunk_len=chunk_len,
+                chunks=n_chunks(n, chunk_len) if n else 0,
+                backend=self.backend,
+                wall_s=wall,
+                inline=inline,
+            )
+        return self._stats_built
+
+    def _record(
+        self, meter: Meter, n: int, mode: str, chunk_len: int, wall: float, inline: bool
+    ) -> None:
+        self._last, self._stats_built = (meter, n, mode, chunk_len, wall, inline), None
 
     def _warn_if_inefficient(self) -> None:
         """One EfficiencyWarning per evaluator, for a long call that left workers idle."""
-        if self._warned or self.stats is None:
+        if self._warned or self._last is None or self._last[4] < call_stats.LONG_CALL_S:
             return
-        message = advice(self.stats)
+        message = advice(self.stats) if self.stats is not None else None
         if message is not None:
             self._warned = True
             # stacklevel: the user's line that called map/reduce.

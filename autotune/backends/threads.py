@@ -26,7 +26,7 @@ from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache, output_layout, ou
 from autotune.backends.stats import Meter
 from autotune.backends.structure import Structure, split_map_result
 
-__all__ = ["ThreadRunner", "in_thread_kernel", "run_inline"]
+__all__ = ["Outputs", "ThreadRunner", "in_thread_kernel", "run_inline"]
 
 # Set in the backend's threads while they run kernels: an evaluator used from
 # there would wait for the very threads that wait for it.
@@ -168,27 +168,11 @@ class ThreadRunner:
         self.shared = SharedNamespace(shared)
         self.blas_threads = blas_threads
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="autotune")
-        self._outputs = OutputCache()
+        self._outputs = Outputs()
         self._closed = False
 
     def _allocate(self, n: int, rows: list[tuple[tuple[int, ...], Any]]) -> list[np.ndarray]:
-        """The outputs of a map: the previous one's memory again if the caller let it go.
-
-        Fresh memory costs a page fault per page on first touch, which
-        doubles the time of a memory-bound map.  Large outputs live in a
-        shared-memory segment that :class:`~autotune.backends.shm.OutputCache`
-        keeps and reuses once nothing (no result, no view of it) maps it any
-        more: the same scheme as the processes backend, with no reference
-        counting; the outputs of a tuple or dict result share one segment.
-        Small ones are plain arrays.
-        """
-        size, layout = output_layout(n, rows)
-        if any(dtype.hasobject for _, _, dtype in layout) or size < SHM_OUTPUT_MIN:
-            return [np.empty(shape, dtype=dtype) for _, shape, dtype in layout]
-        seg = self._outputs.get(size)
-        out = output_views(seg.mmap, layout)
-        seg.close()  # the arrays keep the mapping; the cache keeps the name
-        return out
+        return self._outputs.allocate(n, rows)
 
     def run(
         self,
@@ -237,6 +221,34 @@ class ThreadRunner:
         return self._closed
 
 
+class Outputs:
+    """Map outputs in this process: the previous one's memory again once the caller let it go.
+
+    Fresh memory costs a page fault per page on first touch, which doubles
+    the time of a memory-bound map.  Large outputs live in a shared-memory
+    segment that :class:`~autotune.backends.shm.OutputCache` keeps and
+    reuses once nothing (no result, no view of it) maps it any more: the
+    same scheme as the processes backend, with no reference counting; the
+    outputs of a tuple or dict result share one segment.  Small ones are
+    plain arrays.
+    """
+
+    def __init__(self) -> None:
+        self._cache = OutputCache()
+
+    def allocate(self, n: int, rows: list[tuple[tuple[int, ...], Any]]) -> list[np.ndarray]:
+        size, layout = output_layout(n, rows)
+        if any(dtype.hasobject for _, _, dtype in layout) or size < SHM_OUTPUT_MIN:
+            return [np.empty(shape, dtype=dtype) for _, shape, dtype in layout]
+        seg = self._cache.get(size)
+        out = output_views(seg.mmap, layout)
+        seg.close()  # the arrays keep the mapping; the cache keeps the name
+        return out
+
+    def close(self) -> None:
+        self._cache.close()
+
+
 def run_inline(
     kernel: Callable[..., Any],
     shared: SharedNamespace,
@@ -245,17 +257,33 @@ def run_inline(
     mode: str,
     combine: Callable[[Any, Any], Any] | None,
     meter: Meter,
+    outputs: Outputs | None = None,
 ) -> Any:
     """The call in the calling thread, chunk after chunk, folded in order.
 
     What one thread of the backend would do alone: the same chunks, hence
     the same bits for a reduce as on the workers with the same chunk length.
+    A call of one chunk is the kernel's own result (a map's arrays copied
+    only when they are views of other memory, such as the shared data).
     """
-    call = _ThreadCall(kernel, shared, n, chunk_len, mode, combine, 1, _plain_outputs, meter)
+    if n <= chunk_len:
+        _LOCAL.in_kernel = True
+        began = time.thread_time()
+        try:
+            result = kernel(shared, 0, n)
+            if mode == "map":
+                structure, arrays = split_map_result(result, 0, n, None)
+                result = structure.build([a if a.flags.owndata else a.copy() for a in arrays])
+        except BaseException as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"[{where(exc, 0, n, 'in the calling process')}]")
+            raise
+        finally:
+            _LOCAL.in_kernel = False
+        meter.add_busy(0, time.thread_time() - began)
+        meter.advance(n)
+        return result
+    allocate = (outputs or Outputs()).allocate
+    call = _ThreadCall(kernel, shared, n, chunk_len, mode, combine, 1, allocate, meter)
     call.drain(0)
     return call.result()
-
-
-def _plain_outputs(n: int, rows: list[tuple[tuple[int, ...], Any]]) -> list[np.ndarray]:
-    _, layout = output_layout(n, rows)
-    return [np.empty(shape, dtype=dtype) for _, shape, dtype in layout]
