@@ -455,11 +455,12 @@ class Evaluator:
         (_, workers), nominal = learner.leader()
         # In this process a reduce runs the pool's chunks (the same bits); a
         # map, whose result does not depend on them, runs whole chunks, and
-        # a short one in one call of the kernel (no copy, no bookkeeping).
+        # one of up to 16 chunks in one call of the kernel (no copy, no
+        # bookkeeping; chunks pay in cache only past that).
         if mode == "reduce":
             chunk_len = self._fit(nominal, n, workers)
         else:
-            chunk_len = n if n <= 4 * nominal else nominal
+            chunk_len = n if n <= 16 * nominal else nominal
         parts: list[Any] = []
         done = 0
         if not learner.breakeven.known:
