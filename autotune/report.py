@@ -310,6 +310,12 @@ def format_table(profile: Profile) -> str:
     )
     title = f"{profile.workload}: {profile.source} profile, {brand} ({shape}"
     title += f", {sizes})" if sizes else ")"
+    if profile.source == "online":
+        calls = sum(m.repeats for m in profile.measurements)
+        title += (
+            f"\nlearned by an evaluator while it worked: rests on {calls} calls "
+            f"({profile.best.repeats} at the best point)"
+        )
     body = render_table(
         profile.measurements,
         serial_throughput=profile.serial_throughput,

@@ -236,3 +236,17 @@ def test_writers_killed_mid_write_or_racing_never_leave_a_torn_file(
             w.kill()
             w.wait()
     assert Profile.load(target).source == "online"
+
+
+def test_show_prints_an_online_profile_with_its_calls(x, profile_dir, pool_only, capsys):
+    from autotune.cli import main
+
+    with Evaluator(shared={"x": x}) as ev:
+        settle(ev, kernels.heavy_map, N)
+    path = online_path(file_slug(kernel_name(kernels.heavy_map)), probe())
+    saved = Profile.load(path)
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    calls = sum(m.repeats for m in saved.measurements)
+    assert out.startswith("kernels:heavy_map: online profile, ")
+    assert f"rests on {calls} calls ({saved.best.repeats} at the best point)" in out
