@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from autotune.cpu import CpuInfo
-from autotune.engine import NOISY, Checkpoint, Lane, Request, Tally, auto_requests, pick_best
+from autotune.engine import NOISY, Checkpoint, Lane, Request, Tally, auto_requests, pick_kept
 from autotune.profile import Profile
 from autotune.profile.online import online_profile
 
@@ -73,6 +73,8 @@ KEEP_RUNS = 64
 PROBE_SLICES = 16
 #: Probing inside a call is worth it when what is left takes longer than this.
 PROBE_WORTH_S = 0.2
+#: A map is cut into slices only when its kernel takes this long per item.
+SLICE_MAP_MIN_S = 50e-9
 #: Save an online profile again after this many more calls.
 SAVE_EVERY = 100
 
@@ -231,7 +233,7 @@ class Refiner:
         self._steps, self._pending = None, None
         measured = self.tally.measured()
         if measured:
-            best = pick_best(m for _, m in measured)
+            best = pick_kept(m for _, m in measured)
             lane = next(lane for lane, m in measured if m is best)
             self.best = (lane, best.chunk_len)
         self.settled = True
@@ -318,6 +320,10 @@ class BreakEven:
     @property
     def known(self) -> bool:
         return bool(self._per_item)
+
+    def per_item(self) -> float:
+        """The kernel's seconds per item (0 while unknown)."""
+        return statistics.median(self._per_item) if self._per_item else 0.0
 
     def items(self, workers: int, overhead: float) -> float:
         """The break-even number of items (``inf``: always inline; 0: unknown, never)."""
@@ -420,45 +426,64 @@ class Learner:
         what a pool call costs beyond the kernel (``overhead`` seconds)."""
         return self.breakeven.inline(n, self.refiner.best[0][1], overhead)
 
-    def slices(self, n: int) -> Iterator[tuple[int, int, tuple[Lane, int]]]:
-        """``(start, items, point)`` for each run of a call of ``n`` items.
+    def slices(self, n: int, mode: str) -> Iterator[tuple[int, int, tuple[Lane, int], bool]]:
+        """``(start, items, point, measured)`` for each run of a call of ``n`` items.
 
         Record each with :meth:`record` before asking for the next.  A call
-        too short to cut runs whole at the point the engine asks for; a long
-        one, while exploring, probes one slice per point for up to half its
-        items, while what is left is worth it, and runs the rest at the best
-        point so far.
+        too short to cut runs whole at the point the engine asks for.  A long
+        one, while exploring, probes one slice per point (each long enough
+        for two chunks per worker) for up to half its items, while what is
+        left is worth it, and runs the rest at the best point so far; that
+        rest is not a measurement (a run of another size is not comparable).
+        A map is cut only when its kernel is slow per item: its slices come
+        back as separate arrays that must be joined, a copy that a
+        memory-bound map would pay as much for as for its work.
         """
         self.n = max(self.n, n)
         point = self.refiner.next()
-        (_, workers), chunk_len = point
-        if not self.refiner.exploring or n < PROBE_SLICES * 2 * workers * chunk_len:
-            yield 0, n, point
+        cuttable = mode == "reduce" or self.breakeven.per_item() >= SLICE_MAP_MIN_S
+        if not self.refiner.exploring or not cuttable or self._slice(n, point) > n // 2:
+            yield 0, n, point, True
             return
-        piece, done = n // PROBE_SLICES, 0
+        done = 0
         while done < n:
-            items = piece if done == 0 or self._probing(n, done, piece) else n - done
-            yield done, items, point
+            items = self._slice(n, point)
+            yield done, items, point, True
             done += items
+            if self._probing(n, done):
+                point = self.refiner.next()
+                continue
             if done < n:
-                point = self.refiner.next() if self._probing(n, done, piece) else self.leader()
+                yield done, n - done, self.leader(), False
+            return
 
-    def _probing(self, n: int, done: int, piece: int) -> bool:
+    @staticmethod
+    def _slice(n: int, point: tuple[Lane, int]) -> int:
+        (_, workers), chunk_len = point
+        return max(n // PROBE_SLICES, 2 * workers * chunk_len)
+
+    def _probing(self, n: int, done: int) -> bool:
         """Whether the next slice of a call still probes (else the rest runs at the leader)."""
         remaining = n - done
         return (
             self.refiner.exploring
-            and remaining - piece >= n // 2
+            and remaining - n // PROBE_SLICES >= n // 2
             and self._rate is not None
             and remaining / self._rate > PROBE_WORTH_S
         )
 
     def record(
-        self, point: tuple[Lane, int], items: int, wall: float, busy: float, workers: int
+        self,
+        point: tuple[Lane, int],
+        items: int,
+        wall: float,
+        busy: float,
+        measured: bool = True,
     ) -> None:
         """A run over ``items`` items at ``point``: wall seconds, kernel seconds summed."""
         self._rate = items / wall if wall > 0 else None
-        self.refiner.record(point, wall, items)
+        if measured:
+            self.refiner.record(point, wall, items)
         self.breakeven.kernel_time(items, busy, inline=False)
 
     def leader(self) -> tuple[Lane, int]:

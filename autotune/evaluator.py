@@ -464,9 +464,9 @@ class Evaluator:
         parts: list[Any] = []
         done = 0
         if not learner.breakeven.known:
-            # A kernel never seen: its first chunk runs here, timed, which
-            # says what an item costs before anything is sent to workers.
-            done = min(n, chunk_len)
+            # A kernel never seen: its first chunk (the pool's) runs here,
+            # timed, which says what an item costs before anything is sent.
+            done = min(n, self._fit(nominal, n, workers))
             parts.append(self._inline(kernel, learner, 0, done, chunk_len, mode, combine, meter))
             if done == n:
                 return parts[0], chunk_len, True
@@ -475,11 +475,13 @@ class Evaluator:
         if learner.inline(rest, overhead):
             parts.append(self._inline(kernel, learner, done, rest, chunk_len, mode, combine, meter))
             return _join(parts, mode, combine), chunk_len, True
-        for start, items, point in learner.slices(rest):
+        for start, items, point, measured in learner.slices(rest, mode):
             (_, workers), nominal = point
             chunk_len = self._fit(nominal, items, workers)
             parts.append(
-                self._on_pool(kernel, learner, done + start, items, point, mode, combine, meter)
+                self._on_pool(
+                    kernel, learner, done + start, items, point, mode, combine, meter, measured
+                )
             )
         self._remember(learner)
         return _join(parts, mode, combine), chunk_len, False
@@ -521,6 +523,7 @@ class Evaluator:
         mode: str,
         combine: Any,
         meter: Meter,
+        measured: bool = True,
     ) -> Any:
         """Items ``[start, start + items)`` on the pool at ``point``, timed for the refiner."""
         (_, workers), nominal = point
@@ -549,7 +552,7 @@ class Evaluator:
             raise
         wall = time.perf_counter() - began
         busy = sum(meter.busy.values()) - busy
-        learner.record(point, items, wall, busy, workers)
+        learner.record(point, items, wall, busy, measured)
         self._pool_cost.pool_call(wall, busy, workers)
         return part
 
