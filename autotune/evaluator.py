@@ -475,6 +475,10 @@ class Evaluator:
         if learner.inline(rest, overhead):
             parts.append(self._inline(kernel, learner, done, rest, chunk_len, mode, combine, meter))
             return _join(parts, mode, combine), chunk_len, True
+        if mode == "map" and parts:
+            # Joining the probe's rows to the pool's would copy the whole
+            # output; running its chunk again on the pool costs one chunk.
+            parts, done, rest = [], 0, n
         for start, items, point, measured in learner.slices(rest, mode):
             (_, workers), nominal = point
             chunk_len = self._fit(nominal, items, workers)
