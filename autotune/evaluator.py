@@ -35,36 +35,24 @@ from typing import Any
 
 import numpy as np
 
-from autotune._errors import EfficiencyWarning, ProfileError, ProfileWarning
+from autotune._errors import EfficiencyWarning
 from autotune._util import BACKENDS, check_int, check_kernel_signature, positive_int
-from autotune.adapt import (
-    Learner,
-    PoolCost,
-    Shifted,
-    file_slug,
-    infer_item_bytes,
-    join_parts,
-    kernel_name,
-)
 from autotune.backends import stats as call_stats
 from autotune.backends.dask.cluster import load_cluster_profile
 from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
 from autotune.backends.runners import Runner, open_runner
-from autotune.backends.schedule import OrderedFold, balanced_chunk_len, n_chunks
-from autotune.backends.shared import SharedNamespace, check_names
+from autotune.backends.schedule import balanced_chunk_len, n_chunks
+from autotune.backends.shared import check_names
 from autotune.backends.stats import CallStats, Meter, advice
-from autotune.backends.threads import Outputs, in_thread_kernel, run_inline
+from autotune.backends.threads import in_thread_kernel
 from autotune.cpu import probe
 from autotune.cpu.memory import available_memory as _available_memory
-from autotune.engine import chunk_ladder
+from autotune.online import OnlineTuning
 from autotune.profile import (
-    DEFAULT_ITEM_BYTES,
     Profile,
-    cpu_mismatch,
     heuristic_profile,
     load_profile,
 )
-from autotune.profile.online import online_path, save_online
 
 __all__ = ["Evaluator"]
 
@@ -284,8 +272,6 @@ class Evaluator:
             client=client,
             address=address,
         )
-        self._pool_cost = PoolCost()
-        self._inline_outputs = Outputs()  # the last inline map output, reused when let go
         if not self._adapt:
             self._pool()  # started now: a worker that cannot start is reported here
         # An adapting evaluator starts its workers at the first call that pays
@@ -298,9 +284,18 @@ class Evaluator:
         self._stats_built: CallStats | None = None
         self._warned = False  # the EfficiencyWarning is given once per evaluator
         # Online refinement: what is known of each kernel, by name.
-        self._shared = shared_dict
-        self._learners: dict[str, Learner] = {}
-        self._inline_shared: SharedNamespace | None = None
+        self._online: OnlineTuning | None = None
+        if self._adapt:
+            assert self._cpu is not None
+            self._online = OnlineTuning(
+                self._cpu,
+                backend,
+                self.workers,
+                shared_dict,
+                self.item_bytes,
+                self._profile_name,
+                self._pool,
+            )
 
     # -- public API -------------------------------------------------------
     def map(self, kernel: Callable[..., Any], n: int, *, progress: bool = False) -> Any:
@@ -370,9 +365,8 @@ class Evaluator:
         with self._lock:
             self._closed = True
             self._finalizer()
-            self._inline_outputs.close()
-            # Let the user's data go with the pool, even if this object lingers.
-            self._shared, self._inline_shared = {}, None
+            if self._online is not None:
+                self._online.close()  # the user's data goes with the pool
             self._open = _closed_runner
 
     def __enter__(self) -> Evaluator:
@@ -422,8 +416,8 @@ class Evaluator:
                 _check_memory(n, chunk_len, self.item_bytes, self.workers, self.backend)
             began = time.perf_counter()
             try:
-                if self._adapt:
-                    result, chunk_len, inline = self._adaptive(kernel, n, mode, combine, meter)
+                if self._online is not None:
+                    result, chunk_len, inline = self._online.call(kernel, n, mode, combine, meter)
                 else:
                     result = self._pool().run(kernel, n, chunk_len, mode, combine, meter)
             finally:
@@ -446,180 +440,6 @@ class Evaluator:
         if not self._holder:
             self._holder.append(self._open())
         return self._holder[0]
-
-    def _adaptive(
-        self, kernel: Callable[..., Any], n: int, mode: str, combine: Any, meter: Meter
-    ) -> tuple[Any, int, bool]:
-        """One call while adapting: (result, chunk length, ran inline)."""
-        learner = self._learner(kernel, n)
-        (_, workers), nominal = learner.leader()
-        # In this process a reduce runs the pool's chunks (the same bits); a
-        # map, whose result does not depend on them, runs whole chunks, and
-        # one of up to 16 chunks in one call of the kernel (no copy, no
-        # bookkeeping; chunks pay in cache only past that).
-        if mode == "reduce":
-            chunk_len = self._fit(nominal, n, workers)
-        else:
-            chunk_len = n if n <= 16 * nominal else nominal
-        parts: list[Any] = []
-        done = 0
-        if not learner.breakeven.known:
-            # A kernel never seen: its first chunk (the pool's) runs here,
-            # timed, which says what an item costs before anything is sent.
-            done = min(n, self._fit(nominal, n, workers))
-            parts.append(self._inline(kernel, learner, 0, done, chunk_len, mode, combine, meter))
-            if done == n:
-                return parts[0], chunk_len, True
-        rest = n - done
-        overhead = self._pool_cost.per_call()
-        if learner.inline(rest, overhead):
-            parts.append(self._inline(kernel, learner, done, rest, chunk_len, mode, combine, meter))
-            return _join(parts, mode, combine), chunk_len, True
-        if mode == "map" and parts:
-            # Joining the probe's rows to the pool's would copy the whole
-            # output; running its chunk again on the pool costs one chunk.
-            parts, done, rest = [], 0, n
-        for start, items, point, measured in learner.slices(rest, mode):
-            (_, workers), nominal = point
-            chunk_len = self._fit(nominal, items, workers)
-            parts.append(
-                self._on_pool(
-                    kernel, learner, done + start, items, point, mode, combine, meter, measured
-                )
-            )
-        self._remember(learner)
-        return _join(parts, mode, combine), chunk_len, False
-
-    def _inline(
-        self,
-        kernel: Callable[..., Any],
-        learner: Learner,
-        start: int,
-        items: int,
-        chunk_len: int,
-        mode: str,
-        combine: Any,
-        meter: Meter,
-    ) -> Any:
-        """Items ``[start, start + items)`` in this process, timed for the break-even."""
-        meter.workers, meter.slots = 1, [0]
-        began = time.perf_counter()
-        result = run_inline(
-            kernel if start == 0 else Shifted(kernel, start),
-            self._namespace(),
-            items,
-            chunk_len,
-            mode,
-            combine,
-            meter,
-            self._inline_outputs,
-        )
-        learner.breakeven.kernel_time(items, time.perf_counter() - began, inline=True)
-        return result
-
-    def _on_pool(
-        self,
-        kernel: Callable[..., Any],
-        learner: Learner,
-        start: int,
-        items: int,
-        point: tuple[tuple[str, int], int],
-        mode: str,
-        combine: Any,
-        meter: Meter,
-        measured: bool = True,
-    ) -> Any:
-        """Items ``[start, start + items)`` on the pool at ``point``, timed for the refiner."""
-        (_, workers), nominal = point
-        chunk_len = self._fit(nominal, items, workers)
-        runner = self._pool()
-        meter.workers = workers
-        meter.slots = list(range(workers))
-        busy = sum(meter.busy.values())
-        began = time.perf_counter()
-        try:
-            part = runner.run(
-                kernel if start == 0 else Shifted(kernel, start),
-                items,
-                chunk_len,
-                mode,
-                combine,
-                meter,
-                workers=workers,
-            )
-        except Exception as exc:
-            if start and hasattr(exc, "add_note"):
-                exc.add_note(
-                    f"[autotune was timing this call in slices: item numbers above count "
-                    f"from {start}, where the slice began]"
-                )
-            raise
-        wall = time.perf_counter() - began
-        busy = sum(meter.busy.values()) - busy
-        learner.record(point, items, wall, busy, measured)
-        self._pool_cost.pool_call(wall, busy, workers)
-        return part
-
-    def _learner(self, kernel: Callable[..., Any], n: int) -> Learner:
-        """What is known of this kernel; on its first call, from an online profile or afresh."""
-        name = self._profile_name or kernel_name(kernel)
-        learner = self._learners.get(name)
-        if learner is not None:
-            return learner
-        assert self._cpu is not None
-        item_bytes = self.item_bytes or infer_item_bytes(self._shared, n) or DEFAULT_ITEM_BYTES
-        mid = heuristic_profile(self._cpu, name, item_bytes).chunk_len
-        # The ladder spans what any call may use; each call clamps the chunk to its n.
-        ladder = chunk_ladder(self._cpu, item_bytes, max(n, 64 * self.workers * mid), self.workers)
-        learner = Learner(
-            name,
-            (self.backend, self.workers),
-            mid,
-            ladder,
-            item_bytes,
-            settled=self._online_profile(name),
-        )
-        self._learners[name] = learner
-        return learner
-
-    def _online_profile(self, name: str) -> Profile | None:
-        """The online profile saved for ``name`` on this CPU and backend, if one fits."""
-        assert self._cpu is not None
-        path = online_path(file_slug(name), self._cpu)
-        if not path.is_file():
-            return None
-        try:
-            found = Profile.load(path)
-        except ProfileError as exc:
-            warnings.warn(
-                f"online profile not used, tuning afresh: {exc}", ProfileWarning, stacklevel=5
-            )
-            return None
-        if (
-            found.source != "online"
-            or found.workload != name
-            or found.backend != self.backend
-            or cpu_mismatch(found.cpu, self._cpu) is not None
-        ):
-            return None
-        return found
-
-    def _remember(self, learner: Learner) -> None:
-        """Save what was learned once settled (and again when it moves or ages)."""
-        if learner.profile_due():
-            assert self._cpu is not None
-            save_online(learner.profile(self._cpu), online_path(file_slug(learner.name), self._cpu))
-
-    def _namespace(self) -> SharedNamespace:
-        if self._inline_shared is None:
-            self._inline_shared = SharedNamespace(self._shared)
-        return self._inline_shared
-
-    def _fit(self, chunk_len: int, n: int, workers: int) -> int:
-        """A point's chunk length for a call of ``n`` items: at least two chunks per
-        worker, few chunks split evenly."""
-        chunk_len = max(1, min(chunk_len, math.ceil(n / (2 * workers))))
-        return balanced_chunk_len(n, chunk_len, workers)
 
     @property
     def stats(self) -> CallStats | None:
@@ -710,16 +530,6 @@ def _resolve_adapt(
         return adapt
     measured = profile is not None and profile.source in ("measured", "published")
     return not explicit and not measured
-
-
-def _join(parts: list[Any], mode: str, combine: Any) -> Any:
-    """The result of a call run in slices: maps joined, partials folded in order."""
-    if mode == "map":
-        return join_parts(parts)
-    fold = OrderedFold(combine)
-    for i, part in enumerate(parts):
-        fold.add(i, part)
-    return fold.result()
 
 
 def _pin_cpus(workers: int) -> list[int]:

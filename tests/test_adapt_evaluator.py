@@ -62,7 +62,7 @@ def pool_only(monkeypatch):
 def settle(ev, kernel, n, calls=80):
     for _ in range(calls):
         ev.map(kernel, n)
-    learner = next(iter(ev._learners.values()))
+    learner = next(iter(ev._online.learners.values()))
     return learner
 
 
@@ -136,7 +136,7 @@ def test_what_was_learned_is_saved_and_found_by_the_next_evaluator(
     assert sum(m.repeats for m in saved.measurements) >= 15  # the calls it rests on
     with Evaluator(shared={"x": x}) as ev:
         ev.map(kernels.heavy_map, N)
-        learner = next(iter(ev._learners.values()))
+        learner = next(iter(ev._online.learners.values()))
         assert learner.refiner.settled and learner.refiner.best == best  # from its first call
 
 
@@ -184,7 +184,7 @@ def test_a_measured_profile_is_used_as_is(x, profile_dir, no_leaks):
     with Evaluator(shared={"x": x}, profile=Profile.load(SHIPPED)) as ev:
         assert not ev._adapt
         ev.map(kernels.double, N)
-        assert not ev._learners
+        assert ev._online is None  # nothing is learned: the profile is used as it is
 
 
 WRITER = textwrap.dedent(

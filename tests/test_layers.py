@@ -28,6 +28,7 @@ LAYERS = {
     "autotune.adapt": 4,
     "autotune.engine": 4,
     "autotune.evaluator": 4,
+    "autotune.online": 4,
     "autotune.tuner": 5,
     "autotune.report": 5,
     "autotune.workloads": 5,

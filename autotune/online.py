@@ -1,0 +1,269 @@
+"""The online state of an adapting evaluator, and how one of its calls runs.
+
+:class:`OnlineTuning` owns what an evaluator that tunes itself knows (a
+:class:`~autotune.adapt.Learner` per kernel, the pool's cost per call, the
+memory of inline map outputs) and decides, call by call, whether the call
+runs in this process or on the pool, at which point of the engine, in one
+run or in slices (see :mod:`autotune.adapt` for the why).  The evaluator
+hands it the call and a way to get the runner (started on first use).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from autotune._errors import ProfileError, ProfileWarning
+from autotune.adapt import (
+    Learner,
+    PoolCost,
+    Shifted,
+    file_slug,
+    infer_item_bytes,
+    join_parts,
+    kernel_name,
+)
+from autotune.backends.runners import Runner
+from autotune.backends.schedule import OrderedFold, balanced_chunk_len
+from autotune.backends.shared import SharedNamespace
+from autotune.backends.stats import Meter
+from autotune.backends.threads import Outputs, run_inline
+from autotune.cpu import CpuInfo
+from autotune.engine import chunk_ladder
+from autotune.profile import DEFAULT_ITEM_BYTES, Profile, cpu_mismatch, heuristic_profile
+from autotune.profile.online import online_path, save_online
+
+__all__ = ["OnlineTuning"]
+
+
+class OnlineTuning:
+    """What an adapting evaluator has learned, and the runs of its calls.
+
+    Parameters
+    ----------
+    cpu : CpuInfo
+        This machine: the heuristic's chunk, the ladder, the profile's CPU.
+    backend : str
+    workers : int
+        Workers of the pool (the most a call may use).
+    shared : mapping
+        The evaluator's shared data (inline calls read it in this process).
+    item_bytes : int, optional
+        Given by the user; else inferred per kernel from ``shared``.
+    profile_name : str, optional
+        The name online profiles are saved under; else each kernel's.
+    pool : callable
+        Returns the runner, starting it on first use.
+    """
+
+    def __init__(
+        self,
+        cpu: CpuInfo,
+        backend: str,
+        workers: int,
+        shared: Mapping[str, Any],
+        item_bytes: int | None,
+        profile_name: str | None,
+        pool: Callable[[], Runner],
+    ) -> None:
+        self.cpu = cpu
+        self.backend = backend
+        self.workers = workers
+        self.item_bytes = item_bytes
+        self.profile_name = profile_name
+        self._shared = shared
+        self._pool = pool
+        self.learners: dict[str, Learner] = {}
+        self.pool_cost = PoolCost()
+        self._outputs = Outputs()  # the last inline map output, reused when let go
+        self._inline_shared: SharedNamespace | None = None
+
+    def close(self) -> None:
+        """Let the data and the kept inline output go."""
+        self._outputs.close()
+        self._shared, self._inline_shared = {}, None
+
+    def call(
+        self, kernel: Callable[..., Any], n: int, mode: str, combine: Any, meter: Meter
+    ) -> tuple[Any, int, bool]:
+        """One call while adapting: (result, chunk length, ran inline)."""
+        learner = self._learner(kernel, n)
+        (_, workers), nominal = learner.leader()
+        # In this process a reduce runs the pool's chunks (the same bits); a
+        # map, whose result does not depend on them, runs whole chunks, and
+        # one of up to 16 chunks in one call of the kernel (no copy, no
+        # bookkeeping; chunks pay in cache only past that).
+        if mode == "reduce":
+            chunk_len = self._fit(nominal, n, workers)
+        else:
+            chunk_len = n if n <= 16 * nominal else nominal
+        parts: list[Any] = []
+        done = 0
+        if not learner.breakeven.known:
+            # A kernel never seen: its first chunk (the pool's) runs here,
+            # timed, which says what an item costs before anything is sent.
+            done = min(n, self._fit(nominal, n, workers))
+            parts.append(self._inline(kernel, learner, 0, done, chunk_len, mode, combine, meter))
+            if done == n:
+                return parts[0], chunk_len, True
+        rest = n - done
+        overhead = self.pool_cost.per_call()
+        if learner.inline(rest, overhead):
+            parts.append(self._inline(kernel, learner, done, rest, chunk_len, mode, combine, meter))
+            return _join(parts, mode, combine), chunk_len, True
+        if mode == "map" and parts:
+            # Joining the probe's rows to the pool's would copy the whole
+            # output; running its chunk again on the pool costs one chunk.
+            parts, done, rest = [], 0, n
+        for start, items, point, measured in learner.slices(rest, mode):
+            (_, workers), nominal = point
+            chunk_len = self._fit(nominal, items, workers)
+            parts.append(
+                self._on_pool(
+                    kernel, learner, done + start, items, point, mode, combine, meter, measured
+                )
+            )
+        self._remember(learner)
+        return _join(parts, mode, combine), chunk_len, False
+
+    def _inline(
+        self,
+        kernel: Callable[..., Any],
+        learner: Learner,
+        start: int,
+        items: int,
+        chunk_len: int,
+        mode: str,
+        combine: Any,
+        meter: Meter,
+    ) -> Any:
+        """Items ``[start, start + items)`` in this process, timed for the break-even."""
+        meter.workers, meter.slots = 1, [0]
+        began = time.perf_counter()
+        result = run_inline(
+            kernel if start == 0 else Shifted(kernel, start),
+            self._namespace(),
+            items,
+            chunk_len,
+            mode,
+            combine,
+            meter,
+            self._outputs,
+        )
+        learner.breakeven.kernel_time(items, time.perf_counter() - began, inline=True)
+        return result
+
+    def _on_pool(
+        self,
+        kernel: Callable[..., Any],
+        learner: Learner,
+        start: int,
+        items: int,
+        point: tuple[tuple[str, int], int],
+        mode: str,
+        combine: Any,
+        meter: Meter,
+        measured: bool = True,
+    ) -> Any:
+        """Items ``[start, start + items)`` on the pool at ``point``, timed for the refiner."""
+        (_, workers), nominal = point
+        chunk_len = self._fit(nominal, items, workers)
+        runner = self._pool()
+        meter.workers = workers
+        meter.slots = list(range(workers))
+        busy = sum(meter.busy.values())
+        began = time.perf_counter()
+        try:
+            part = runner.run(
+                kernel if start == 0 else Shifted(kernel, start),
+                items,
+                chunk_len,
+                mode,
+                combine,
+                meter,
+                workers=workers,
+            )
+        except Exception as exc:
+            if start and hasattr(exc, "add_note"):
+                exc.add_note(
+                    f"[autotune was timing this call in slices: item numbers above count "
+                    f"from {start}, where the slice began]"
+                )
+            raise
+        wall = time.perf_counter() - began
+        busy = sum(meter.busy.values()) - busy
+        learner.record(point, items, wall, busy, measured)
+        self.pool_cost.pool_call(wall, busy, workers)
+        return part
+
+    def _learner(self, kernel: Callable[..., Any], n: int) -> Learner:
+        """What is known of this kernel; on its first call, from an online profile or afresh."""
+        name = self.profile_name or kernel_name(kernel)
+        learner = self.learners.get(name)
+        if learner is not None:
+            return learner
+        item_bytes = self.item_bytes or infer_item_bytes(self._shared, n) or DEFAULT_ITEM_BYTES
+        mid = heuristic_profile(self.cpu, name, item_bytes).chunk_len
+        # The ladder spans what any call may use; each call clamps the chunk to its n.
+        ladder = chunk_ladder(self.cpu, item_bytes, max(n, 64 * self.workers * mid), self.workers)
+        learner = Learner(
+            name,
+            (self.backend, self.workers),
+            mid,
+            ladder,
+            item_bytes,
+            settled=self._online_profile(name),
+        )
+        self.learners[name] = learner
+        return learner
+
+    def _online_profile(self, name: str) -> Profile | None:
+        """The online profile saved for ``name`` on this CPU and backend, if one fits."""
+        path = online_path(file_slug(name), self.cpu)
+        if not path.is_file():
+            return None
+        try:
+            found = Profile.load(path)
+        except ProfileError as exc:
+            warnings.warn(
+                f"online profile not used, tuning afresh: {exc}", ProfileWarning, stacklevel=5
+            )
+            return None
+        if (
+            found.source != "online"
+            or found.workload != name
+            or found.backend != self.backend
+            or cpu_mismatch(found.cpu, self.cpu) is not None
+        ):
+            return None
+        return found
+
+    def _remember(self, learner: Learner) -> None:
+        """Save what was learned once settled (and again when it moves or ages)."""
+        if learner.profile_due():
+            save_online(learner.profile(self.cpu), online_path(file_slug(learner.name), self.cpu))
+
+    def _namespace(self) -> SharedNamespace:
+        if self._inline_shared is None:
+            self._inline_shared = SharedNamespace(self._shared)
+        return self._inline_shared
+
+    @staticmethod
+    def _fit(chunk_len: int, n: int, workers: int) -> int:
+        """A point's chunk length for a call of ``n`` items: at least two chunks per
+        worker, few chunks split evenly."""
+        chunk_len = max(1, min(chunk_len, math.ceil(n / (2 * workers))))
+        return balanced_chunk_len(n, chunk_len, workers)
+
+
+def _join(parts: list[Any], mode: str, combine: Any) -> Any:
+    """The result of a call run in slices: maps joined, partials folded in order."""
+    if mode == "map":
+        return join_parts(parts)
+    fold = OrderedFold(combine)
+    for i, part in enumerate(parts):
+        fold.add(i, part)
+    return fold.result()
