@@ -13,6 +13,7 @@ import numpy as np
 __all__ = [
     "BACKENDS",
     "LOCAL_BACKENDS",
+    "STRATEGIES",
     "check_int",
     "check_kernel_signature",
     "format_bytes",
@@ -25,6 +26,8 @@ __all__ = [
 #: on this machine; profiles, runners, the tuner and the CLI all use these.
 BACKENDS = ("processes", "threads", "dask")
 LOCAL_BACKENDS = ("processes", "threads")
+#: Search strategies (``autotune search --strategy``).
+STRATEGIES = ("auto", "grid")
 
 
 def check_int(name: str, value: Any, minimum: int = 1, *, type_error: bool = False) -> int:

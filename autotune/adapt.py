@@ -416,6 +416,12 @@ class Learner:
                 if m.throughput and m.workers <= workers:
                     self.refiner.tally.add((backend, m.workers), m.chunk_len, 1.0 / m.throughput, 1)
         self.breakeven = BreakEven()
+        if settled is not None and settled.best.throughput:
+            # What an item cost at the settled point, as if every worker were
+            # busy the whole call (an upper bound, corrected by the first pool
+            # call): enough to decide the first call without a probe.
+            per_item = settled.best.workers / settled.best.throughput
+            self.breakeven.kernel_time(1, per_item, inline=False)
         self.n = 0  # items of the latest call, for the profile
         self._saved_at: tuple[int, tuple[Lane, int]] | None = None
         self._rate: float | None = None  # items per second of the latest slice

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from autotune._util import BACKENDS, STRATEGIES
 from autotune._version import __version__
 
 __all__ = ["main", "UsageError"]
@@ -88,15 +89,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from autotune.cpu import probe
     from autotune.profile import LOCAL_BACKENDS, user_profile_dir
     from autotune.report import PlotUnavailable, plot_heatmap, require_matplotlib
-    from autotune.tuner import search
+    from autotune.tuner import check_search, search
     from autotune.workloads import get_workload
 
     try:
         budget = float(args.budget)
     except ValueError:
-        budget = float("nan")
-    if not budget > 0 or budget == float("inf"):
-        raise UsageError(f"--budget must be a number of seconds > 0, got {args.budget!r}")
+        raise UsageError(f"--budget must be a number of seconds > 0, got {args.budget!r}") from None
+    items = None
+    if args.items is not None:
+        if not (args.items.isascii() and args.items.isdigit()):
+            raise UsageError(f"--items must be a positive integer, got {args.items!r}")
+        items = int(args.items)
+    try:  # the same checks as search() itself, before the workload is loaded
+        budget, items = check_search(budget, args.strategy, items, name=lambda arg: f"--{arg}")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     # --scheduler means the dask backend; it must be the only one searched.
     backend = args.backend or ("dask" if args.scheduler else None)
     dask = backend == "dask"
@@ -118,10 +126,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
         limit = len(cpus) if cpus else (probe().usable_cpus or os.cpu_count() or 1)
         if workers is not None and (workers[0] < 1 or workers[-1] > limit):
             raise UsageError(f"--workers {args.workers!r} must be between 1 and {limit}")
-    if args.items is not None and not (
-        args.items.isascii() and args.items.isdigit() and int(args.items) >= 1
-    ):
-        raise UsageError(f"--items must be a positive integer, got {args.items!r}")
     if args.out is not None:
         _check_writable(args.out, "--out")
     if args.plot is not None:
@@ -159,7 +163,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 workers=workers,
                 strategy=args.strategy,
                 cpus=cpus,
-                items=int(args.items) if args.items else None,
+                items=items,
                 backends=(backend,) if backend else LOCAL_BACKENDS,
                 client=client,
             )
@@ -309,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", default="spline", metavar="NAME|MODULE:CALLABLE")
     p.add_argument("--budget", default=60.0, metavar="SECONDS", help="time budget (default 60)")
     p.add_argument("--workers", metavar="LIST", help="worker counts to try, e.g. 1,2,4")
-    p.add_argument("--strategy", choices=("auto", "grid"), default="auto")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto")
     p.add_argument("--cpus", metavar="LIST", help="restrict to these CPUs, e.g. 0-3,6")
     p.add_argument(
         "--backend",
-        choices=("processes", "threads", "dask"),
+        choices=BACKENDS,
         help="search only this backend (default: processes and threads)",
     )
     p.add_argument(

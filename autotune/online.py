@@ -93,20 +93,19 @@ class OnlineTuning:
         learner = self._learner(kernel, n)
         (_, workers), nominal = learner.leader()
         # In this process a reduce runs the pool's chunks (the same bits); a
-        # map, whose result does not depend on them, runs whole chunks, and
-        # one of up to 16 chunks in one call of the kernel (no copy, no
-        # bookkeeping; chunks pay in cache only past that).
-        if mode == "reduce":
-            chunk_len = self._fit(nominal, n, workers)
-        else:
-            chunk_len = n if n <= 16 * nominal else nominal
+        # map, whose result does not depend on them, is one call of the
+        # kernel: its own arrays, no copy, no bookkeeping.
+        chunk_len = self._fit(nominal, n, workers) if mode == "reduce" else n
         parts: list[Any] = []
         done = 0
         if not learner.breakeven.known:
-            # A kernel never seen: its first chunk (the pool's) runs here,
-            # timed, which says what an item costs before anything is sent.
-            done = min(n, self._fit(nominal, n, workers))
-            parts.append(self._inline(kernel, learner, 0, done, chunk_len, mode, combine, meter))
+            # A kernel never seen: a first slice runs here, timed, which says
+            # what an item costs before anything is sent (the whole call when
+            # it is one chunk, else a sixteenth of it, at most a chunk).
+            first = self._fit(nominal, n, workers)
+            done = n if n <= first else max(1, min(first, n // 16))
+            probe_chunk = done if mode == "map" else min(done, chunk_len)
+            parts.append(self._inline(kernel, learner, 0, done, probe_chunk, mode, combine, meter))
             if done == n:
                 return parts[0], chunk_len, True
         rest = n - done

@@ -49,11 +49,11 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autotune._util import LOCAL_BACKENDS, check_int, utc_timestamp
+from autotune._util import LOCAL_BACKENDS, STRATEGIES, check_int, utc_timestamp
 from autotune._version import __version__
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.shared import SharedNamespace, check_names
@@ -89,7 +89,6 @@ __all__ = [
     "pick_best",
 ]
 
-STRATEGIES = ("auto", "grid")
 #: Timed runs per point in the grid (after one warm-up run).
 GRID_REPEATS = 3
 
@@ -268,6 +267,27 @@ def _planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
     return screening + coarse + refine + halving
 
 
+def check_search(
+    budget: object,
+    strategy: object,
+    items: object,
+    name: Callable[[str], str] = lambda arg: arg,
+) -> tuple[float, int | None]:
+    """The checks of :func:`search`'s numbers and strategy, in one place (the CLI
+    runs them before it loads a workload); ``name`` spells the arguments in
+    messages (``--budget`` on the command line).  Returns (budget, items)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ValueError(f"{name('budget')} must be a number of seconds > 0, got {budget!r}")
+    if not math.isfinite(budget):
+        raise ValueError(f"{name('budget')} must be finite, got {budget!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"{name('strategy')} must be one of {', '.join(STRATEGIES)}; got {strategy!r}"
+        )
+    checked = None if items is None else check_int(name("items"), items)
+    return float(budget), checked
+
+
 def search(
     workload: Workload | str,
     budget: float = 60.0,
@@ -320,12 +340,7 @@ def search(
         workload = get_workload(workload)
     if not isinstance(workload, Workload):
         raise TypeError(f"workload must be an autotune.Workload, got {type(workload).__name__}")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ValueError(f"budget must be a number of seconds > 0, got {budget!r}")
-    if not math.isfinite(budget):
-        raise ValueError("budget must be finite")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    budget, items = check_search(budget, strategy, items)
     if workload.n < 1:
         raise ValueError("the workload has no items (n = 0)")
     if tuple(backends) == ("dask",):
@@ -342,8 +357,6 @@ def search(
             )
         if client is not None:
             raise ValueError("client= is for backends=('dask',)")
-    if items is not None:
-        items = check_int("items", items)
 
     saved_affinity = None
     if cpus is not None:
