@@ -101,9 +101,9 @@ class OnlineTuning:
         if not learner.breakeven.known:
             # A kernel never seen: a first slice runs here, timed, which says
             # what an item costs before anything is sent (the whole call when
-            # it is one chunk, else a sixteenth of it, at most a chunk).
+            # it is four chunks or fewer, else a sixteenth of it, at most a chunk).
             first = self._fit(nominal, n, workers)
-            done = n if n <= first else max(1, min(first, n // 16))
+            done = n if n <= 4 * first else max(1, min(first, n // 16))
             probe_chunk = done if mode == "map" else min(done, chunk_len)
             parts.append(self._inline(kernel, learner, 0, done, probe_chunk, mode, combine, meter))
             if done == n:
