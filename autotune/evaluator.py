@@ -45,7 +45,7 @@ from autotune.backends.schedule import balanced_chunk_len, n_chunks
 from autotune.backends.shared import check_names
 from autotune.backends.stats import CallStats, Meter, advice
 from autotune.backends.threads import in_thread_kernel
-from autotune.cpu import probe
+from autotune.cpu import CpuInfo, probe
 from autotune.cpu.memory import available_memory as _available_memory
 from autotune.online import OnlineTuning
 from autotune.profile import (
@@ -184,13 +184,7 @@ class Evaluator:
         adapt: bool | None = None,
         item_bytes: int | None = None,
     ) -> None:
-        if in_worker() or in_thread_kernel():
-            raise RuntimeError(
-                "autotune.Evaluator cannot be created inside an evaluator's kernel: nested "
-                "process pools oversubscribe the cores and can deadlock; parallelise the outer "
-                "level only"
-            )
-        check_not_bootstrapping()
+        _refuse_nesting()
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if adapt not in (None, True, False):
@@ -201,12 +195,7 @@ class Evaluator:
         blas_threads = positive_int("blas_threads", blas_threads)
         self.item_bytes = positive_int("item_bytes", item_bytes)
         retries = check_int("retries", retries, minimum=0)
-        method = start_method or default_start_method()
-        if method not in mp.get_all_start_methods():
-            raise ValueError(
-                f"start_method must be one of {', '.join(mp.get_all_start_methods())}; "
-                f"got {start_method!r}"
-            )
+        method = _checked_start_method(start_method)
         shared_dict = check_names(shared)
 
         self._profile = None
@@ -219,14 +208,9 @@ class Evaluator:
             self._profile = _resolve_profile(
                 profile, backend, client if client is not None else address, self.item_bytes
             )
-            if self._profile.source == "heuristic" and self._profile.backend != "dask":
-                # No profile fitted: chunk exactly as with no profile at all.
-                from_heuristic = True
-            else:
-                workers = workers or self._profile.workers
-                chunk_len = chunk_len or self._profile.chunk_len
-                if backend is None:
-                    backend = self._profile.backend  # run what was measured fastest
+            workers, chunk_len, backend, from_heuristic = _settings_from(
+                self._profile, workers, chunk_len, backend
+            )
         backend = backend or "processes"
         if pin and backend != "processes":
             raise ValueError("pin=True needs backend='processes'")
@@ -241,10 +225,9 @@ class Evaluator:
         self._cpu = probe() if workers is None or chunk_len is None or self._adapt else None
         if workers is None or chunk_len is None:
             assert self._cpu is not None
-            guess = heuristic_profile(self._cpu, "default", self.item_bytes)
-            chunk_len = chunk_len or guess.chunk_len
-            if backend != "dask":  # dask: tasks in flight, from the cluster
-                workers = workers or guess.workers
+            workers, chunk_len = _heuristic_settings(
+                self._cpu, workers, chunk_len, backend, self.item_bytes
+            )
 
         self.start_method = None if backend in ("threads", "dask") else method
         self.blas_threads = blas_threads
@@ -261,10 +244,7 @@ class Evaluator:
         # The runner, once started (the finalizer closes what it holds).
         self._holder: list[Runner] = []
         self._finalizer = weakref.finalize(self, _close_all, self._holder)
-        self._open = lambda: open_runner(
-            backend,
-            workers,
-            shared_dict,
+        runner_args = dict(
             start_method=method,
             blas_threads=blas_threads,
             cpus=_pin_cpus(workers) if self.pin and workers is not None else None,
@@ -272,6 +252,7 @@ class Evaluator:
             client=client,
             address=address,
         )
+        self._open = lambda: open_runner(backend, workers, shared_dict, **runner_args)
         if not self._adapt:
             self._pool()  # started now: a worker that cannot start is reported here
         # An adapting evaluator starts its workers at the first call that pays
@@ -287,15 +268,8 @@ class Evaluator:
         self._online: OnlineTuning | None = None
         if self._adapt:
             assert self._cpu is not None
-            self._online = OnlineTuning(
-                self._cpu,
-                backend,
-                self.workers,
-                shared_dict,
-                self.item_bytes,
-                self._profile_name,
-                self._pool,
-            )
+            args = (self._cpu, backend, self.workers, shared_dict, self.item_bytes)
+            self._online = OnlineTuning(*args, self._profile_name, self._pool)
 
     # -- public API -------------------------------------------------------
     def map(self, kernel: Callable[..., Any], n: int, *, progress: bool = False) -> Any:
@@ -504,6 +478,57 @@ def _progress_bar(n: int, mode: str) -> Any:
 
     # unit_scale writes 100k, not 100000; but 1.00/1.00 for small counts.
     return tqdm(total=n, desc=mode, unit="item", unit_scale=n >= 10_000, file=sys.stderr)
+
+
+def _refuse_nesting() -> None:
+    """No evaluator inside a kernel, nor while a worker imports the main module."""
+    if in_worker() or in_thread_kernel():
+        raise RuntimeError(
+            "autotune.Evaluator cannot be created inside an evaluator's kernel: nested "
+            "process pools oversubscribe the cores and can deadlock; parallelise the outer "
+            "level only"
+        )
+    check_not_bootstrapping()
+
+
+def _checked_start_method(start_method: str | None) -> str:
+    method = start_method or default_start_method()
+    if method not in mp.get_all_start_methods():
+        raise ValueError(
+            f"start_method must be one of {', '.join(mp.get_all_start_methods())}; "
+            f"got {start_method!r}"
+        )
+    return method
+
+
+def _settings_from(
+    profile: Profile, workers: int | None, chunk_len: int | None, backend: str | None
+) -> tuple[int | None, int | None, str | None, bool]:
+    """Workers, chunk length and backend from a profile where not given, and whether
+    the profile is only the heuristic (then the evaluator chunks as with no profile)."""
+    if profile.source == "heuristic" and profile.backend != "dask":
+        return workers, chunk_len, backend, True
+    return (
+        workers or profile.workers,
+        chunk_len or profile.chunk_len,
+        backend or profile.backend,  # run what was measured fastest
+        False,
+    )
+
+
+def _heuristic_settings(
+    cpu: CpuInfo,
+    workers: int | None,
+    chunk_len: int | None,
+    backend: str,
+    item_bytes: int | None,
+) -> tuple[int | None, int]:
+    """The heuristic's workers and chunk length where not given (dask: tasks in
+    flight come from the cluster)."""
+    guess = heuristic_profile(cpu, "default", item_bytes)
+    if backend != "dask":
+        workers = workers or guess.workers
+    return workers, chunk_len or guess.chunk_len
 
 
 def _close_all(holder: list[Runner]) -> None:

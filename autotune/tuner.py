@@ -57,7 +57,7 @@ from autotune._util import LOCAL_BACKENDS, STRATEGIES, check_int, utc_timestamp
 from autotune._version import __version__
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.shared import SharedNamespace, check_names
-from autotune.cpu import probe
+from autotune.cpu import CpuInfo, probe
 from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.engine import (
     Lane,
@@ -398,23 +398,7 @@ def _search(
 ) -> SearchResult:
     started = time.monotonic()
     deadline = started + budget
-    cluster = None
-    if client is not None:
-        from autotune.backends.dask.cluster import describe_cluster
-
-        # Chunk sizes come from the workers' caches; "workers" are tasks in flight.
-        cluster = describe_cluster(client)
-        cpu = cluster.cpu
-        counts = sorted(set(workers or [k * cluster.threads for k in (1, 2, 4)]))
-        if counts[0] < 1:
-            raise ValueError(f"tasks in flight must be >= 1, got {counts}")
-    else:
-        cpu = probe()
-        counts = candidate_workers(cpu, workers)
-        usable = cpu.usable_cpus or os.cpu_count() or 1
-        bad = [w for w in counts if not 1 <= w <= usable]
-        if bad:
-            raise ValueError(f"workers {bad} outside the usable CPUs 1..{usable}")
+    cpu, counts, cluster = _lanes_of(workers, client)
     item_bytes = workload.item_bytes or DEFAULT_ITEM_BYTES
 
     rate = _items_per_second(workload)
@@ -425,12 +409,12 @@ def _search(
     else:
         n = _measured_items(workload, budget, _planned_runs(rough, strategy) + 4, rate)
     plan = {lane: chunk_ladder(cpu, item_bytes, n, lane[1]) for lane in lanes}
-    total = _planned_runs(plan, strategy) + 3
 
     bar = None
     if progress or (progress is None and sys.stderr.isatty()):
         from tqdm import tqdm
 
+        total = _planned_runs(plan, strategy) + 3
         bar = tqdm(total=total, desc=f"search {workload.name}", unit="run", file=sys.stderr)
     bench = _Bench(
         workload,
@@ -455,7 +439,6 @@ def _search(
         if bar is not None:
             bar.close()
 
-    measured = [m for _, m in bench.measured()]
     serial = Measurement(
         workers=1,
         chunk_len=n,
@@ -464,47 +447,9 @@ def _search(
         repeats=3,
         spread=serial_spread,
     )
-    if cluster is None and not any(
-        m.workers == 1 and m.chunk_len >= n and m.backend != "threads" for m in measured
-    ):
-        # (On a cluster, one local process is the baseline, not a point to pick.)
-        measured.append(serial)
-    # A point timed once may have been lucky: the pick is among those that
-    # were confirmed by KEPT_REPEATS runs (all of them in the grid).
-    best = pick_kept(measured)
-    profile = Profile(
-        workload=workload.name,
-        source="measured",
-        cpu=cluster.section if cluster is not None else cpu_section(cpu),
-        best=best,
-        serial_throughput=serial.throughput,
-        measurements=tuple(
-            sorted(measured, key=lambda m: (m.backend == "threads", m.workers, m.chunk_len))
-        ),
-        created=utc_timestamp(),
-        autotune_version=__version__,
-        item_bytes=item_bytes,
-        n=n,
-        backend=best.backend or backends[0],
-        python=python_build(),
-    )
-    if cluster is not None and (best.throughput or 0.0) < n / serial_s:
-        import warnings
-
-        warnings.warn(
-            f"on this Dask cluster the best point ({best.throughput or 0.0:.4g} items/s) is "
-            f"slower than one local process ({n / serial_s:.4g} items/s): the tasks' "
-            f"overhead and data transfer outweigh the work; a local backend fits better",
-            stacklevel=3,
-        )
-    if not complete:
-        import warnings
-
-        warnings.warn(
-            f"the {budget:g} s budget ran out before the {strategy} search finished; "
-            f"the profile holds what was measured",
-            stacklevel=3,
-        )
+    section = cluster.section if cluster is not None else cpu_section(cpu)
+    profile = _profile_of(workload, bench, serial, section, backends, local=cluster is None)
+    _warn_about(profile, serial, complete, budget, strategy, on_cluster=cluster is not None)
     return SearchResult(
         profile=profile,
         measurements=profile.measurements,
@@ -512,3 +457,87 @@ def _search(
         runs=bench.runs,
         strategy=strategy,
     )
+
+
+def _lanes_of(workers: Sequence[int] | None, client: Any) -> tuple[CpuInfo, list[int], Any]:
+    """The CPU chunk sizes come from, the worker counts to try, and the cluster (or None)."""
+    if client is not None:
+        from autotune.backends.dask.cluster import describe_cluster
+
+        # Chunk sizes come from the workers' caches; "workers" are tasks in flight.
+        cluster = describe_cluster(client)
+        counts = sorted(set(workers or [k * cluster.threads for k in (1, 2, 4)]))
+        if counts[0] < 1:
+            raise ValueError(f"tasks in flight must be >= 1, got {counts}")
+        return cluster.cpu, counts, cluster
+    cpu = probe()
+    counts = candidate_workers(cpu, workers)
+    usable = cpu.usable_cpus or os.cpu_count() or 1
+    bad = [w for w in counts if not 1 <= w <= usable]
+    if bad:
+        raise ValueError(f"workers {bad} outside the usable CPUs 1..{usable}")
+    return cpu, counts, None
+
+
+def _profile_of(
+    workload: Workload,
+    bench: _Bench,
+    serial: Measurement,
+    section: dict[str, Any],
+    backends: tuple[str, ...],
+    local: bool,
+) -> Profile:
+    """The measured profile: every point, the serial baseline, the pick."""
+    n = serial.chunk_len
+    measured = [m for _, m in bench.measured()]
+    if local and not any(
+        m.workers == 1 and m.chunk_len >= n and m.backend != "threads" for m in measured
+    ):
+        # (On a cluster, one local process is the baseline, not a point to pick.)
+        measured.append(serial)
+    # A point timed once may have been lucky: the pick is among those that
+    # were confirmed by KEPT_REPEATS runs (all of them in the grid).
+    best = pick_kept(measured)
+    return Profile(
+        workload=workload.name,
+        source="measured",
+        cpu=section,
+        best=best,
+        serial_throughput=serial.throughput,
+        measurements=tuple(
+            sorted(measured, key=lambda m: (m.backend == "threads", m.workers, m.chunk_len))
+        ),
+        created=utc_timestamp(),
+        autotune_version=__version__,
+        item_bytes=bench.item_bytes,
+        n=n,
+        backend=best.backend or backends[0],
+        python=python_build(),
+    )
+
+
+def _warn_about(
+    profile: Profile,
+    serial: Measurement,
+    complete: bool,
+    budget: float,
+    strategy: str,
+    on_cluster: bool,
+) -> None:
+    """A cluster slower than one local process, or a budget that ran out: say so."""
+    import warnings
+
+    best = profile.best.throughput or 0.0
+    if on_cluster and best < (serial.throughput or 0.0):
+        warnings.warn(
+            f"on this Dask cluster the best point ({best:.4g} items/s) is "
+            f"slower than one local process ({serial.throughput:.4g} items/s): the tasks' "
+            f"overhead and data transfer outweigh the work; a local backend fits better",
+            stacklevel=4,
+        )
+    if not complete:
+        warnings.warn(
+            f"the {budget:g} s budget ran out before the {strategy} search finished; "
+            f"the profile holds what was measured",
+            stacklevel=4,
+        )
