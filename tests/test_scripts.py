@@ -243,3 +243,18 @@ def test_bench_repeatable_smoke():
     ratios = re.findall(r"^    [AB]  .* items/s  (\d\.\d{3})$", out, re.M)
     assert len(ratios) == 2 and max(float(r) for r in ratios) == 1.0, out
     assert "worst pick over all workloads" in out
+
+
+def test_bench_adapt_quick():
+    """Every workload's three ratios, the per-call table and the loop line are printed."""
+    done = run_script("bench_adapt.py", "--quick", "--calls", "6", timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    ratio = r"\d+\.\d\d"
+    for workload in ("spline", "stream", "ndimage", "horner", "rows"):
+        row = rf"^{workload} +\d+ x \d+ +{ratio} +{ratio} +{ratio}$"
+        assert re.search(row, out, re.M), out
+        assert re.search(rf"^  {workload} +[+-]\d+\.\d%", out, re.M), out
+    for n in (1000, 10000, 100000, 1000000):
+        assert re.search(rf"^ +{n} +\d+\.\d{{3}} +\d+\.\d{{3}} +{ratio} +\d+/\d+$", out, re.M), out
+    assert re.search(r"^loop: 20 maps of 100000 values.* = \d+\.\d\dx$", out, re.M), out
