@@ -38,6 +38,12 @@ from autotune.profile.online import online_path, save_online
 
 __all__ = ["OnlineTuning"]
 
+#: The first call of a kernel is timed in this process on at least this many
+#: items (all of them when the call has fewer).
+PROBE_ITEMS = 64
+#: The heuristic's floor for an adapting evaluator, in items per chunk.
+ONLINE_MIN_ITEMS = 1024
+
 
 class OnlineTuning:
     """What an adapting evaluator has learned, and the runs of its calls.
@@ -101,9 +107,10 @@ class OnlineTuning:
         if not learner.breakeven.known:
             # A kernel never seen: a first slice runs here, timed, which says
             # what an item costs before anything is sent (the whole call when
-            # it is four chunks or fewer, else a sixteenth of it, at most a chunk).
+            # it is tiny, else a sixteenth of it, at most a chunk: a probe of a
+            # few items would time mostly its own overhead).
             first = self._fit(nominal, n, workers)
-            done = n if n <= 4 * first else max(1, min(first, n // 16))
+            done = n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(first, n // 16))
             probe_chunk = done if mode == "map" else min(done, chunk_len)
             parts.append(self._inline(kernel, learner, 0, done, probe_chunk, mode, combine, meter))
             if done == n:
@@ -205,7 +212,7 @@ class OnlineTuning:
         if learner is not None:
             return learner
         item_bytes = self.item_bytes or infer_item_bytes(self._shared, n) or DEFAULT_ITEM_BYTES
-        mid = heuristic_profile(self.cpu, name, item_bytes).chunk_len
+        mid = heuristic_profile(self.cpu, name, item_bytes, min_items=ONLINE_MIN_ITEMS).chunk_len
         # The ladder spans what any call may use; each call clamps the chunk to its n.
         ladder = chunk_ladder(self.cpu, item_bytes, max(n, 64 * self.workers * mid), self.workers)
         learner = Learner(

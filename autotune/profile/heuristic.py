@@ -48,7 +48,13 @@ def _heuristic_workers(cpu: CpuInfo) -> tuple[int, str]:
     return max(1, cores), why
 
 
-def heuristic_profile(cpu: CpuInfo, workload: str, item_bytes: int | None = None) -> Profile:
+def heuristic_profile(
+    cpu: CpuInfo,
+    workload: str,
+    item_bytes: int | None = None,
+    *,
+    min_items: int = MIN_CHUNK_ITEMS,
+) -> Profile:
     """The profile to use when none was measured: a rule from the probe.
 
     The rule: **workers = physical cores** (capped by the usable CPUs), and
@@ -77,6 +83,11 @@ def heuristic_profile(cpu: CpuInfo, workload: str, item_bytes: int | None = None
         Bytes touched per item, temporaries included (the rule drifts when
         they are left out).  Unknown: :data:`DEFAULT_ITEM_BYTES` (two
         float64 per item), which the profile then records.
+    min_items : int
+        The floor (:data:`MIN_CHUNK_ITEMS`).  An evaluator that adapts uses
+        a lower one where it knows the bytes per item from the data: a floor
+        in items forces 4 MiB chunks on 1 KiB rows, and it explores from
+        there anyway.
 
     Returns
     -------
@@ -88,7 +99,7 @@ def heuristic_profile(cpu: CpuInfo, workload: str, item_bytes: int | None = None
     item_bytes = check_int("item_bytes", item_bytes)
     workers, _ = _heuristic_workers(cpu)
     l2 = _l2_per_core(cpu) or FALLBACK_L2_BYTES
-    chunk_len = max(MIN_CHUNK_ITEMS, (l2 // 8) // item_bytes)
+    chunk_len = max(min_items, (l2 // 8) // item_bytes)
     best = Measurement(workers, chunk_len, chunk_len * item_bytes, throughput=None)
     return Profile(
         workload=workload,
