@@ -262,12 +262,12 @@ def test_worker_lost_when_retries_run_out(cluster, client, x):
 
 def test_a_worker_without_the_shared_data_gets_it(client, x):
     """A worker that joined later (here: one made to forget) is sent the data with a task."""
-    from autotune.backends.dask.tasks import _forget
+    from autotune.backends.dask.tasks import forget_shared
 
     with Evaluator(4, 2_000, shared={"x": x}, backend="dask", client=client) as ev:
         expected = ev.reduce(exp_sum, N)
         some = sorted(client.nthreads())[:1]
-        client.run(_forget, ev._pool().token, workers=some)
+        client.run(forget_shared, ev._pool().token, workers=some)
         assert ev.reduce(exp_sum, N) == expected
         assert ev.map(stream_kernel, N).shape == (N,)
 
@@ -425,10 +425,10 @@ def test_cluster_section_is_validated(client):
     """The cluster's ``cpu`` section round-trips; malformed ones name the field."""
     from autotune import ProfileError
     from autotune.backends.dask.cluster import describe_cluster
-    from autotune.profile.validate import _Validator
+    from autotune.profile.validate import Validator
 
     section = describe_cluster(client).section
-    assert _Validator("p.yaml").cpu(section) == section
+    assert Validator("p.yaml").cpu(section) == section
     bad = [
         (dict(section, worker_probes="all of them"), "cpu.worker_probes must be a list"),
         (dict(section, dask_workers=-1), "cpu.dask_workers must be an integer"),
@@ -439,4 +439,4 @@ def test_cluster_section_is_validated(client):
     ]
     for doc, problem in bad:
         with pytest.raises(ProfileError, match=problem.replace("[", r"\[").replace("]", r"\]")):
-            _Validator("p.yaml").cpu(doc)
+            Validator("p.yaml").cpu(doc)

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from autotune import CacheLevel, CpuInfo, probe
 from autotune._util import format_bytes
 from autotune.cpu.cgroup import (
-    _up_to,
     own_cgroup_paths,
     parse_cfs,
     parse_cpu_max,
     read_cgroup_limit,
+    up_to,
 )
 from autotune.cpu.common import CacheSpec, Found, Topology, format_cpu_list
 from autotune.cpu.linux import (
@@ -565,10 +565,10 @@ def test_own_cgroup_paths_and_the_levels_above() -> None:
 
 def test_cgroup_levels_up_to_the_mount(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
-    assert _up_to(tmp_path, "/a/b") == [tmp_path / "a" / "b", tmp_path / "a", tmp_path]
+    assert up_to(tmp_path, "/a/b") == [tmp_path / "a" / "b", tmp_path / "a", tmp_path]
     # A host path not mounted in this container: the mount root is its cgroup.
-    assert _up_to(tmp_path, "/docker/elsewhere") == [tmp_path]
-    assert _up_to(tmp_path, "/") == [tmp_path]
+    assert up_to(tmp_path, "/docker/elsewhere") == [tmp_path]
+    assert up_to(tmp_path, "/") == [tmp_path]
 
 
 def test_parse_cpuinfo_brand() -> None:

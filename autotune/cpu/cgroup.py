@@ -157,7 +157,7 @@ def own_cgroup_paths(text: str) -> tuple[str | None, str | None]:
     return v2, v1
 
 
-def _up_to(mount: Path, rel: str | None) -> list[Path]:
+def up_to(mount: Path, rel: str | None) -> list[Path]:
     # Inside a container without its own cgroup namespace, /proc/self/cgroup
     # names a host path that is not mounted here: the mount root is then the
     # container's own cgroup, which is where its limit sits.
@@ -189,8 +189,8 @@ def cgroup_dirs_live(root: Path = Path("/sys/fs/cgroup")) -> tuple[list[Path], l
         (root / n for n in ("cpu", "cpu,cpuacct") if (root / n / "cpu.cfs_quota_us").exists()),
         root / "cpu",
     )
-    v2 = _up_to(v2_mount, v2_path) if v2_path is not None else []
-    v1 = _up_to(v1_mount, v1_path) if v1_path is not None else []
+    v2 = up_to(v2_mount, v2_path) if v2_path is not None else []
+    v1 = up_to(v1_mount, v1_path) if v1_path is not None else []
     return v2, v1
 
 

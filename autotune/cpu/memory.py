@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autotune.cpu.cgroup import _up_to, own_cgroup_paths
+from autotune.cpu.cgroup import own_cgroup_paths, up_to
 from autotune.cpu.common import read_text
 
 __all__ = ["available_memory", "parse_meminfo_available", "read_cgroup_memory"]
@@ -78,8 +78,8 @@ def available_memory(root: str | Path = "/") -> int | None:
             v1_path = parts[2]
     mount = root / "sys" / "fs" / "cgroup"
     v2_mount = mount if (mount / "cgroup.controllers").exists() else mount / "unified"
-    v2 = _up_to(v2_mount, v2_path) if v2_path is not None else []
-    v1 = _up_to(mount / "memory", v1_path) if v1_path is not None else []
+    v2 = up_to(v2_mount, v2_path) if v2_path is not None else []
+    v1 = up_to(mount / "memory", v1_path) if v1_path is not None else []
     figures.append(read_cgroup_memory(v2, v1))
     known = [f for f in figures if f is not None]
     return min(known) if known else None

@@ -29,11 +29,13 @@ import yaml
 from autotune._errors import ProfileError
 from autotune._util import one_line
 
+__all__ = ["MAX_PROFILE_BYTES", "read_yaml", "write_atomic"]
+
 #: Larger files are refused unread: a real profile is a few KiB.
 MAX_PROFILE_BYTES = 1 << 20
 
 
-def _read_yaml(path: str | os.PathLike[str]) -> object:
+def read_yaml(path: str | os.PathLike[str]) -> object:
     """Parse one untrusted YAML file; every failure is a ProfileError."""
     name = os.fspath(path)
     try:
@@ -94,7 +96,7 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
     return f"YAML syntax error{where}: {one_line(problem)}"
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
+def write_atomic(target: Path, data: bytes) -> None:
     directory = target.parent
     if not directory.is_dir():
         raise ProfileError(target, f"cannot write: directory {str(directory)!r} does not exist")

@@ -8,13 +8,15 @@ from autotune._util import check_int, utc_timestamp
 from autotune._version import __version__
 from autotune.cpu import CpuInfo
 from autotune.cpu.model import FALLBACK_L2_BYTES
-from autotune.profile.match import _size, cpu_section
+from autotune.profile.match import cpu_section, size_text
 from autotune.profile.model import (
     DEFAULT_ITEM_BYTES,
     MIN_CHUNK_ITEMS,
     Measurement,
     Profile,
 )
+
+__all__ = ["heuristic_profile", "heuristic_why"]
 
 
 def _l2_per_core(cpu: CpuInfo) -> int | None:
@@ -114,9 +116,13 @@ def heuristic_profile(
     )
 
 
-def _heuristic_why(cpu: CpuInfo, item_bytes: int | None) -> str:
+def heuristic_why(cpu: CpuInfo, item_bytes: int | None) -> str:
     _, workers_why = _heuristic_workers(cpu)
     l2 = _l2_per_core(cpu)
-    l2_why = f"L2 {_size(l2)} per core / 8" if l2 else f"L2 unknown, {_size(FALLBACK_L2_BYTES)} / 8"
+    l2_why = (
+        f"L2 {size_text(l2)} per core / 8"
+        if l2
+        else f"L2 unknown, {size_text(FALLBACK_L2_BYTES)} / 8"
+    )
     items = f"{item_bytes} B/item" if item_bytes else f"{DEFAULT_ITEM_BYTES} B/item assumed"
     return f"workers = {workers_why}; chunk = {l2_why}, >= {MIN_CHUNK_ITEMS} items, {items}"

@@ -18,9 +18,11 @@ from pathlib import Path
 from autotune._errors import ProfileError, ProfileWarning
 from autotune._util import BACKENDS, check_int
 from autotune.cpu import CpuInfo
-from autotune.profile.heuristic import _heuristic_why, heuristic_profile
-from autotune.profile.match import _same_brand, _unusable, pick_profile
+from autotune.profile.heuristic import heuristic_profile, heuristic_why
+from autotune.profile.match import pick_profile, same_brand, unusable_reason
 from autotune.profile.model import Profile, Recommendation
+
+__all__ = ["load_profile", "profile_dirs", "recommend", "shipped_profile_dir", "user_profile_dir"]
 
 
 def shipped_profile_dir() -> Path:
@@ -162,11 +164,11 @@ def recommend(
         c = this_cpu()
         profile = heuristic_profile(c, workload, item_bytes)
         return Recommendation(
-            profile, "heuristic", f"{why}; {_heuristic_why(c, item_bytes)}", tuple(notes)
+            profile, "heuristic", f"{why}; {heuristic_why(c, item_bytes)}", tuple(notes)
         )
 
     def found(p: Profile, label: str) -> Recommendation:
-        brand = " and brand" if cpu_known and _same_brand(p.cpu, cpu_known) else ""
+        brand = " and brand" if cpu_known and same_brand(p.cpu, cpu_known) else ""
         how = "used on any CPU" if any_cpu else f"matches this CPU's topology, caches{brand}"
         return Recommendation(p, f"{p.source} profile {p.path} ({label})", how, tuple(notes))
 
@@ -175,7 +177,7 @@ def recommend(
         if p.workload != workload:
             raise ProfileError(path, f"is a profile for workload {p.workload!r}, not {workload!r}")
         # With any_cpu and no cpu given, nothing here needs the probe.
-        why = _unusable(p, None if any_cpu and cpu is None else this_cpu(), backend, any_cpu)
+        why = unusable_reason(p, None if any_cpu and cpu is None else this_cpu(), backend, any_cpu)
         if why is None:
             return found(p, "given")
         # Named explicitly: an error, never a silent (or warned) fallback.
@@ -185,7 +187,9 @@ def recommend(
     if env_file:
         p = Profile.load(env_file)
         if p.workload == workload:
-            why = _unusable(p, None if any_cpu and cpu is None else this_cpu(), backend, any_cpu)
+            why = unusable_reason(
+                p, None if any_cpu and cpu is None else this_cpu(), backend, any_cpu
+            )
             if why is None:
                 return found(p, "AUTOTUNE_PROFILE")
             notes.append(f"AUTOTUNE_PROFILE {p.path} not used: {why}")

@@ -13,6 +13,19 @@ from autotune.cpu import CpuInfo
 from autotune.profile.model import Measurement, Profile, gil_enabled
 from autotune.profile.validate import SOURCES
 
+__all__ = [
+    "ClusterInfo",
+    "cluster_mismatch",
+    "cluster_section",
+    "cpu_mismatch",
+    "cpu_section",
+    "is_unchunked",
+    "pick_profile",
+    "same_brand",
+    "size_text",
+    "unusable_reason",
+]
+
 
 def cpu_section(cpu: CpuInfo) -> dict[str, Any]:
     """The ``cpu:`` section of a profile made on ``cpu``."""
@@ -25,7 +38,7 @@ def cpu_section(cpu: CpuInfo) -> dict[str, Any]:
     }
 
 
-def _size(b: int | None) -> str:
+def size_text(b: int | None) -> str:
     return "?" if b is None else format_bytes(b)
 
 
@@ -33,7 +46,7 @@ def _describe(logical: Any, physical: Any, l1d: Any, l2: Any, l3: Any) -> str:
     return (
         f"{logical if logical is not None else '?'} logical / "
         f"{physical if physical is not None else '?'} physical, "
-        f"L1d {_size(l1d)}, L2 {_size(l2)}, L3 {_size(l3)}"
+        f"L1d {size_text(l1d)}, L2 {size_text(l2)}, L3 {size_text(l3)}"
     )
 
 
@@ -65,12 +78,14 @@ def _norm_brand(brand: object) -> str | None:
     return " ".join(brand.split()).casefold() if isinstance(brand, str) and brand.strip() else None
 
 
-def _same_brand(section: Mapping[str, Any], cpu: CpuInfo) -> bool:
+def same_brand(section: Mapping[str, Any], cpu: CpuInfo) -> bool:
     theirs = _norm_brand(section.get("brand"))
     return theirs is not None and theirs == _norm_brand(cpu.brand)
 
 
-def _unusable(profile: Profile, cpu: CpuInfo | None, backend: str, any_cpu: bool) -> str | None:
+def unusable_reason(
+    profile: Profile, cpu: CpuInfo | None, backend: str, any_cpu: bool
+) -> str | None:
     """Why ``profile`` must not be handed out for ``cpu``; ``None`` if it may.
 
     ``cpu`` may be None only with ``any_cpu``: then only the backend is checked.
@@ -123,9 +138,9 @@ def pick_profile(
     then the earlier candidate (callers pass them in lookup order).
     """
     fitting = [
-        (not _same_brand(p.cpu, cpu), _SOURCE_RANK.get(p.source, len(SOURCES)), i, p)
+        (not same_brand(p.cpu, cpu), _SOURCE_RANK.get(p.source, len(SOURCES)), i, p)
         for i, p in enumerate(candidates)
-        if _unusable(p, cpu, backend, any_cpu=False) is None
+        if unusable_reason(p, cpu, backend, any_cpu=False) is None
     ]
     return min(fitting, key=lambda t: t[:3])[3] if fitting else None
 

@@ -19,8 +19,20 @@ from typing import Any
 
 import yaml
 
-from autotune.profile.files import _read_yaml, _write_atomic
-from autotune.profile.validate import SCHEMA, _Validator
+from autotune.profile.files import read_yaml, write_atomic
+from autotune.profile.validate import SCHEMA, Validator
+
+__all__ = [
+    "DEFAULT_ITEM_BYTES",
+    "MIN_CHUNK_ITEMS",
+    "Measurement",
+    "Profile",
+    "Recommendation",
+    "dump_yaml",
+    "gil_enabled",
+    "is_tie",
+    "python_build",
+]
 
 
 def gil_enabled() -> bool:
@@ -215,7 +227,7 @@ class Profile:
         ProfileError
             On the first bad field, naming the file and the field.
         """
-        fields = _Validator(path).profile(d)
+        fields = Validator(path).profile(d)
         best = Measurement(**fields.pop("best"))
         measurements = tuple(Measurement(**f) for f in fields.pop("measurements"))
         return cls(best=best, measurements=measurements, **fields)
@@ -230,7 +242,7 @@ class Profile:
             The file is missing, not a regular file, too large, not UTF-8,
             not YAML, uses a tag that plain YAML lacks, or has a bad field.
         """
-        return cls.from_dict(_read_yaml(path), path)
+        return cls.from_dict(read_yaml(path), path)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the profile as YAML, atomically; return the path written.
@@ -249,7 +261,7 @@ class Profile:
         target = Path(path)
         doc = self.to_dict()
         Profile.from_dict(doc, target)  # refuse to write what could not be read back
-        _write_atomic(target, dump_yaml(doc).encode("utf-8"))
+        write_atomic(target, dump_yaml(doc).encode("utf-8"))
         return target
 
 

@@ -25,6 +25,8 @@ from typing import Any
 from autotune._errors import ProfileError
 from autotune._util import BACKENDS, one_line, utc_timestamp
 
+__all__ = ["SCHEMA", "SOURCES", "Validator"]
+
 #: The only schema this version reads and writes.
 SCHEMA = 1
 #: Where a profile's numbers come from, most trusted first.
@@ -67,7 +69,7 @@ def _show(value: object) -> str:
     return one_line(repr(value), 60)
 
 
-class _Validator:
+class Validator:
     """Checks one parsed document; errors name ``path`` and the field."""
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:

@@ -7,9 +7,11 @@ import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from autotune.backends.dask.runner import DEFAULT_INFLIGHT, _check_client, connect
-from autotune.backends.dask.tasks import _probe_worker
+from autotune.backends.dask.runner import DEFAULT_INFLIGHT, check_client, connect
+from autotune.backends.dask.tasks import probe_worker
 from autotune.profile.match import ClusterInfo, cluster_mismatch, cluster_section
+
+__all__ = ["describe_cluster", "load_cluster_profile"]
 
 if TYPE_CHECKING:
     from autotune.profile import Profile
@@ -19,11 +21,11 @@ def describe_cluster(client: Any) -> ClusterInfo:
     """Probe every worker of ``client``'s cluster (one ``client.run``)."""
     from autotune.cpu import CpuInfo
 
-    _check_client(client)
+    check_client(client)
     nthreads = client.nthreads()
     if not nthreads:
         raise RuntimeError("the Dask cluster has no workers to describe")
-    probes = client.run(_probe_worker)
+    probes = client.run(probe_worker)
     addresses = sorted(a for a in probes if a in nthreads)
     cpus = tuple(CpuInfo.from_dict(probes[a]) for a in addresses)
     section = cluster_section([(a, int(nthreads[a])) for a in addresses], cpus)

@@ -45,7 +45,7 @@ import numpy as np
 
 from autotune._errors import WorkerLost
 from autotune._util import one_line
-from autotune.backends.dask.tasks import _adopt, _forget, _Missing, _run_batch
+from autotune.backends.dask.tasks import Missing, adopt, forget_shared, run_batch
 from autotune.backends.rows import check_row_like
 from autotune.backends.schedule import OrderedFold, chunk_bounds, n_chunks
 from autotune.backends.stats import Meter
@@ -114,7 +114,7 @@ def _closed(client: Any) -> RuntimeError:
     )
 
 
-def _check_client(client: Any) -> Any:
+def check_client(client: Any) -> Any:
     distributed = _distributed()
     if not isinstance(client, distributed.Client):
         raise TypeError(
@@ -207,7 +207,7 @@ class _DaskCall:
             key = f"{self.prefix}-{self.call}-{c0}-resent{self.resent}"
         r = self.runner
         fut = r.client.submit(
-            _run_batch,
+            run_batch,
             self.kernel,
             r.token,
             None if batch is None else r.shared_future,
@@ -249,7 +249,7 @@ class _DaskCall:
                 results = client.gather(done, direct=self.runner.direct)
                 del done  # the workers may drop the results now
                 for (c0, c1), answer in zip(ranges, results, strict=True):
-                    if isinstance(answer, _Missing):
+                    if isinstance(answer, Missing):
                         ac.add(self.submit((c0, c1), answer.worker))
                         continue
                     result, busy, worker = answer
@@ -348,7 +348,7 @@ class DaskRunner:
         self.token = ""  # names the shared data in the workers' _SHARED
         self._data: dict[str, Any] | None = None
         self._owned = address is not None
-        self.client = connect(address) if address is not None else _check_client(client)
+        self.client = connect(address) if address is not None else check_client(client)
         try:
             threads = self.cluster_threads()
             if threads == 0:
@@ -384,15 +384,15 @@ class DaskRunner:
         self.shared_future = future
         self.token = uuid.uuid4().hex
         # A worker that misses it (it joined later, or lost it in a race with
-        # the memory manager) answers _Missing and gets it with a resent task.
-        self.client.run(_adopt, self.token, future.key, on_error="ignore")
+        # the memory manager) answers Missing and gets it with a resent task.
+        self.client.run(adopt, self.token, future.key, on_error="ignore")
 
     def _forget(self) -> None:
         """Workers drop their copy of the current shared data (best effort)."""
         token, self.token = self.token, ""
         if token and self.client is not None and self.client.status == "running":
             with contextlib.suppress(Exception):
-                self.client.run(_forget, token, on_error="ignore")
+                self.client.run(forget_shared, token, on_error="ignore")
 
     def cluster_threads(self) -> int:
         """Worker threads the cluster has now."""

@@ -18,6 +18,8 @@ from autotune.backends.schedule import chunk_bounds
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.structure import Structure, split_map_result
 
+__all__ = ["Missing", "adopt", "forget_shared", "probe_worker", "run_batch"]
+
 if TYPE_CHECKING:
     pass
 
@@ -47,13 +49,13 @@ _SHARED: dict[str, Mapping[str, Any]] = {}
 
 
 @dataclass(frozen=True)
-class _Missing:
+class Missing:
     """A task's answer when its worker lacks the shared data (a new or restarted worker)."""
 
     worker: str
 
 
-def _adopt(token: str, key: str, dask_worker: Any = None) -> bool:
+def adopt(token: str, key: str, dask_worker: Any = None) -> bool:
     """Run on every worker after the broadcast: keep the copy it received."""
     if dask_worker is None or key not in dask_worker.data:
         return False
@@ -61,12 +63,12 @@ def _adopt(token: str, key: str, dask_worker: Any = None) -> bool:
     return True
 
 
-def _forget(token: str) -> None:
+def forget_shared(token: str) -> None:
     """Run on every worker when the evaluator closes."""
     _SHARED.pop(token, None)
 
 
-def _run_batch(
+def run_batch(
     kernel: Callable[..., Any],
     token: str,
     data: Mapping[str, Any] | None,
@@ -77,13 +79,13 @@ def _run_batch(
     c1: int,
     blas_threads: int | None,
 ) -> Any:
-    """One task: chunks ``[c0, c1)``; ``(result, busy_s, worker)``, or :class:`_Missing`.
+    """One task: chunks ``[c0, c1)``; ``(result, busy_s, worker)``, or :class:`Missing`.
 
     The result is the partials (reduce) or the batch's rows (map: an array,
     or a tuple or dict of arrays like the kernel's); ``busy_s`` the seconds
     spent in the kernel, for ``ev.stats``.  ``data`` is the shared dict only
     where the client resent the task with the scattered data as a
-    dependency, after this worker answered :class:`_Missing`.
+    dependency, after this worker answered :class:`Missing`.
     """
     from distributed import get_worker
 
@@ -92,7 +94,7 @@ def _run_batch(
     else:
         found = _SHARED.get(token)
         if found is None:
-            return _Missing(get_worker().address)
+            return Missing(get_worker().address)
         data = found
     _limit_blas(blas_threads)
     shared = SharedNamespace(data)  # read-only views; the data itself is not copied
@@ -134,7 +136,7 @@ def _run_batch(
     return result, time.perf_counter() - began, get_worker().address
 
 
-def _probe_worker() -> dict[str, Any]:
+def probe_worker() -> dict[str, Any]:
     """Run on each worker by :func:`describe_cluster`."""
     from autotune.cpu import probe
 
