@@ -159,8 +159,9 @@ class Evaluator:
     adapting, the chunk length changes between calls and so may the last
     bits of a floating-point reduce.
 
-    The pool starts in the constructor and serves every call until
-    :meth:`close` (or the end of a ``with`` block).  Calls from several
+    The pool starts in the constructor (an adapting evaluator: at the first
+    call that pays for it, where a worker that cannot start is reported) and
+    serves every call until :meth:`close` (or the end of a ``with`` block).  Calls from several
     threads are serialised.  A ``KeyboardInterrupt`` (or any exception in the
     parent) during a call closes the evaluator: workers are ended and every
     shared-memory segment is unlinked.  An evaluator that is garbage-collected
