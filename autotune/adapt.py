@@ -122,7 +122,6 @@ def online_ladder(full: list[int], mid_len: int) -> list[int]:
 class _Pending:
     request: Request
     left: int  # runs still to make, the warm-up included
-    recorded: int = 0
 
 
 class Refiner:
@@ -189,11 +188,11 @@ class Refiner:
         """What a run at ``point`` over ``items`` items took."""
         pending = self._pending
         if not self.settled and pending is not None and point == self._point(pending.request):
+            request = pending.request
+            first = pending.left == request.repeats + int(request.warmup)
             pending.left -= 1
-            if pending.request.warmup and pending.recorded == 0 and pending.left > 0:
-                pending.recorded = -1  # the warm-up: not recorded
-                return
-            pending.recorded += 1
+            if request.warmup and first:
+                return  # the warm-up: not recorded
         self._add(point, seconds, items)
         if self.settled and point == self.best:
             self._watch(seconds / max(items, 1))
@@ -332,7 +331,7 @@ class BreakEven:
         """The break-even number of items (``inf``: always inline; 0: unknown, never)."""
         if not self.known:
             return 0.0
-        c = statistics.median(self._per_item)
+        c = self.per_item()
         if workers <= 1 or c <= 0:
             return math.inf
         return overhead / (c * (1 - 1 / workers))

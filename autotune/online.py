@@ -129,7 +129,16 @@ class OnlineTuning:
             chunk_len = self._fit(nominal, items, workers)
             parts.append(
                 self._on_pool(
-                    kernel, learner, done + start, items, point, mode, combine, meter, measured
+                    kernel,
+                    learner,
+                    done + start,
+                    items,
+                    point,
+                    chunk_len,
+                    mode,
+                    combine,
+                    meter,
+                    measured,
                 )
             )
         self._remember(learner)
@@ -169,14 +178,15 @@ class OnlineTuning:
         start: int,
         items: int,
         point: tuple[tuple[str, int], int],
+        chunk_len: int,
         mode: str,
         combine: Any,
         meter: Meter,
         measured: bool = True,
     ) -> Any:
-        """Items ``[start, start + items)`` on the pool at ``point``, timed for the refiner."""
-        (_, workers), nominal = point
-        chunk_len = self._fit(nominal, items, workers)
+        """Items ``[start, start + items)`` on the pool at ``point`` (its chunk length
+        fitted to them: ``chunk_len``), timed for the refiner."""
+        (_, workers), _ = point
         runner = self._pool()
         meter.workers = workers
         meter.slots = list(range(workers))

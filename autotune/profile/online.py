@@ -15,7 +15,6 @@ warning, once per process and directory, never an error.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from autotune._errors import ProfileError, ProfileWarning
 from autotune._util import utc_timestamp
 from autotune._version import __version__
 from autotune.cpu import CpuInfo
-from autotune.profile.lookup import user_profile_dir
+from autotune.profile.lookup import profile_dirs
 from autotune.profile.match import cpu_section
 from autotune.profile.model import Measurement, Profile, python_build
 
@@ -34,11 +33,9 @@ _WARNED: set[str] = set()
 
 
 def online_dir(env: Mapping[str, str] | None = None) -> Path:
-    """Where online profiles are written: ``$AUTOTUNE_PROFILE_DIR``, else the user's."""
-    env = os.environ if env is None else env
-    if env.get("AUTOTUNE_PROFILE_DIR"):
-        return Path(env["AUTOTUNE_PROFILE_DIR"])
-    return user_profile_dir()
+    """Where online profiles are written: the first directory the lookup searches
+    (``$AUTOTUNE_PROFILE_DIR``, else the user's)."""
+    return profile_dirs(env)[0][1]
 
 
 def online_path(slug: str, cpu: CpuInfo, directory: Path | None = None) -> Path:
