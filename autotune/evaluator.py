@@ -22,7 +22,6 @@ threads, Dask), which owns its workers and memory.
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import operator
 import os
 import sys
@@ -38,36 +37,31 @@ import numpy as np
 from autotune._errors import EfficiencyWarning
 from autotune._util import BACKENDS, check_int, check_kernel_signature, positive_int
 from autotune.backends import stats as call_stats
-from autotune.backends.dask.cluster import load_cluster_profile
 from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import balanced_chunk_len, n_chunks
 from autotune.backends.shared import check_names
 from autotune.backends.stats import CallStats, Meter, advice
 from autotune.backends.threads import in_thread_kernel
-from autotune.cpu import CpuInfo, probe
+from autotune.cpu import probe
 from autotune.cpu.memory import available_memory as _available_memory
 from autotune.online import OnlineTuning
 from autotune.profile import (
     Profile,
-    heuristic_profile,
-    load_profile,
+)
+from autotune.settings import (
+    checked_start_method,
+    heuristic_settings,
+    looks_like_path,
+    resolve_adapt,
+    resolve_profile,
+    settings_from,
 )
 
 __all__ = ["Evaluator"]
 
 # combine functions with a known identity, for reduce over an empty range.
 _IDENTITY = {operator.add: 0, operator.mul: 1}
-
-
-def default_start_method() -> str:
-    """``"fork"`` where the platform has it, else ``"spawn"``.
-
-    Chosen explicitly, never Python's default: that is forkserver on Linux
-    from 3.14 and spawn on macOS.  fork is the cheapest way to share data
-    read-only, and the workers are started before any thread of ours.
-    """
-    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
 class Evaluator:
@@ -196,20 +190,20 @@ class Evaluator:
         blas_threads = positive_int("blas_threads", blas_threads)
         self.item_bytes = positive_int("item_bytes", item_bytes)
         retries = check_int("retries", retries, minimum=0)
-        method = _checked_start_method(start_method)
+        method = checked_start_method(start_method)
         shared_dict = check_names(shared)
 
         self._profile = None
         # Online profiles are saved under the name given (else the kernel's).
         self._profile_name = (
-            profile if isinstance(profile, str) and not _looks_like_path(profile) else None
+            profile if isinstance(profile, str) and not looks_like_path(profile) else None
         )
         from_heuristic = False  # the chunk comes from the probe's rule, not a measurement
         if profile is not None and (workers is None or chunk_len is None or backend is None):
-            self._profile = _resolve_profile(
+            self._profile = resolve_profile(
                 profile, backend, client if client is not None else address, self.item_bytes
             )
-            workers, chunk_len, backend, from_heuristic = _settings_from(
+            workers, chunk_len, backend, from_heuristic = settings_from(
                 self._profile, workers, chunk_len, backend
             )
         backend = backend or "processes"
@@ -217,7 +211,7 @@ class Evaluator:
             raise ValueError("pin=True needs backend='processes'")
         if backend != "dask" and (client is not None or address is not None):
             raise ValueError("client= and address= are for backend='dask'")
-        self._adapt = _resolve_adapt(adapt, backend, explicit, self._profile)
+        self._adapt = resolve_adapt(adapt, backend, explicit, self._profile)
         # The heuristic's chunk may be too long for a small n; a chunk from a
         # profile or the heuristic was measured at another n and is fitted to
         # each call's; an explicit chunk_len is honoured to the item.
@@ -226,7 +220,7 @@ class Evaluator:
         self._cpu = probe() if workers is None or chunk_len is None or self._adapt else None
         if workers is None or chunk_len is None:
             assert self._cpu is not None
-            workers, chunk_len = _heuristic_settings(
+            workers, chunk_len = heuristic_settings(
                 self._cpu, workers, chunk_len, backend, self.item_bytes
             )
 
@@ -492,46 +486,6 @@ def _refuse_nesting() -> None:
     check_not_bootstrapping()
 
 
-def _checked_start_method(start_method: str | None) -> str:
-    method = start_method or default_start_method()
-    if method not in mp.get_all_start_methods():
-        raise ValueError(
-            f"start_method must be one of {', '.join(mp.get_all_start_methods())}; "
-            f"got {start_method!r}"
-        )
-    return method
-
-
-def _settings_from(
-    profile: Profile, workers: int | None, chunk_len: int | None, backend: str | None
-) -> tuple[int | None, int | None, str | None, bool]:
-    """Workers, chunk length and backend from a profile where not given, and whether
-    the profile is only the heuristic (then the evaluator chunks as with no profile)."""
-    if profile.source == "heuristic" and profile.backend != "dask":
-        return workers, chunk_len, backend, True
-    return (
-        workers or profile.workers,
-        chunk_len or profile.chunk_len,
-        backend or profile.backend,  # run what was measured fastest
-        False,
-    )
-
-
-def _heuristic_settings(
-    cpu: CpuInfo,
-    workers: int | None,
-    chunk_len: int | None,
-    backend: str,
-    item_bytes: int | None,
-) -> tuple[int | None, int]:
-    """The heuristic's workers and chunk length where not given (dask: tasks in
-    flight come from the cluster)."""
-    guess = heuristic_profile(cpu, "default", item_bytes)
-    if backend != "dask":
-        workers = workers or guess.workers
-    return workers, chunk_len or guess.chunk_len
-
-
 def _close_all(holder: list[Runner]) -> None:
     for runner in holder:
         runner.close()
@@ -539,23 +493,6 @@ def _close_all(holder: list[Runner]) -> None:
 
 def _closed_runner() -> Runner:
     raise RuntimeError("this Evaluator is closed")
-
-
-def _resolve_adapt(
-    adapt: bool | None, backend: str, explicit: bool, profile: Profile | None
-) -> bool:
-    """Whether an evaluator refines its settings online (see ``Evaluator(adapt=...)``)."""
-    if backend == "dask":
-        if adapt:
-            raise ValueError(
-                "adapt=True is not supported with backend='dask': tune a cluster with "
-                "`autotune search --backend dask --scheduler ADDRESS` and pass its profile"
-            )
-        return False
-    if adapt is not None:
-        return adapt
-    measured = profile is not None and profile.source in ("measured", "published")
-    return not explicit and not measured
 
 
 def _pin_cpus(workers: int) -> list[int]:
@@ -580,29 +517,3 @@ def _check_memory(n: int, chunk_len: int, item_bytes: int, workers: int, backend
             RuntimeWarning,  # shown by default, unlike ResourceWarning
             stacklevel=4,
         )
-
-
-def _looks_like_path(text: str) -> bool:
-    """A profile argument naming a file rather than a workload."""
-    return os.sep in text or "/" in text or text.endswith((".yaml", ".yml"))
-
-
-def _resolve_profile(
-    profile: Any, backend: str | None = None, cluster: Any = None, item_bytes: int | None = None
-) -> Profile:
-    if isinstance(profile, Profile):
-        return profile
-    if isinstance(profile, os.PathLike) or (isinstance(profile, str) and _looks_like_path(profile)):
-        # A file named explicitly: used as it is, or a ProfileError says why not
-        # (another CPU, another backend); never replaced by the heuristic.
-        workload = Profile.load(profile).workload
-        return load_profile(workload, profile, backend=backend or "local")
-    if isinstance(profile, str):
-        if backend == "dask" and cluster is not None:
-            # Matched to the cluster's workers, never to a local profile.
-            return load_cluster_profile(profile, cluster)
-        return load_profile(profile, item_bytes=item_bytes, backend=backend or "local")
-    raise TypeError(
-        f"profile must be a Profile, a path to a profile file or a workload name, "
-        f"got {type(profile).__name__}"
-    )

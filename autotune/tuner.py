@@ -69,7 +69,6 @@ from autotune.engine import (
     pick_best,
     pick_kept,
 )
-from autotune.evaluator import default_start_method
 from autotune.profile import (
     DEFAULT_ITEM_BYTES,
     Measurement,
@@ -78,6 +77,7 @@ from autotune.profile import (
     is_tie,
     python_build,
 )
+from autotune.settings import default_start_method
 from autotune.workload import Workload
 
 __all__ = [

@@ -29,6 +29,7 @@ LAYERS = {
     "autotune.engine": 4,
     "autotune.evaluator": 4,
     "autotune.online": 4,
+    "autotune.settings": 4,
     "autotune.tuner": 5,
     "autotune.report": 5,
     "autotune.workloads": 5,

@@ -1,0 +1,120 @@
+"""Where an evaluator's settings come from: arguments, a profile, the heuristic.
+
+An explicit ``workers``/``chunk_len`` wins; else a profile (a ``Profile``, a
+file, or a name looked up with :func:`autotune.load_profile`, or a Dask
+cluster's); else the heuristic from the probe.  Whether the evaluator adapts
+follows from where they came from (DESIGN.md, "Tuned by default").
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from typing import Any
+
+from autotune.backends.dask.cluster import load_cluster_profile
+from autotune.cpu import CpuInfo
+from autotune.profile import Profile, heuristic_profile, load_profile
+
+__all__ = [
+    "checked_start_method",
+    "default_start_method",
+    "heuristic_settings",
+    "looks_like_path",
+    "resolve_adapt",
+    "resolve_profile",
+    "settings_from",
+]
+
+
+def default_start_method() -> str:
+    """``"fork"`` where the platform has it, else ``"spawn"``.
+
+    Chosen explicitly, never Python's default: that is forkserver on Linux
+    from 3.14 and spawn on macOS.  fork is the cheapest way to share data
+    read-only, and the workers are started before any thread of ours.
+    """
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+def checked_start_method(start_method: str | None) -> str:
+    method = start_method or default_start_method()
+    if method not in mp.get_all_start_methods():
+        raise ValueError(
+            f"start_method must be one of {', '.join(mp.get_all_start_methods())}; "
+            f"got {start_method!r}"
+        )
+    return method
+
+
+def settings_from(
+    profile: Profile, workers: int | None, chunk_len: int | None, backend: str | None
+) -> tuple[int | None, int | None, str | None, bool]:
+    """Workers, chunk length and backend from a profile where not given, and whether
+    the profile is only the heuristic (then the evaluator chunks as with no profile)."""
+    if profile.source == "heuristic" and profile.backend != "dask":
+        return workers, chunk_len, backend, True
+    return (
+        workers or profile.workers,
+        chunk_len or profile.chunk_len,
+        backend or profile.backend,  # run what was measured fastest
+        False,
+    )
+
+
+def heuristic_settings(
+    cpu: CpuInfo,
+    workers: int | None,
+    chunk_len: int | None,
+    backend: str,
+    item_bytes: int | None,
+) -> tuple[int | None, int]:
+    """The heuristic's workers and chunk length where not given (dask: tasks in
+    flight come from the cluster)."""
+    guess = heuristic_profile(cpu, "default", item_bytes)
+    if backend != "dask":
+        workers = workers or guess.workers
+    return workers, chunk_len or guess.chunk_len
+
+
+def resolve_adapt(
+    adapt: bool | None, backend: str, explicit: bool, profile: Profile | None
+) -> bool:
+    """Whether an evaluator refines its settings online (see ``Evaluator(adapt=...)``)."""
+    if backend == "dask":
+        if adapt:
+            raise ValueError(
+                "adapt=True is not supported with backend='dask': tune a cluster with "
+                "`autotune search --backend dask --scheduler ADDRESS` and pass its profile"
+            )
+        return False
+    if adapt is not None:
+        return adapt
+    measured = profile is not None and profile.source in ("measured", "published")
+    return not explicit and not measured
+
+
+def looks_like_path(text: str) -> bool:
+    """A profile argument naming a file rather than a workload."""
+    return os.sep in text or "/" in text or text.endswith((".yaml", ".yml"))
+
+
+def resolve_profile(
+    profile: Any, backend: str | None = None, cluster: Any = None, item_bytes: int | None = None
+) -> Profile:
+    if isinstance(profile, Profile):
+        return profile
+    if isinstance(profile, os.PathLike) or (isinstance(profile, str) and looks_like_path(profile)):
+        # A file named explicitly: used as it is, or a ProfileError says why not
+        # (another CPU, another backend); never replaced by the heuristic.
+        workload = Profile.load(profile).workload
+        return load_profile(workload, profile, backend=backend or "local")
+    if isinstance(profile, str):
+        if backend == "dask" and cluster is not None:
+            # Matched to the cluster's workers, never to a local profile.
+            return load_cluster_profile(profile, cluster)
+        return load_profile(profile, item_bytes=item_bytes, backend=backend or "local")
+    raise TypeError(
+        f"profile must be a Profile, a path to a profile file or a workload name, "
+        f"got {type(profile).__name__}"
+    )
