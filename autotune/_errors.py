@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["EfficiencyWarning", "ProfileError", "ProfileWarning", "RemoteError", "WorkerLost"]
+__all__ = [
+    "EfficiencyWarning",
+    "ProfileError",
+    "ProfileWarning",
+    "RangeError",
+    "RemoteError",
+    "WorkerLost",
+]
 
 
 class ProfileError(ValueError):
@@ -30,6 +37,20 @@ class WorkerLost(RuntimeError):
         super().__init__(message)
         self.start = start
         self.stop = stop
+
+
+class RangeError(RuntimeError):
+    """autotune's own bug: the item ranges of a call left ``[0, n)``, overlapped or missed items.
+
+    Every range a call hands to a kernel is checked where it is made (chunks,
+    the online refinement's slices, retries after a lost worker), so this is
+    raised before a kernel runs on a bad range, and a call whose chunks were
+    not all accepted exactly once fails instead of returning.  It never
+    comes from the user's input: please report it.
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem} (a bug in autotune, not in your code: please report it)")
 
 
 class ProfileWarning(UserWarning):

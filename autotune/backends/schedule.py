@@ -8,18 +8,39 @@ a *batch* is just a range of chunk indices ``[c0, c1)``.  Batches shrink as
 the work runs out (guided self-scheduling, as in OpenMP's ``guided``): big
 batches early keep the parent out of the per-chunk loop, small batches at the
 end keep every worker busy until the last chunk.
+
+The invariant every call keeps: the ranges handed to kernels are disjoint and
+cover exactly ``[0, n)``.  It is checked where ranges are made, so that a bad
+one raises :class:`~autotune._errors.RangeError` before a kernel runs on it
+(never a silent clip): :func:`count_chunks` checks a call's ``n`` and chunk
+length, :func:`chunk_bounds` turns only chunk indices of the call into items,
+:class:`Batches` hands out and takes back only chunks of the call,
+:class:`Coverage` refuses a chunk accepted twice and a call that ends with one
+missing, and :class:`Cursor` cuts a call into consecutive slices (the online
+refinement's) that must end exactly at ``n``.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from autotune._errors import RangeError
 from autotune.backends.structure import ELEMENTWISE, ElementWise, PartialMismatch
 
-__all__ = ["Batches", "OrderedFold", "balanced_chunk_len", "chunk_bounds", "n_chunks"]
+__all__ = [
+    "Batches",
+    "Coverage",
+    "Cursor",
+    "OrderedFold",
+    "balanced_chunk_len",
+    "chunk_bounds",
+    "count_chunks",
+    "n_chunks",
+]
 
 #: Each batch takes 1/(GUIDE * workers) of the chunks not yet handed out: a
 #: slow worker can hold back at most about that share of the work.
@@ -29,6 +50,23 @@ GUIDE = 8
 def n_chunks(n: int, chunk_len: int) -> int:
     """Number of chunks covering ``n`` items."""
     return -(-n // chunk_len)
+
+
+def count_chunks(n: int, chunk_len: int) -> int:
+    """Chunks of a call of ``n`` items, once ``n >= 0`` and ``chunk_len >= 1`` are whole numbers.
+
+    Every runner starts a call here: a float or a zero chunk length would
+    hand kernels ranges that are not item numbers.
+    """
+    try:
+        n, chunk_len = operator.index(n), operator.index(chunk_len)
+    except TypeError:
+        raise RangeError(
+            f"a call of n={n!r} items in chunks of {chunk_len!r}: not integers"
+        ) from None
+    if n < 0 or chunk_len < 1:
+        raise RangeError(f"a call of n={n} items in chunks of {chunk_len}")
+    return n_chunks(n, chunk_len)
 
 
 def balanced_chunk_len(n: int, chunk_len: int, workers: int) -> int:
@@ -48,7 +86,15 @@ def balanced_chunk_len(n: int, chunk_len: int, workers: int) -> int:
 
 
 def chunk_bounds(c0: int, c1: int, chunk_len: int, n: int) -> tuple[int, int]:
-    """Item range ``[start, stop)`` covered by chunks ``[c0, c1)``."""
+    """Item range ``[start, stop)`` covered by chunks ``[c0, c1)`` of a call of ``n`` items.
+
+    ``RangeError`` unless ``0 <= c0 < c1`` and chunk ``c1 - 1`` starts below
+    ``n``: a batch of no chunk, or of chunks past the call's end.
+    """
+    if not 0 <= c0 < c1 or (c1 - 1) * chunk_len >= n:
+        raise RangeError(
+            f"chunks [{c0}, {c1}) of {chunk_len} items are not chunks of a call of {n} items"
+        )
     return c0 * chunk_len, min(n, c1 * chunk_len)
 
 
@@ -67,6 +113,8 @@ class Batches:
     """
 
     def __init__(self, total: int, workers: int) -> None:
+        if total < 0:
+            raise RangeError(f"a call of {total} chunks")
         self.total = total
         self.workers = max(1, workers)
         self._next = 0
@@ -93,8 +141,90 @@ class Batches:
         return c0, self._next
 
     def requeue(self, batch: tuple[int, int]) -> None:
-        """Put back a batch whose worker died; it goes out before new work."""
+        """Put back a batch whose worker died; it goes out before new work.
+
+        Only chunks already handed out can come back (``RangeError`` else).
+        """
+        c0, c1 = batch
+        if not 0 <= c0 < c1 <= self._next:
+            raise RangeError(
+                f"chunks [{c0}, {c1}) put back, but only chunks [0, {self._next}) "
+                f"of {self.total} were handed out"
+            )
         self._requeued.append(batch)
+
+
+class Coverage:
+    """The chunks of one call accepted so far: each exactly once, and in the end all.
+
+    A chunk whose result is accepted twice would make a call look complete
+    with another chunk missing (a map's rows never written): :meth:`accept`
+    refuses it, and :meth:`check_complete` refuses a call that ends with a
+    chunk missing, both with ``RangeError``.  One byte per chunk.
+    """
+
+    __slots__ = ("total", "accepted", "_seen")
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.accepted = 0
+        self._seen = bytearray(total)
+
+    def __bool__(self) -> bool:
+        """True while chunks are missing."""
+        return self.accepted < self.total
+
+    def accept(self, c0: int, c1: int) -> None:
+        if not 0 <= c0 < c1 <= self.total:
+            raise RangeError(f"chunks [{c0}, {c1}) accepted in a call of {self.total} chunks")
+        again = self._seen.find(1, c0, c1)
+        if again != -1:
+            raise RangeError(f"chunk {again} of {self.total} accepted twice")
+        self._seen[c0:c1] = b"\x01" * (c1 - c0)
+        self.accepted += c1 - c0
+
+    def check_complete(self) -> None:
+        if self.accepted != self.total:
+            missing = self._seen.find(0)
+            raise RangeError(
+                f"a call ended with {self.total - self.accepted} of its {self.total} chunks "
+                f"missing (the first: chunk {missing})"
+            )
+
+
+class Cursor:
+    """Consecutive slices ``[start, stop)`` of a call of ``n`` items, checked as they are cut.
+
+    Each slice starts where the last one ended, holds at least one item and
+    ends at ``n`` at the latest (``RangeError`` before any kernel runs on it);
+    :meth:`check_complete` says the slices reached ``n``.  The online
+    refinement cuts its calls with it: a first slice timed inline, probing
+    slices at other points, the rest at the best one.
+    """
+
+    __slots__ = ("n", "done")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.done = 0
+
+    @property
+    def left(self) -> int:
+        return self.n - self.done
+
+    def take(self, items: int) -> tuple[int, int]:
+        """The next ``items`` items."""
+        if not 0 < items <= self.n - self.done:
+            raise RangeError(
+                f"a slice of {items} items asked after {self.done} of a call of {self.n}"
+            )
+        start = self.done
+        self.done += items
+        return start, self.done
+
+    def check_complete(self) -> None:
+        if self.done != self.n:
+            raise RangeError(f"a call of {self.n} items ended after {self.done}")
 
 
 class OrderedFold:

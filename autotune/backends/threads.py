@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from autotune.backends.rows import check_row_like, where
-from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
+from autotune.backends.schedule import Batches, Coverage, OrderedFold, chunk_bounds, count_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache, output_layout, output_views
 from autotune.backends.stats import Meter
@@ -65,7 +65,8 @@ class _ThreadCall:
         self.chunk_len = chunk_len
         self.mode = mode
         self.lock = threading.Lock()
-        self.batches = Batches(n_chunks(n, chunk_len), workers)
+        self.batches = Batches(count_chunks(n, chunk_len), workers)
+        self.coverage = Coverage(self.batches.total)  # chunks accepted, each once
         self.fold = (
             OrderedFold(combine, lambda c: chunk_bounds(c, c + 1, chunk_len, n))
             if combine is not None
@@ -80,6 +81,7 @@ class _ThreadCall:
         """The call's result, or its failure raised."""
         if self.failure is not None:
             raise self.failure
+        self.coverage.check_complete()
         if self.mode == "map":
             assert self.structure is not None and self.out is not None
             return self.structure.build(self.out)
@@ -99,8 +101,17 @@ class _ThreadCall:
         _LOCAL.in_kernel = True
         try:
             self._drain(worker)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            self.abort(exc)
         finally:
             _LOCAL.in_kernel = False
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail the call with an error of autotune's own (no kernel's range to name)."""
+        with self.lock:
+            if self.failure is None:
+                self.failure = exc
+            self.cancelled = True
 
     def _drain(self, worker: int) -> None:
         kernel, shared, n, cl = self.kernel, self.shared, self.n, self.chunk_len
@@ -112,6 +123,7 @@ class _ThreadCall:
                 # Until the output exists, one chunk at a time: its first
                 # result gives the row shape and dtype.
                 c0, c1 = self.batches.take(1 if mapping and self.out is None else None)
+            s0, s1 = chunk_bounds(c0, c1, cl, n)  # chunks of this call, or RangeError
             partials = []
             # CPU time of this thread, not wall time: a kernel that holds the
             # GIL makes the other threads wait, and waiting is not work.
@@ -145,19 +157,13 @@ class _ThreadCall:
                     self.fail(exc, start, stop)
                     return
             busy = time.thread_time() - began
-            start, stop = chunk_bounds(c0, c1, cl, n)
             with self.lock:
                 self.meter.add_busy(worker, busy)
+                self.coverage.accept(c0, c1)
                 if not mapping:
                     assert self.fold is not None
-                    try:
-                        self.fold.extend(c0, partials)
-                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                        if self.failure is None:
-                            self.failure = exc
-                        self.cancelled = True
-                        return
-                self.meter.advance(stop - start)
+                    self.fold.extend(c0, partials)  # a mismatch or a combine error: aborts
+                self.meter.advance(s1 - s0)
 
 
 class ThreadRunner:
@@ -266,7 +272,7 @@ def run_inline(
     A call of one chunk is the kernel's own result (a map's arrays copied
     only when they are views of other memory, such as the shared data).
     """
-    if n <= chunk_len:
+    if count_chunks(n, chunk_len) <= 1:
         _LOCAL.in_kernel = True
         began = time.thread_time()
         try:

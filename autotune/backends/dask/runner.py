@@ -47,7 +47,7 @@ from autotune._errors import WorkerLost
 from autotune._util import one_line
 from autotune.backends.dask.tasks import Missing, adopt, forget_shared, run_batch
 from autotune.backends.rows import check_row_like
-from autotune.backends.schedule import OrderedFold, chunk_bounds, n_chunks
+from autotune.backends.schedule import Coverage, OrderedFold, chunk_bounds, count_chunks
 from autotune.backends.stats import Meter
 from autotune.backends.structure import Structure, split_map_result
 
@@ -182,7 +182,8 @@ class _DaskCall:
         self.n = n
         self.chunk_len = chunk_len
         self.mode = mode
-        self.total = n_chunks(n, chunk_len)
+        self.total = count_chunks(n, chunk_len)
+        self.coverage = Coverage(self.total)  # chunks accepted, each once
         self.next = 0  # first chunk not yet submitted
         self.threads = meter.workers  # the cluster's worker threads
         name = "".join(ch for ch in getattr(kernel, "__name__", "") if ch.isalnum() or ch == "_")
@@ -253,6 +254,7 @@ class _DaskCall:
                         ac.add(self.submit((c0, c1), answer.worker))
                         continue
                     result, busy, worker = answer
+                    self.coverage.accept(c0, c1)
                     self.meter.add_busy(worker, busy)
                     if fold is not None:
                         fold.extend(c0, result)
@@ -261,6 +263,7 @@ class _DaskCall:
                     start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
                     self.meter.advance(stop - start)
                 del results
+            self.coverage.check_complete()
         except BaseException:
             # A kernel error, a lost worker, Ctrl-C: the rest is not wanted.
             if self.pending:

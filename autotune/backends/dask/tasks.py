@@ -101,6 +101,7 @@ def run_batch(
     start = stop = c0 * chunk_len
     began = time.perf_counter()
     try:
+        s0, s1 = chunk_bounds(c0, c1, chunk_len, n)  # chunks of this call, or RangeError
         if mode == "reduce":
             partials = []
             for c in range(c0, c1):
@@ -111,7 +112,6 @@ def run_batch(
         else:
             # The batch's rows, in the structure the kernel returns (one
             # array, or a tuple or dict of arrays).
-            s0, s1 = chunk_bounds(c0, c1, chunk_len, n)
             structure: Structure | None = None
             rows: list[np.ndarray] = []
             for c in range(c0, c1):

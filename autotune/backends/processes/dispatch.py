@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from autotune._errors import WorkerLost
+from autotune._errors import RangeError, WorkerLost
 from autotune.backends.processes.exits import (
     describe_exit,
     rebuild_exception,
@@ -26,7 +26,7 @@ from autotune.backends.processes.exits import (
 )
 from autotune.backends.processes.worker import wants_shared_output
 from autotune.backends.rows import check_row_like
-from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
+from autotune.backends.schedule import Batches, Coverage, OrderedFold, chunk_bounds, count_chunks
 from autotune.backends.shm import Layout, Segment, output_layout, output_views
 from autotune.backends.stats import Meter
 from autotune.backends.structure import Structure, split_map_result
@@ -97,7 +97,7 @@ class Dispatch:
         self.n = n
         self.mode = mode
         self.chunk_len = chunk_len
-        self.total = n_chunks(n, self.chunk_len)
+        self.total = count_chunks(n, self.chunk_len)
         self.call_id = call_id
         self.kernel_bytes = kernel_bytes
         self.meter = meter
@@ -110,7 +110,7 @@ class Dispatch:
         self.out_desc: tuple[str, int, Layout] | None = None  # shared (name, size, layout)
         self.failure: BaseException | None = None
         self.tries: dict[tuple[int, int], int] = {}  # re-run batch -> deaths so far
-        self.completed = 0  # chunks
+        self.coverage = Coverage(self.total)  # chunks accepted, each once
 
     def taking_part(self) -> list[WorkerHandle]:
         """The workers this call uses."""
@@ -126,12 +126,17 @@ class Dispatch:
             for depth in range(1, DEPTH + 1):
                 for w in self.taking_part():
                     self._refill(w, depth)
-            while self.completed < self.total or any(w.inflight for w in pool.live):
+            while self.coverage or any(w.inflight for w in pool.live):
                 if self.failure is not None and not any(w.inflight for w in pool.live):
                     break
                 self._step()
         finally:
             self._end()
+        if self.failure is None:
+            try:
+                self.coverage.check_complete()
+            except RangeError as exc:
+                self.failure = exc
         if self.failure is not None:
             return None
         if self.mode == "map":
@@ -213,6 +218,11 @@ class Dispatch:
 
     def _accept(self, batch: tuple[int, int], results: list[Any] | None) -> None:
         c0, c1 = batch
+        try:
+            self.coverage.accept(c0, c1)
+        except RangeError as exc:
+            self._fail(exc)
+            return
         if results is not None:
             try:
                 if self.mode == "map":
@@ -226,12 +236,11 @@ class Dispatch:
                 # A result that does not fit (or a combine function that
                 # raised): the call fails and drains; the pool stays usable.
                 self._fail(exc)
-        self.completed += c1 - c0
         start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
         self.meter.advance(stop - start)
 
     def _store(self, c: int, item: Any) -> None:
-        start, stop = c * self.chunk_len, min(self.n, (c + 1) * self.chunk_len)
+        start, stop = chunk_bounds(c, c + 1, self.chunk_len, self.n)
         structure = self.structure
         if type(item) is np.ndarray and structure is not None and structure.kind == "array":
             # The worker checked its length; only its rows are left to check.

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from autotune.backends.rows import check_row_like
+from autotune.backends.schedule import chunk_bounds
 from autotune.backends.shared import PackedShared, SharedNamespace, unpack
 from autotune.backends.shm import SHM_OUTPUT_MIN, Layout, Segment, output_views
 from autotune.backends.structure import Structure, split_map_result
@@ -301,6 +302,7 @@ def _run_batch(
     began = time.perf_counter()
     waited = 0.0
     try:
+        chunk_bounds(c0, c1, chunk_len, n)  # chunks of this call, or RangeError
         for c in range(c0, c1):
             # The parent writes the id of a failed call here, or a number
             # above every call id when it shuts down.
