@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from autotune._errors import RangeError
 from autotune.cpu import CpuInfo
 from autotune.engine import NOISY, Checkpoint, Lane, Request, Tally, auto_requests, pick_kept
 from autotune.profile import Profile
@@ -350,14 +351,25 @@ class BreakEven:
 
 
 class Shifted:
-    """``kernel`` over items ``[offset + start, offset + stop)``: one slice of a long call."""
+    """``kernel`` over the items of the slice ``[offset, end)`` of a long call.
 
-    def __init__(self, kernel: Any, offset: int) -> None:
+    The runner numbers the slice's items from 0; the kernel is given them
+    as items of the whole call.  A range that would reach past ``end`` is
+    ``RangeError`` before the kernel runs: the slice's own runner cut it.
+    """
+
+    def __init__(self, kernel: Any, offset: int, end: int) -> None:
         self.kernel = kernel
         self.offset = offset
+        self.end = end
 
     def __call__(self, shared: Any, start: int, stop: int) -> Any:
-        return self.kernel(shared, start + self.offset, stop + self.offset)
+        start, stop = start + self.offset, stop + self.offset
+        if not self.offset <= start < stop <= self.end:
+            raise RangeError(
+                f"items [{start}, {stop}) asked of the slice [{self.offset}, {self.end})"
+            )
+        return self.kernel(shared, start, stop)
 
 
 def join_parts(parts: list[Any]) -> Any:
@@ -436,35 +448,39 @@ class Learner:
         what a pool call costs beyond the kernel (``overhead`` seconds)."""
         return self.breakeven.inline(n, self.refiner.best[0][1], overhead)
 
-    def slices(self, n: int, mode: str) -> Iterator[tuple[int, int, tuple[Lane, int], bool]]:
-        """``(start, items, point, measured)`` for each run of a call of ``n`` items.
+    def slices(self, n: int, mode: str) -> Iterator[tuple[int, tuple[Lane, int], bool]]:
+        """``(items, point, measured)`` for each consecutive run of a call of ``n`` items.
 
-        Record each with :meth:`record` before asking for the next.  A call
-        too short to cut runs whole at the point the engine asks for.  A long
-        one, while exploring, probes one slice per point (each long enough
-        for two chunks per worker) for up to half its items, while what is
-        left is worth it, and runs the rest at the best point so far; that
-        rest is not a measurement (a run of another size is not comparable).
-        A map is cut only when its kernel is slow per item: its slices come
-        back as separate arrays that must be joined, a copy that a
-        memory-bound map would pay as much for as for its work.
+        The items of the runs add up to ``n`` exactly.  Record each run with
+        :meth:`record` before asking for the next.  A call too short to cut
+        runs whole at the point the engine asks for.  A long one, while
+        exploring, probes one slice per point (each long enough for two
+        chunks per worker) within its first half, while what is left is
+        worth it, and runs the rest at the best point so far; that rest is
+        not a measurement (a run of another size is not comparable).  A map
+        is cut only when its kernel is slow per item: its slices come back
+        as separate arrays that must be joined, a copy that a memory-bound
+        map would pay as much for as for its work.
         """
         self.n = max(self.n, n)
         point = self.refiner.next()
         cuttable = mode == "reduce" or self.breakeven.per_item() >= SLICE_MAP_MIN_S
         if not self.refiner.exploring or not cuttable or self._slice(n, point) > n // 2:
-            yield 0, n, point, True
+            yield n, point, True
             return
         done = 0
-        while done < n:
+        while True:
             items = self._slice(n, point)
-            yield done, items, point, True
+            yield items, point, True
             done += items
             if self._probing(n, done):
-                point = self.refiner.next()
-                continue
-            if done < n:
-                yield done, n - done, self.leader(), False
+                # Each point probes with a slice of its own length: the next
+                # one must fit in the first half of the call too.
+                following = self.refiner.next()
+                if n - done - self._slice(n, following) >= n // 2:
+                    point = following
+                    continue
+            yield n - done, self.leader(), False
             return
 
     @staticmethod
@@ -473,11 +489,12 @@ class Learner:
         return max(n // PROBE_SLICES, 2 * workers * chunk_len)
 
     def _probing(self, n: int, done: int) -> bool:
-        """Whether the next slice of a call still probes (else the rest runs at the leader)."""
+        """Whether the call may probe again after ``done`` of its ``n`` items: still
+        exploring, more than half of it left, and what is left worth it."""
         remaining = n - done
         return (
             self.refiner.exploring
-            and remaining - n // PROBE_SLICES >= n // 2
+            and remaining > n // 2
             and self._rate is not None
             and remaining / self._rate > PROBE_WORTH_S
         )

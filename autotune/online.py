@@ -27,7 +27,7 @@ from autotune.adapt import (
     kernel_name,
 )
 from autotune.backends.runners import Runner
-from autotune.backends.schedule import OrderedFold, balanced_chunk_len
+from autotune.backends.schedule import Cursor, OrderedFold, balanced_chunk_len
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
@@ -63,6 +63,12 @@ class OnlineTuning:
         The name online profiles are saved under; else each kernel's.
     pool : callable
         Returns the runner, starting it on first use.
+    clock : callable, optional
+        Seconds, for timing runs (``time.perf_counter``; tests script it).
+
+    Every item of a call is run exactly once, by one of its slices: a first
+    call's timed probe is part of the result (a map's probe rows are joined
+    to the pool's, one copy of the output on a kernel's first call).
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class OnlineTuning:
         item_bytes: int | None,
         profile_name: str | None,
         pool: Callable[[], Runner],
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cpu = cpu
         self.backend = backend
@@ -82,6 +89,7 @@ class OnlineTuning:
         self.profile_name = profile_name
         self._shared = shared
         self._pool = pool
+        self._clock = clock
         self.learners: dict[str, Learner] = {}
         self.pool_cost = PoolCost()
         self._outputs = Outputs()  # the last inline map output, reused when let go
@@ -103,44 +111,40 @@ class OnlineTuning:
         # kernel: its own arrays, no copy, no bookkeeping.
         chunk_len = self._fit(nominal, n, workers) if mode == "reduce" else n
         parts: list[Any] = []
-        done = 0
+        # Every slice of the call is cut here, checked: consecutive, within
+        # [0, n), and all of it in the end (RangeError before a kernel runs).
+        cut = Cursor(n)
         if not learner.breakeven.known:
             # A kernel never seen: a first slice runs here, timed, which says
             # what an item costs before anything is sent (the whole call when
             # it is tiny, else a sixteenth of it, at most a chunk: a probe of a
             # few items would time mostly its own overhead).
             first = self._fit(nominal, n, workers)
-            done = n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(first, n // 16))
-            probe_chunk = done if mode == "map" else min(done, chunk_len)
-            parts.append(self._inline(kernel, learner, 0, done, probe_chunk, mode, combine, meter))
-            if done == n:
+            start, stop = cut.take(n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(first, n // 16)))
+            probe_chunk = stop if mode == "map" else min(stop, chunk_len)
+            parts.append(
+                self._inline(kernel, learner, start, stop, probe_chunk, mode, combine, meter)
+            )
+            if not cut.left:
                 return parts[0], chunk_len, True
-        rest = n - done
         overhead = self.pool_cost.per_call()
-        if learner.inline(rest, overhead):
-            parts.append(self._inline(kernel, learner, done, rest, chunk_len, mode, combine, meter))
+        if learner.inline(cut.left, overhead):
+            start, stop = cut.take(cut.left)
+            parts.append(
+                self._inline(kernel, learner, start, stop, chunk_len, mode, combine, meter)
+            )
+            cut.check_complete()
             return _join(parts, mode, combine), chunk_len, True
-        if mode == "map" and parts:
-            # Joining the probe's rows to the pool's would copy the whole
-            # output; running its chunk again on the pool costs one chunk.
-            parts, done, rest = [], 0, n
-        for start, items, point, measured in learner.slices(rest, mode):
+        for items, point, measured in learner.slices(cut.left, mode):
+            start, stop = cut.take(items)
             (_, workers), nominal = point
             chunk_len = self._fit(nominal, items, workers)
             parts.append(
                 self._on_pool(
-                    kernel,
-                    learner,
-                    done + start,
-                    items,
-                    point,
-                    chunk_len,
-                    mode,
-                    combine,
-                    meter,
-                    measured,
+                    kernel, learner, start, stop, point, chunk_len, mode, combine, meter, measured
                 )
             )
+        cut.check_complete()
         self._remember(learner)
         return _join(parts, mode, combine), chunk_len, False
 
@@ -149,17 +153,18 @@ class OnlineTuning:
         kernel: Callable[..., Any],
         learner: Learner,
         start: int,
-        items: int,
+        stop: int,
         chunk_len: int,
         mode: str,
         combine: Any,
         meter: Meter,
     ) -> Any:
-        """Items ``[start, start + items)`` in this process, timed for the break-even."""
+        """Items ``[start, stop)`` in this process, timed for the break-even."""
+        items = stop - start
         meter.workers, meter.slots = 1, [0]
-        began = time.perf_counter()
+        began = self._clock()
         result = run_inline(
-            kernel if start == 0 else Shifted(kernel, start),
+            kernel if start == 0 else Shifted(kernel, start, stop),
             self._namespace(),
             items,
             chunk_len,
@@ -168,7 +173,7 @@ class OnlineTuning:
             meter,
             self._outputs,
         )
-        learner.breakeven.kernel_time(items, time.perf_counter() - began, inline=True)
+        learner.breakeven.kernel_time(items, self._clock() - began, inline=True)
         return result
 
     def _on_pool(
@@ -176,7 +181,7 @@ class OnlineTuning:
         kernel: Callable[..., Any],
         learner: Learner,
         start: int,
-        items: int,
+        stop: int,
         point: tuple[tuple[str, int], int],
         chunk_len: int,
         mode: str,
@@ -184,17 +189,18 @@ class OnlineTuning:
         meter: Meter,
         measured: bool = True,
     ) -> Any:
-        """Items ``[start, start + items)`` on the pool at ``point`` (its chunk length
-        fitted to them: ``chunk_len``), timed for the refiner."""
+        """Items ``[start, stop)`` on the pool at ``point`` (its chunk length fitted
+        to them: ``chunk_len``), timed for the refiner."""
+        items = stop - start
         (_, workers), _ = point
         runner = self._pool()
         meter.workers = workers
         meter.slots = list(range(workers))
         busy = sum(meter.busy.values())
-        began = time.perf_counter()
+        began = self._clock()
         try:
             part = runner.run(
-                kernel if start == 0 else Shifted(kernel, start),
+                kernel if start == 0 else Shifted(kernel, start, stop),
                 items,
                 chunk_len,
                 mode,
@@ -209,7 +215,7 @@ class OnlineTuning:
                     f"from {start}, where the slice began]"
                 )
             raise
-        wall = time.perf_counter() - began
+        wall = self._clock() - began
         busy = sum(meter.busy.values()) - busy
         learner.record(point, items, wall, busy, measured)
         self.pool_cost.pool_call(wall, busy, workers)

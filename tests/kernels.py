@@ -307,3 +307,50 @@ def heavy_map(shared, start, stop):
 
 def heavy_sum(shared, start, stop):
     return float(heavy_map(shared, start, stop).sum())
+
+
+# -- kernels whose result depends on the item numbers alone ------------------------
+# An array slice past n comes back short and is caught; a range past n given
+# to one of these is not, unless the ranges themselves are right.
+def spin(seconds):
+    """Busy work for ``seconds`` (holds the CPU, as a numerical kernel would)."""
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        pass
+
+
+def busy_index_sum(shared, start, stop):
+    """About 0.2 ms of work per item; the sum of the item numbers."""
+    spin(200e-6 * (stop - start))
+    return float(np.arange(start, stop).sum())
+
+
+def index_hash(start, stop):
+    """A 64-bit hash of each item number: a per-item seed, a lookup by index."""
+    i = np.arange(start, stop, dtype=np.uint64)
+    return (i * np.uint64(0x9E3779B97F4A7C15)) ^ (i >> np.uint64(29))
+
+
+def hash_sum(shared, start, stop):
+    """The exact sum (a Python int) of the items' hashes, ``shared.spin`` s an item."""
+    spin(shared.spin * (stop - start))
+    h = index_hash(start, stop)
+    # High and low halves summed apart: exact (no wrap) up to 2^30 items.
+    return (int((h >> np.uint64(32)).sum()) << 32) + int((h & np.uint64(0xFFFFFFFF)).sum())
+
+
+def hash_rows(shared, start, stop):
+    """Each item's hash and its item number, one row per item."""
+    spin(shared.spin * (stop - start))
+    return np.stack([index_hash(start, stop), np.arange(start, stop, dtype=np.uint64)], axis=1)
+
+
+def kill_once_hash_sum(shared, start, stop):
+    """:func:`hash_sum`, after killing this worker the first time it reaches ``shared.at``
+    (never the parent: an adapting evaluator runs some calls there)."""
+    in_parent = os.getpid() == shared.parent
+    if start <= shared.at < stop and not in_parent and not os.path.exists(shared.flag):
+        with open(shared.flag, "w") as fh:
+            fh.write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return hash_sum(shared, start, stop)
