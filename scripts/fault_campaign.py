@@ -77,6 +77,22 @@ def double(shared, start, stop):
     return shared.x[start:stop] * 2.0
 
 
+def index_kernel(shared, start, stop):
+    """(items, sum of item numbers, sum of their hashes) of [start, stop), from the item
+    numbers alone (an array slice would hide a range past n); the same fault as
+    :func:`fault_kernel`, once more, at item ``shared.at``.  Exact for any chunks: a
+    chunk run twice or never after a lost worker changes the total."""
+    if start <= shared.at < stop:
+        inject(shared.fault, shared.flag + ".index", shared.parent)
+    return index_moments(start, stop)
+
+
+def index_moments(start: int, stop: int) -> tuple[int, int, int]:
+    i = np.arange(start, stop, dtype=np.uint64)
+    hashes = (i * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(34)  # < 2^30 each
+    return stop - start, int(i.sum()), int(hashes.sum())
+
+
 def inject(kind: str, flag: str, parent: int) -> None:
     if kind == "memoryerror":
         # A real failed allocation (numpy raises a MemoryError subclass), every time.
@@ -306,9 +322,29 @@ def _map_with_fault(cfg: Config, ctx: dict[str, Any], run: Run, flag: str, seen:
             del out
         seen |= set(ev.pids)
         run.deaths = len(seen) - cfg.workers
+        if run.outcome == "completed":
+            _index_reduce_with_fault(cfg, ctx, run, ev, flag)
+            run.extra["index_deaths"] = len(seen | set(ev.pids)) - cfg.workers - run.deaths
         # The pool must still serve calls after the fault.
         small = ev.map(double, 10_000)
         run.usable_after = bool(np.array_equal(small, ctx["expected"][:10_000]))
+
+
+def _index_reduce_with_fault(
+    cfg: Config, ctx: dict[str, Any], run: Run, ev: Evaluator, flag: str
+) -> None:
+    """The same fault in a reduce of :func:`index_kernel`: the exact total, or "wrong"."""
+    try:
+        total = ev.reduce(index_kernel, cfg.n)
+    except Hang:
+        raise
+    except Exception as exc:
+        run.outcome, run.detail = "undocumented", f"index reduce: {type(exc).__name__}: {exc}"[:300]
+        return
+    if total != ctx["index_total"]:
+        run.outcome, run.detail = "wrong", f"index reduce gave {total}, serial {ctx['index_total']}"
+    elif not os.path.exists(flag + ".index"):
+        run.outcome, run.detail = "undocumented", "the fault was not injected in the index reduce"
 
 
 def parent_fault_run(cfg: Config, ctx: dict[str, Any], run: Run) -> None:
@@ -488,7 +524,7 @@ def campaign(cfg: Config) -> dict[str, Any]:
     signal.signal(signal.SIGALRM, _on_alarm)
     rng = random.Random(cfg.seed)
     x = np.random.default_rng(cfg.seed).random(cfg.n)
-    ctx: dict[str, Any] = {"x": x, "expected": x * 2.0}
+    ctx: dict[str, Any] = {"x": x, "expected": x * 2.0, "index_total": index_moments(0, cfg.n)}
     records: list[Run] = []
     elapsed: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="autotune-faults-") as tmp:
@@ -543,6 +579,8 @@ def summarize(cfg: Config, records: list[Run]) -> dict[str, Any]:
         "killed_runs": len(killed),
         "killed_completed_equal": sum(r.outcome == "completed" for r in killed),
         "max_deaths_per_killed_run": max((r.deaths for r in killed), default=0),
+        # The second call of a killed run: an index-only reduce, killed again.
+        "index_reduce_deaths": sum(r.extra.get("index_deaths", 0) for r in killed),
         "max_sigterm_workers_exit_s": max((r.workers_exit_s or 0 for r in term), default=None),
         "max_sigterm_shm_unlinked_s": max((r.shm_unlinked_s or 0 for r in term), default=None),
         "reaped_after_parent_death": sum(r.reaped for r in records),
@@ -558,6 +596,7 @@ def summarize(cfg: Config, records: list[Run]) -> dict[str, Any]:
         and total["not_usable_after"] == 0
         and extra["killed_completed_equal"] == extra["killed_runs"]
         and extra["max_deaths_per_killed_run"] <= cfg.retries
+        and extra["index_reduce_deaths"] >= extra["killed_runs"]
     )
     failures = [asdict(r) for r in records if _failed(r)]
     return {
@@ -598,7 +637,9 @@ def print_campaign(result: dict[str, Any]) -> None:
     print(
         f"killed workers (SIGKILL, SIGSEGV): {s['killed_completed_equal']} of {s['killed_runs']} "
         f"runs completed with a result equal to serial; at most {s['max_deaths_per_killed_run']} "
-        f"worker death(s) per run (retries {cfg['retries']})"
+        f"worker death(s) per run (retries {cfg['retries']}); then an index-only reduce, "
+        f"{s['index_reduce_deaths']} worker(s) killed in it, equal to serial (no item run "
+        f"twice or never)"
     )
     print(
         f"MemoryError: {s['by_fault']['memoryerror']['documented']} of "

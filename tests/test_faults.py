@@ -452,6 +452,7 @@ def test_fault_campaign_script_small_run_passes():
     assert total["wrong"] == total["hangs"] == total["undocumented"] == 0
     assert total["zombies"] == total["orphans"] == total["shm_left"] == total["fds_left"] == 0
     assert s["killed_completed_equal"] == s["killed_runs"] > 0
+    assert s["index_reduce_deaths"] >= s["killed_runs"]  # and the index-only reduce too
 
 
 @pytest.mark.slow
