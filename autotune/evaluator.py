@@ -21,7 +21,6 @@ threads, Dask), which owns its workers and memory.
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 import sys
@@ -39,17 +38,17 @@ from autotune._util import BACKENDS, check_int, check_kernel_signature, positive
 from autotune.backends import stats as call_stats
 from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
 from autotune.backends.runners import Runner, open_runner
-from autotune.backends.schedule import balanced_chunk_len, n_chunks
+from autotune.backends.schedule import EXACT, GUESSED, MEASURED, n_chunks, plan_chunks
 from autotune.backends.shared import check_names
 from autotune.backends.stats import CallStats, Meter, advice
 from autotune.backends.threads import in_thread_kernel
 from autotune.cpu import probe
-from autotune.cpu.memory import available_memory as _available_memory
 from autotune.online import OnlineTuning
 from autotune.profile import (
     Profile,
 )
 from autotune.settings import (
+    check_memory,
     checked_start_method,
     heuristic_settings,
     looks_like_path,
@@ -212,11 +211,14 @@ class Evaluator:
         if backend != "dask" and (client is not None or address is not None):
             raise ValueError("client= and address= are for backend='dask'")
         self._adapt = resolve_adapt(adapt, backend, explicit, self._profile)
-        # The heuristic's chunk may be too long for a small n; a chunk from a
-        # profile or the heuristic was measured at another n and is fitted to
-        # each call's; an explicit chunk_len is honoured to the item.
-        self._heuristic_chunks = chunk_len is None or from_heuristic
-        self._fit_chunks = explicit_chunk_len is None
+        # How each call may change the chunk length (see plan_chunks).
+        self._chunk_source = (
+            EXACT
+            if explicit_chunk_len is not None
+            else GUESSED
+            if chunk_len is None or from_heuristic
+            else MEASURED
+        )
         self._cpu = probe() if workers is None or chunk_len is None or self._adapt else None
         if workers is None or chunk_len is None:
             assert self._cpu is not None
@@ -380,9 +382,12 @@ class Evaluator:
             self._busy = threading.get_ident()
             bar = _progress_bar(n, mode) if progress else None
             meter = Meter(self.workers, None if bar is None else bar.update)
-            chunk_len, inline = (self.chunk_len if self._adapt else self._chunk_len_for(n)), False
-            if self.item_bytes is not None:
-                _check_memory(n, chunk_len, self.item_bytes, self.workers, self.backend)
+            chunk_len, inline = self.chunk_len, False
+            if not self._adapt:
+                plan = plan_chunks(n, self.workers, self.chunk_len, self._chunk_source)
+                chunk_len = plan.chunk_len
+                if self.item_bytes is not None and self.backend != "dask":
+                    check_memory(plan, self.item_bytes)
             began = time.perf_counter()
             try:
                 if self._online is not None:
@@ -456,16 +461,6 @@ class Evaluator:
                 "(a combine function cannot call the evaluator that runs it)"
             )
 
-    def _chunk_len_for(self, n: int) -> int:
-        chunk_len = self.chunk_len
-        if self._heuristic_chunks:
-            # The heuristic chunk may be larger than a small n deserves: keep
-            # a few chunks per worker so all of them get work.
-            chunk_len = max(1, min(chunk_len, math.ceil(n / (4 * self.workers))))
-        if not self._fit_chunks:
-            return chunk_len
-        return balanced_chunk_len(n, chunk_len, self.workers)
-
 
 def _progress_bar(n: int, mode: str) -> Any:
     """A tqdm bar on stderr for one call, counting items as their chunks complete."""
@@ -499,21 +494,3 @@ def _pin_cpus(workers: int) -> list[int]:
     """CPUs to pin ``workers`` workers to: distinct physical cores first."""
     order = list(probe().pin_order) or sorted(os.sched_getaffinity(0))
     return [order[i % len(order)] for i in range(workers)]
-
-
-def _check_memory(n: int, chunk_len: int, item_bytes: int, workers: int, backend: str) -> None:
-    """Warn when the chunks in progress at once would not fit the memory left."""
-    if backend == "dask":
-        return  # the cluster's memory, not ours
-    chunk_len = min(chunk_len, n)
-    workers = min(workers, math.ceil(n / chunk_len))
-    need = chunk_len * item_bytes * workers
-    room = _available_memory()
-    if room is not None and need > room:
-        warnings.warn(
-            f"chunk_len {chunk_len} x item_bytes {item_bytes} x {workers} workers = "
-            f"{need} bytes in flight, more than the {room} bytes of memory available "
-            f"(MemAvailable, cgroup memory.max); pass a smaller chunk_len or fewer workers",
-            RuntimeWarning,  # shown by default, unlike ResourceWarning
-            stacklevel=4,
-        )

@@ -10,7 +10,6 @@ hands it the call and a way to get the runner (started on first use).
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -27,7 +26,7 @@ from autotune.adapt import (
     kernel_name,
 )
 from autotune.backends.runners import Runner
-from autotune.backends.schedule import Cursor, OrderedFold, balanced_chunk_len
+from autotune.backends.schedule import PROBED, Cursor, OrderedFold, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
@@ -35,6 +34,7 @@ from autotune.cpu import CpuInfo
 from autotune.engine import chunk_ladder
 from autotune.profile import DEFAULT_ITEM_BYTES, Profile, cpu_mismatch, heuristic_profile
 from autotune.profile.online import online_path, save_online
+from autotune.settings import check_memory
 
 __all__ = ["OnlineTuning"]
 
@@ -138,7 +138,10 @@ class OnlineTuning:
         for items, point, measured in learner.slices(cut.left, mode):
             start, stop = cut.take(items)
             (_, workers), nominal = point
-            chunk_len = self._fit(nominal, items, workers)
+            plan = plan_chunks(items, workers, nominal, PROBED)
+            if self.item_bytes is not None and self.backend != "dask":
+                check_memory(plan, self.item_bytes, stacklevel=5)  # the user's map/reduce line
+            chunk_len = plan.chunk_len
             parts.append(
                 self._on_pool(
                     kernel, learner, start, stop, point, chunk_len, mode, combine, meter, measured
@@ -275,10 +278,8 @@ class OnlineTuning:
 
     @staticmethod
     def _fit(chunk_len: int, n: int, workers: int) -> int:
-        """A point's chunk length for a call of ``n`` items: at least two chunks per
-        worker, few chunks split evenly."""
-        chunk_len = max(1, min(chunk_len, math.ceil(n / (2 * workers))))
-        return balanced_chunk_len(n, chunk_len, workers)
+        """A point's chunk length for a run of ``n`` items (see :func:`plan_chunks`)."""
+        return plan_chunks(n, workers, chunk_len, PROBED).chunk_len
 
 
 def _join(parts: list[Any], mode: str, combine: Any) -> Any:

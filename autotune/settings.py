@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import warnings
 from typing import Any
 
 from autotune.backends.dask.cluster import load_cluster_profile
+from autotune.backends.schedule import ChunkPlan
 from autotune.cpu import CpuInfo
+from autotune.cpu.memory import available_memory
 from autotune.profile import Profile, heuristic_profile, load_profile
 
 __all__ = [
+    "check_memory",
     "checked_start_method",
     "default_start_method",
     "heuristic_settings",
@@ -118,3 +122,23 @@ def resolve_profile(
         f"profile must be a Profile, a path to a profile file or a workload name, "
         f"got {type(profile).__name__}"
     )
+
+
+def check_memory(plan: ChunkPlan, item_bytes: int, stacklevel: int = 4) -> None:
+    """Warn when the chunks of ``plan`` in progress at once would not fit the memory left.
+
+    ``stacklevel`` (as ``warnings.warn`` counts it from here) points the
+    warning at the user's line that made the call.
+    """
+    chunk_len = min(plan.chunk_len, plan.n)
+    workers = min(plan.workers, plan.chunks)
+    need = chunk_len * item_bytes * workers
+    room = available_memory()
+    if room is not None and need > room:
+        warnings.warn(
+            f"chunk_len {chunk_len} x item_bytes {item_bytes} x {workers} workers = "
+            f"{need} bytes in flight, more than the {room} bytes of memory available "
+            f"(MemAvailable, cgroup memory.max); pass a smaller chunk_len or fewer workers",
+            RuntimeWarning,  # shown by default, unlike ResourceWarning
+            stacklevel=stacklevel,
+        )

@@ -56,6 +56,7 @@ from typing import Any
 from autotune._util import LOCAL_BACKENDS, STRATEGIES, check_int, utc_timestamp
 from autotune._version import __version__
 from autotune.backends.runners import Runner, open_runner
+from autotune.backends.schedule import MEASURED, plan_chunks
 from autotune.backends.shared import SharedNamespace, check_names
 from autotune.cpu import CpuInfo, probe
 from autotune.cpu.model import FALLBACK_L2_BYTES
@@ -165,9 +166,11 @@ class _Bench(Tally):
         runner = self.pool(lane)
         kernel, mode = self.workload.kernel, self.workload.mode
         combine = operator.add if mode == "reduce" else None
+        # Cut as an evaluator given this point in a profile would cut it.
+        plan = plan_chunks(self.n, lane[1], chunk_len, MEASURED)
         for i in range(int(warmup) + repeats):
             t0 = time.perf_counter()
-            result = runner.run(kernel, self.n, chunk_len, mode, combine)
+            result = runner.run(kernel, self.n, plan.chunk_len, mode, combine)
             elapsed = time.perf_counter() - t0
             del result  # lets the evaluator reuse its output memory
             self.runs += 1

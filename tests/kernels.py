@@ -354,3 +354,8 @@ def kill_once_hash_sum(shared, start, stop):
             fh.write(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
     return hash_sum(shared, start, stop)
+
+
+def count_items(shared, start, stop):
+    """The number of items of the chunk: a reduce gives n, whatever the plan."""
+    return stop - start

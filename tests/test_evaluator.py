@@ -414,10 +414,13 @@ def test_profile_chunks_are_fitted_to_n_explicit_ones_are_not(no_leaks):
     with Evaluator(profile=shipped) as ev:
         assert (ev.workers, ev.chunk_len) == (2, 7812)
         # 7.5 chunks of 7812 would leave one worker idle for half a chunk: 8 even ones
-        assert ev._chunk_len_for(58_590) == 7_324
-        assert ev._chunk_len_for(10_000_000) == 7_812  # many chunks balance themselves
+        assert ev.reduce(kernels.count_items, 58_590) == 58_590
+        assert ev.stats.chunk_len == 7_324
+        assert ev.reduce(kernels.count_items, 10_000_000) == 10_000_000
+        assert ev.stats.chunk_len == 7_812  # many chunks balance themselves
     with Evaluator(2, 7812) as ev:
-        assert ev._chunk_len_for(58_590) == 7_812
+        assert ev.reduce(kernels.count_items, 58_590) == 58_590
+        assert ev.stats.chunk_len == 7_812
 
 
 def test_as_many_chunks_as_workers_go_one_to_each(start_method, no_leaks):

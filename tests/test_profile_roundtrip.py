@@ -13,10 +13,11 @@ import warnings
 
 import numpy as np
 import pytest
+from kernels import count_items
 
 import autotune
-import autotune.evaluator as evaluator_mod
 import autotune.profile.lookup as lookup_mod
+import autotune.settings as settings
 from autotune import Evaluator, Profile, ProfileError, ProfileWarning, load_profile
 from autotune.cpu import probe
 from autotune.cpu.memory import available_memory, parse_meminfo_available, read_cgroup_memory
@@ -88,14 +89,24 @@ def test_load_profile_and_the_evaluator_agree_on_the_backend(isolated, monkeypat
             assert (ev.backend, ev.workers, ev.chunk_len) == (p.backend, p.workers, p.chunk_len)
 
 
+def chunk_lens(ev, sizes):
+    """The chunk length each call of ``sizes`` items ran with (ev.stats)."""
+    lengths = []
+    for n in sizes:
+        assert ev.reduce(count_items, n) == n
+        lengths.append(ev.stats.chunk_len)
+    return lengths
+
+
 def test_a_fallback_chunks_exactly_like_zero_config(isolated, no_leaks):
+    sizes = (10_000, 100_000, 10_000_000)
     with Evaluator(workers=2) as zero:
-        expected = [zero._chunk_len_for(n) for n in (10_000, 100_000, 10_000_000)]
+        expected = chunk_lens(zero, sizes)
     with pytest.warns(ProfileWarning, match="no profile for 'knn'"):
         ev = Evaluator(profile="knn", workers=2)
     with ev:
-        assert [ev._chunk_len_for(n) for n in (10_000, 100_000, 10_000_000)] == expected
-        assert ev._chunk_len_for(10_000) * 8 == 10_000  # 8 chunks, not 2
+        assert chunk_lens(ev, sizes) == expected
+        assert chunk_lens(ev, [10_000]) == [10_000 // 8]  # 8 chunks, not 2
 
 
 def test_item_bytes_sets_the_heuristic_chunk(no_leaks):
@@ -109,7 +120,7 @@ def test_item_bytes_sets_the_heuristic_chunk(no_leaks):
 
 
 def test_memory_warning_names_the_numbers(monkeypatch, no_leaks):
-    monkeypatch.setattr(evaluator_mod, "_available_memory", lambda: 1_000_000)
+    monkeypatch.setattr(settings, "available_memory", lambda: 1_000_000)
     x = np.arange(4000.0)
     with Evaluator(2, 1000, shared={"x": x}, item_bytes=1000) as ev:
         with pytest.warns(RuntimeWarning) as record:

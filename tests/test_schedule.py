@@ -5,6 +5,10 @@ from __future__ import annotations
 import operator
 import random
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
 
 
@@ -61,3 +65,78 @@ def test_balanced_chunk_len_evens_out_few_chunks():
     assert balanced_chunk_len(1_000_000, 1_000, 2) == 1_000  # many chunks: untouched
     assert balanced_chunk_len(10, 100, 3) == 4  # one chunk -> one per worker
     assert balanced_chunk_len(1_000, 300, 1) == 300
+
+
+# -- the one chunk planner ----------------------------------------------------------------
+def test_the_planner_keeps_an_exact_chunk_len_to_the_item():
+    from autotune.backends.schedule import EXACT, plan_chunks
+
+    assert plan_chunks(58_590, 2, 7812, EXACT).chunk_len == 7812
+    assert plan_chunks(10, 4, 1000, EXACT).chunk_len == 1000  # one chunk: the user asked
+
+
+def test_the_planner_fits_a_measured_chunk_len_to_the_call():
+    from autotune.backends.schedule import MEASURED, plan_chunks
+
+    assert plan_chunks(58_590, 2, 7812, MEASURED).chunk_len == 7324  # 7.5 chunks -> 8 equal
+    assert plan_chunks(10_000_000, 2, 7812, MEASURED).chunk_len == 7812  # many: untouched
+    assert plan_chunks(100, 4, 1000, MEASURED).chunk_len == 25  # one chunk per worker
+
+
+@pytest.mark.parametrize(("source", "per_worker"), [("probed", 2), ("guessed", 4)])
+def test_the_planner_gives_every_worker_chunks_of_a_length_it_was_not_told(source, per_worker):
+    from autotune.backends.schedule import plan_chunks
+
+    plan = plan_chunks(10_000, 2, 1 << 20, source)
+    assert plan.chunks == 2 * per_worker
+    assert plan.chunk_len * plan.chunks == 10_000
+
+
+def test_the_planner_refuses_what_is_not_a_plan():
+    from autotune._errors import RangeError
+    from autotune.backends.schedule import plan_chunks
+
+    with pytest.raises(ValueError, match="unknown chunk length source"):
+        plan_chunks(10, 2, 5, "tuned")
+    with pytest.raises(RangeError):
+        plan_chunks(10, 2, 0, "measured")
+
+
+@given(
+    n=st.integers(1, 10**7),
+    workers=st.integers(1, 128),
+    chunk_len=st.integers(1, 10**7),
+    source=st.sampled_from(["exact", "measured", "probed", "guessed"]),
+)
+@settings(max_examples=500, deadline=None)
+def test_every_plan_is_a_cut_of_the_call(n, workers, chunk_len, source):
+    from autotune.backends.schedule import (
+        GUESSED_CHUNKS_PER_WORKER,
+        PROBED_CHUNKS_PER_WORKER,
+        chunk_bounds,
+        plan_chunks,
+    )
+
+    plan = plan_chunks(n, workers, chunk_len, source)
+    assert 1 <= plan.chunk_len <= chunk_len
+    if source == "exact":
+        assert plan.chunk_len == chunk_len
+    per_worker = {"probed": PROBED_CHUNKS_PER_WORKER, "guessed": GUESSED_CHUNKS_PER_WORKER}
+    if source in per_worker:
+        assert plan.chunk_len <= -(-n // (per_worker[source] * workers))
+    if source == "measured" and n_chunks(n, chunk_len) <= 10_000:
+        # Fitting never makes the call longer: the busiest worker (chunks dealt in
+        # turn) has at most the items it would have had with the length asked.
+        def busiest(length: int) -> int:
+            loads = [0] * workers
+            for c in range(n_chunks(n, length)):
+                loads[c % workers] += min(n, (c + 1) * length) - c * length
+            return max(loads)
+
+        assert busiest(plan.chunk_len) <= busiest(chunk_len)
+    # The ranges: the first from 0, each from where the last stopped, the last at n.
+    assert chunk_bounds(0, plan.chunks, plan.chunk_len, n) == (0, n)
+    if plan.chunks <= 10_000:
+        ranges = list(plan.ranges())
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))

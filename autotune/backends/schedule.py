@@ -1,7 +1,12 @@
-"""Pure scheduling: which chunks go out in which batch, and folding partials in order.
+"""Pure scheduling: how a call is cut, which chunks go out in which batch, folding in order.
 
 Nothing here touches processes, so the policy is tested on numbers alone and
 any backend can reuse it.
+
+How a call is cut is decided in one place, :func:`plan_chunks`: given ``n``,
+the workers of the call and the chunk length asked for (and where that
+length came from), the :class:`ChunkPlan` whose ranges the runner executes.
+The evaluator, the online refinement and the search all plan through it.
 
 Chunks are fixed ``[c * chunk_len, min(n, (c + 1) * chunk_len))`` ranges, so
 a *batch* is just a range of chunk indices ``[c0, c1)``.  Batches shrink as
@@ -25,14 +30,20 @@ from __future__ import annotations
 import math
 import operator
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from autotune._errors import RangeError
 from autotune.backends.structure import ELEMENTWISE, ElementWise, PartialMismatch
 
 __all__ = [
+    "EXACT",
+    "GUESSED",
+    "MEASURED",
+    "PROBED",
     "Batches",
+    "ChunkPlan",
     "Coverage",
     "Cursor",
     "OrderedFold",
@@ -40,6 +51,7 @@ __all__ = [
     "chunk_bounds",
     "count_chunks",
     "n_chunks",
+    "plan_chunks",
 ]
 
 #: Each batch takes 1/(GUIDE * workers) of the chunks not yet handed out: a
@@ -79,10 +91,91 @@ def balanced_chunk_len(n: int, chunk_len: int, workers: int) -> int:
     7.6 of 131072).  Many chunks balance themselves.
     """
     total = n_chunks(n, chunk_len)
-    if workers <= 1 or total > 8 * workers:
+    if workers <= 1 or total > BALANCE_UP_TO * workers:
         return chunk_len
     even = -(-total // workers) * workers
     return max(1, min(chunk_len, -(-n // even)))
+
+
+#: Where a chunk length came from, which decides how a call may change it.
+#: The user's ``chunk_len``: honoured to the item.
+EXACT = "exact"
+#: Measured (a profile, a search's point), perhaps at another ``n``: cut to at
+#: most one chunk per worker, and few chunks made equal.
+MEASURED = "measured"
+#: A point the online refinement is timing: as measured, and at least
+#: :data:`PROBED_CHUNKS_PER_WORKER` chunks per worker.
+PROBED = "probed"
+#: The heuristic's rule, measured nowhere: at least
+#: :data:`GUESSED_CHUNKS_PER_WORKER` chunks per worker.
+GUESSED = "guessed"
+#: A timed run of the refinement keeps two chunks per worker: one chunk each
+#: would time the slowest worker's start more than the setting.
+PROBED_CHUNKS_PER_WORKER = 2
+#: A guessed length may be longer than a small call deserves: four chunks per
+#: worker keep every worker busy and let a slow chunk be made up for.
+GUESSED_CHUNKS_PER_WORKER = 4
+#: Up to this many chunks per worker, their length is evened out (see
+#: :func:`balanced_chunk_len`); more balance themselves.
+BALANCE_UP_TO = 8
+_MIN_PER_WORKER = {
+    EXACT: 0,
+    MEASURED: 0,
+    PROBED: PROBED_CHUNKS_PER_WORKER,
+    GUESSED: GUESSED_CHUNKS_PER_WORKER,
+}
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one call of ``n`` items is cut: chunks of ``chunk_len`` items, the last
+    one shorter, ``workers`` workers taking them.
+
+    ``ranges()`` are exactly the ``(start, stop)`` ranges the runner hands
+    to kernels: disjoint, covering ``[0, n)``.
+    """
+
+    n: int
+    workers: int
+    chunk_len: int
+
+    @property
+    def chunks(self) -> int:
+        return n_chunks(self.n, self.chunk_len)
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        for c in range(self.chunks):
+            yield chunk_bounds(c, c + 1, self.chunk_len, self.n)
+
+
+def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> ChunkPlan:
+    """The plan of a call of ``n`` items on ``workers`` workers, ``chunk_len`` asked.
+
+    The rules, by where ``chunk_len`` came from (``source``):
+
+    - :data:`EXACT` (the user's): kept as it is.
+    - :data:`MEASURED` (a profile, a search): at most ``ceil(n / workers)``
+      (one chunk per worker); then, with at most :data:`BALANCE_UP_TO`
+      chunks per worker, shortened just enough that all chunks are equal
+      and their number a multiple of ``workers`` (:func:`balanced_chunk_len`).
+    - :data:`PROBED` (timed by the online refinement): at least
+      :data:`PROBED_CHUNKS_PER_WORKER` chunks per worker, then balanced.
+    - :data:`GUESSED` (the heuristic's): at least
+      :data:`GUESSED_CHUNKS_PER_WORKER` chunks per worker, then balanced.
+
+    A map's result never depends on the plan; a reduce's bits do, and are
+    the same for the same ``(n, workers, chunk_len, source)``.
+    """
+    count_chunks(n, chunk_len)  # whole numbers, or RangeError
+    if source not in _MIN_PER_WORKER:
+        raise ValueError(f"unknown chunk length source {source!r}")
+    workers = max(1, workers)
+    if source == EXACT:
+        return ChunkPlan(n, workers, chunk_len)
+    per_worker = _MIN_PER_WORKER[source]
+    if per_worker:
+        chunk_len = max(1, min(chunk_len, -(-n // (per_worker * workers))))
+    return ChunkPlan(n, workers, balanced_chunk_len(n, chunk_len, workers))
 
 
 def chunk_bounds(c0: int, c1: int, chunk_len: int, n: int) -> tuple[int, int]:
