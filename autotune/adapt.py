@@ -41,7 +41,16 @@ import numpy as np
 
 from autotune._errors import RangeError
 from autotune.cpu import CpuInfo
-from autotune.engine import NOISY, Checkpoint, Lane, Request, Tally, auto_requests, pick_kept
+from autotune.engine import (
+    NOISY,
+    Checkpoint,
+    Lane,
+    Point,
+    Request,
+    Tally,
+    auto_requests,
+    pick_kept,
+)
 from autotune.profile import Profile
 from autotune.profile.online import online_profile
 
@@ -136,7 +145,7 @@ class Refiner:
         The heuristic's chunk length: where screening starts.
     item_bytes : int
         Bytes per item, to express chunk lengths in bytes.
-    settled : tuple of (Lane, int), optional
+    settled : Point, optional
         Start settled here (an online profile found for this kernel and CPU).
     """
 
@@ -145,7 +154,7 @@ class Refiner:
         plan: dict[Lane, list[int]],
         mid_len: int,
         item_bytes: int,
-        settled: tuple[Lane, int] | None = None,
+        settled: Point | None = None,
     ) -> None:
         self.plan = plan
         self.item_bytes = item_bytes
@@ -158,15 +167,15 @@ class Refiner:
         self._recheck_every = RECHECK
         self._since_check = 0
         self._recent: deque[float] = deque(maxlen=3)  # settled runs' seconds per item
-        self.best: tuple[Lane, int]
+        self.best: Point
         if settled is not None:
             self.best, self.settled = settled, True
         else:
-            self.best, self.settled = (next(iter(plan)), mid_len), False
+            self.best, self.settled = Point.of(next(iter(plan)), mid_len), False
             self._explore()
 
     # -- what to run ----------------------------------------------------------
-    def next(self) -> tuple[Lane, int]:
+    def next(self) -> Point:
         """The point the next run (a call, or a slice of a long call) should use."""
         if self.settled:
             self._since_check += 1
@@ -183,12 +192,12 @@ class Refiner:
                 return self.best
             if isinstance(step, Request):
                 self._pending = _Pending(step, step.repeats + int(step.warmup))
-        return self._pending.request.lane, self._pending.request.chunk_len
+        return self._pending.request.point
 
-    def record(self, point: tuple[Lane, int], seconds: float, items: int) -> None:
+    def record(self, point: Point, seconds: float, items: int) -> None:
         """What a run at ``point`` over ``items`` items took."""
         pending = self._pending
-        if not self.settled and pending is not None and point == self._point(pending.request):
+        if not self.settled and pending is not None and point == pending.request.point:
             request = pending.request
             first = pending.left == request.repeats + int(request.warmup)
             pending.left -= 1
@@ -202,24 +211,19 @@ class Refiner:
     def exploring(self) -> bool:
         return not self.settled
 
-    def throughput(self, point: tuple[Lane, int] | None = None) -> float | None:
+    def throughput(self, point: Point | None = None) -> float | None:
         """Items per second measured at ``point`` (default: the best), if any."""
-        lane, chunk_len = point or self.best
-        if (lane, chunk_len) not in self.tally.times:
+        point = point or self.best
+        if point not in self.tally.times:
             return None
-        return self.tally.measurement(lane, chunk_len).throughput
+        return self.tally.measurement(point).throughput
 
-    def runs_at(self, point: tuple[Lane, int]) -> int:
+    def runs_at(self, point: Point) -> int:
         return len(self.tally.times.get(point, ()))
 
     # -- inside -----------------------------------------------------------------
-    @staticmethod
-    def _point(request: Request) -> tuple[Lane, int]:
-        return request.lane, request.chunk_len
-
-    def _add(self, point: tuple[Lane, int], seconds: float, items: int) -> None:
-        lane, chunk_len = point
-        self.tally.add(lane, chunk_len, seconds, items)
+    def _add(self, point: Point, seconds: float, items: int) -> None:
+        self.tally.add(point, seconds, items)
         runs = self.tally.times[point]
         if len(runs) > KEEP_RUNS:
             del runs[0]
@@ -237,14 +241,12 @@ class Refiner:
         measured = self.tally.measured()
         if measured:
             best = pick_kept(m for _, m in measured)
-            lane = next(lane for lane, m in measured if m is best)
-            self.best = (lane, best.chunk_len)
+            self.best = next(point for point, m in measured if m is best)
         self.settled = True
         self._since_check = 0
 
-    def _runner_up(self) -> tuple[Lane, int] | None:
-        leaders = [(lane, m.chunk_len) for lane, m in self.tally.leaders(2)]
-        others = [p for p in leaders if p != self.best]
+    def _runner_up(self) -> Point | None:
+        others = [point for point, _ in self.tally.leaders(2) if point != self.best]
         return others[0] if others else None
 
     def _watch(self, seconds_per_item: float) -> None:
@@ -261,7 +263,7 @@ class Refiner:
             # Start over with what the kernel costs now: the old runs describe
             # another workload.
             self.tally = Tally(self.tally.n, self.item_bytes, label=True)
-            self.mid_bytes = self.best[1] * self.item_bytes
+            self.mid_bytes = self.best.chunk_len * self.item_bytes
             self._explore()
             return
         self._follow_leader()
@@ -269,11 +271,11 @@ class Refiner:
     def _follow_leader(self) -> None:
         leaders = self.tally.leaders(1)
         if leaders:
-            lane, m = leaders[0]
+            point, m = leaders[0]
             # A runner-up needs as many runs as the settled point had at
             # settling (3 or more) before it can take over.
-            if (lane, m.chunk_len) != self.best and m.repeats >= 3:
-                self.best = (lane, m.chunk_len)
+            if point != self.best and m.repeats >= 3:
+                self.best = point
 
 
 class PoolCost:
@@ -423,14 +425,15 @@ class Learner:
             plan[(backend, workers // 2)] = plan[lane]
         start = None
         if settled is not None:
-            start = ((backend, min(settled.workers, workers)), settled.chunk_len)
+            start = Point(backend, min(settled.workers, workers), settled.chunk_len)
         self.refiner = Refiner(plan, mid_len, item_bytes, settled=start)
         if settled is not None:
             # What the profile measured stands in as one run per point, so a
             # re-check has a runner-up to try.
             for m in settled.measurements:
                 if m.throughput and m.workers <= workers:
-                    self.refiner.tally.add((backend, m.workers), m.chunk_len, 1.0 / m.throughput, 1)
+                    point = Point(backend, m.workers, m.chunk_len)
+                    self.refiner.tally.add(point, 1.0 / m.throughput, 1)
         self.breakeven = BreakEven()
         if settled is not None and settled.best.throughput:
             # What an item cost at the settled point, as if every worker were
@@ -439,16 +442,16 @@ class Learner:
             per_item = settled.best.workers / settled.best.throughput
             self.breakeven.kernel_time(1, per_item, inline=False)
         self.n = 0  # items of the latest call, for the profile
-        self._saved_at: tuple[int, tuple[Lane, int]] | None = None
+        self._saved_at: tuple[int, Point] | None = None
         self._rate: float | None = None  # items per second of the latest slice
 
     # -- one call -------------------------------------------------------------
     def inline(self, n: int, overhead: float) -> bool:
         """Whether a call of ``n`` items is cheaper in the calling process, given
         what a pool call costs beyond the kernel (``overhead`` seconds)."""
-        return self.breakeven.inline(n, self.refiner.best[0][1], overhead)
+        return self.breakeven.inline(n, self.refiner.best.workers, overhead)
 
-    def slices(self, n: int, mode: str) -> Iterator[tuple[int, tuple[Lane, int], bool]]:
+    def slices(self, n: int, mode: str) -> Iterator[tuple[int, Point, bool]]:
         """``(items, point, measured)`` for each consecutive run of a call of ``n`` items.
 
         The items of the runs add up to ``n`` exactly.  Record each run with
@@ -484,9 +487,8 @@ class Learner:
             return
 
     @staticmethod
-    def _slice(n: int, point: tuple[Lane, int]) -> int:
-        (_, workers), chunk_len = point
-        return max(n // PROBE_SLICES, 2 * workers * chunk_len)
+    def _slice(n: int, point: Point) -> int:
+        return max(n // PROBE_SLICES, 2 * point.workers * point.chunk_len)
 
     def _probing(self, n: int, done: int) -> bool:
         """Whether the call may probe again after ``done`` of its ``n`` items: still
@@ -501,7 +503,7 @@ class Learner:
 
     def record(
         self,
-        point: tuple[Lane, int],
+        point: Point,
         items: int,
         wall: float,
         busy: float,
@@ -513,12 +515,12 @@ class Learner:
             self.refiner.record(point, wall, items)
         self.breakeven.kernel_time(items, busy, inline=False)
 
-    def leader(self) -> tuple[Lane, int]:
+    def leader(self) -> Point:
         """The fastest point measured so far (the settled one once settled)."""
         if self.refiner.settled:
             return self.refiner.best
         leaders = self.refiner.tally.leaders(1)
-        return (leaders[0][0], leaders[0][1].chunk_len) if leaders else self.refiner.best
+        return leaders[0][0] if leaders else self.refiner.best
 
     # -- what to remember ---------------------------------------------------------
     def profile_due(self) -> bool:
@@ -531,16 +533,16 @@ class Learner:
 
     def profile(self, cpu: CpuInfo) -> Profile:
         """The online profile of what was learned (and remember that it was saved)."""
-        lane, chunk_len = self.refiner.best
+        best = self.refiner.best
         tally = self.refiner.tally
         measured = [m for _, m in tally.measured()]
-        self._saved_at = (self.refiner.calls, self.refiner.best)
+        self._saved_at = (self.refiner.calls, best)
         return online_profile(
             self.name,
             cpu,
-            tally.measurement(lane, chunk_len),
+            tally.measurement(best),
             sorted(measured, key=lambda m: (m.workers, m.chunk_len)),
-            backend=lane[0],
+            backend=best.backend,
             item_bytes=self.item_bytes,
             n=max(self.n, 1),
         )

@@ -21,7 +21,8 @@ The strategy (``auto``):
    run of each per round, in alternating order, until they separate or each
    has :data:`TIE_REPEATS` runs.
 
-Points are ``(lane, chunk_len)``; a lane is ``(backend, workers)``.
+A :class:`Point` is ``(backend, workers, chunk_len)``; its ``lane`` is
+``(backend, workers)``, which the strategy screens and gives a chunk ladder.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from autotune.cpu import CpuInfo
 from autotune.cpu.model import FALLBACK_L1D_BYTES
@@ -45,6 +47,7 @@ __all__ = [
     "TIE_REPEATS",
     "Checkpoint",
     "Lane",
+    "Point",
     "Request",
     "Tally",
     "auto_requests",
@@ -69,6 +72,22 @@ TIE_REPEATS = 1000
 TIE_POINTS = 3
 
 Lane = tuple[str, int]  # (backend, workers)
+
+
+class Point(NamedTuple):
+    """Where runs are timed: a backend, its worker count and a chunk length."""
+
+    backend: str
+    workers: int
+    chunk_len: int
+
+    @property
+    def lane(self) -> Lane:
+        return self.backend, self.workers
+
+    @classmethod
+    def of(cls, lane: Lane, chunk_len: int) -> Point:
+        return cls(lane[0], lane[1], chunk_len)
 
 
 # -- candidates and picking (pure) -----------------------------------------------------
@@ -130,39 +149,38 @@ class Tally:
         self.n = n
         self.item_bytes = item_bytes
         self.label = label  # record the backend in each measurement
-        self.times: dict[tuple[Lane, int], list[float]] = {}
+        self.times: dict[Point, list[float]] = {}
 
-    def add(self, lane: Lane, chunk_len: int, seconds: float, items: int | None = None) -> None:
+    def add(self, point: Point, seconds: float, items: int | None = None) -> None:
         scale = 1.0 if items is None or items == self.n else self.n / items
-        self.times.setdefault((lane, chunk_len), []).append(seconds * scale)
+        self.times.setdefault(point, []).append(seconds * scale)
 
-    def measurement(self, lane: Lane, chunk_len: int) -> Measurement:
-        times = self.times[(lane, chunk_len)]
+    def measurement(self, point: Point) -> Measurement:
+        times = self.times[point]
         med = statistics.median(times)
         return Measurement(
-            workers=lane[1],
-            chunk_len=chunk_len,
-            chunk_bytes=chunk_len * self.item_bytes,
+            workers=point.workers,
+            chunk_len=point.chunk_len,
+            chunk_bytes=point.chunk_len * self.item_bytes,
             throughput=self.n / med,
             repeats=len(times),
             spread=(max(times) - min(times)) / med if len(times) > 1 else 0.0,
-            backend=lane[0] if self.label else None,
+            backend=point.backend if self.label else None,
         )
 
-    def measured(self) -> list[tuple[Lane, Measurement]]:
-        return [(lane, self.measurement(lane, c)) for (lane, c) in self.times]
+    def measured(self) -> list[tuple[Point, Measurement]]:
+        return [(point, self.measurement(point)) for point in self.times]
 
-    def leaders(self, k: int) -> list[tuple[Lane, Measurement]]:
-        return sorted(self.measured(), key=lambda lm: -(lm[1].throughput or 0.0))[:k]
+    def leaders(self, k: int) -> list[tuple[Point, Measurement]]:
+        return sorted(self.measured(), key=lambda pm: -(pm[1].throughput or 0.0))[:k]
 
 
 # -- which runs next -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Request:
-    """Time ``(lane, chunk_len)`` ``repeats`` times (after one unrecorded warm-up run)."""
+    """Time ``point`` ``repeats`` times (after one unrecorded warm-up run)."""
 
-    lane: Lane
-    chunk_len: int
+    point: Point
     repeats: int
     warmup: bool = False
 
@@ -204,37 +222,37 @@ def auto_requests(
         i = lengths.index(mid)
         longer = lengths[min(i + 3, len(lengths) - 1)]
         probes = [mid] + ([longer] if longer != mid else [])
-        yield Request(lane, probes[0], 1, warmup=True)
+        yield Request(Point.of(lane, probes[0]), 1, warmup=True)
         for c in probes[1:]:
-            yield Request(lane, c, 1)
-        screen[lane] = max(tally.measurement(lane, c).throughput or 0.0 for c in probes)
+            yield Request(Point.of(lane, c), 1)
+        screen[lane] = max(tally.measurement(Point.of(lane, c)).throughput or 0.0 for c in probes)
     top = max(screen.values())
     kept = {lane: v for lane, v in plan.items() if screen[lane] >= SCREEN * top}
     # 1. coarse: every other rung (and always the unchunked end) per kept lane
     for lane, lengths in kept.items():
         rungs = lengths[::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else [])
         for c in rungs:
-            if (lane, c) not in tally.times:
+            if Point.of(lane, c) not in tally.times:
                 yield Checkpoint(complete=False)
-                yield Request(lane, c, 1)
+                yield Request(Point.of(lane, c), 1)
     # 2. refine: ladder neighbours of the two best points
-    for lane, m in tally.leaders(2):
-        lengths = plan[lane]
-        i = lengths.index(m.chunk_len)
+    for point, _ in tally.leaders(2):
+        lengths = plan[point.lane]
+        i = lengths.index(point.chunk_len)
         for j in (i - 1, i + 1):
-            if 0 <= j < len(lengths) and (lane, lengths[j]) not in tally.times:
+            if 0 <= j < len(lengths) and Point.of(point.lane, lengths[j]) not in tally.times:
                 yield Checkpoint(complete=False)
-                yield Request(lane, lengths[j], 1)
+                yield Request(Point.of(point.lane, lengths[j]), 1)
     # 3. successive halving among the leaders: every point kept gets at
     #    least KEPT_REPEATS runs
     for keep, more in ((3, 2), (2, 2)):
         yield Checkpoint(complete=False)
-        for lane, m in tally.leaders(keep):
-            yield Request(lane, m.chunk_len, more)
-    for lane, m in tally.leaders(2):
+        for point, _ in tally.leaders(keep):
+            yield Request(point, more)
+    for point, m in tally.leaders(2):
         if m.spread > NOISY:
             yield Checkpoint(complete=True)
-            yield Request(lane, m.chunk_len, 2)
+            yield Request(point, 2)
     # 4. spend what is left on the points still tied with the best
     if ties:
         yield from _tie_rounds(tally)
@@ -244,22 +262,22 @@ def _tie_rounds(tally: Tally) -> Iterator[Request | Checkpoint]:
     """Re-time the best kept point and those tied with it, alternately."""
     flip = False
     while True:
-        kept = [(lane, m) for lane, m in tally.measured() if m.repeats >= KEPT_REPEATS]
+        kept = [(point, m) for point, m in tally.measured() if m.repeats >= KEPT_REPEATS]
         if len(kept) < 2:
             return
-        kept.sort(key=lambda lm: -(lm[1].throughput or 0.0))
+        kept.sort(key=lambda pm: -(pm[1].throughput or 0.0))
         best = kept[0][1]
-        tied = [kept[0]] + [lm for lm in kept[1:] if is_tie(best, lm[1])][: TIE_POINTS - 1]
+        tied = [kept[0]] + [pm for pm in kept[1:] if is_tie(best, pm[1])][: TIE_POINTS - 1]
         if len(tied) < 2:
             return  # the best stands apart
-        tied = [(lane, m) for lane, m in tied if m.repeats < TIE_REPEATS]
+        tied = [(point, m) for point, m in tied if m.repeats < TIE_REPEATS]
         if not tied:
             return
         yield Checkpoint(complete=True, round=True)
         # Alternate the order so that neither point always runs just after
         # the other (a warm cache, a clock ramping up).
-        for lane, m in reversed(tied) if flip else tied:
-            yield Request(lane, m.chunk_len, 1)
+        for point, _ in reversed(tied) if flip else tied:
+            yield Request(point, 1)
         flip = not flip
 
 

@@ -31,7 +31,7 @@ from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
 from autotune.cpu import CpuInfo
-from autotune.engine import chunk_ladder
+from autotune.engine import Point, chunk_ladder
 from autotune.profile import DEFAULT_ITEM_BYTES, Profile, cpu_mismatch, heuristic_profile
 from autotune.profile.online import online_path, save_online
 from autotune.settings import check_memory
@@ -105,7 +105,8 @@ class OnlineTuning:
     ) -> tuple[Any, int, bool]:
         """One call while adapting: (result, chunk length, ran inline)."""
         learner = self._learner(kernel, n)
-        (_, workers), nominal = learner.leader()
+        leader = learner.leader()
+        workers, nominal = leader.workers, leader.chunk_len
         # In this process a reduce runs the pool's chunks (the same bits); a
         # map, whose result does not depend on them, is one call of the
         # kernel: its own arrays, no copy, no bookkeeping.
@@ -137,8 +138,7 @@ class OnlineTuning:
             return _join(parts, mode, combine), chunk_len, True
         for items, point, measured in learner.slices(cut.left, mode):
             start, stop = cut.take(items)
-            (_, workers), nominal = point
-            plan = plan_chunks(items, workers, nominal, PROBED)
+            plan = plan_chunks(items, point.workers, point.chunk_len, PROBED)
             if self.item_bytes is not None and self.backend != "dask":
                 check_memory(plan, self.item_bytes, stacklevel=5)  # the user's map/reduce line
             chunk_len = plan.chunk_len
@@ -185,7 +185,7 @@ class OnlineTuning:
         learner: Learner,
         start: int,
         stop: int,
-        point: tuple[tuple[str, int], int],
+        point: Point,
         chunk_len: int,
         mode: str,
         combine: Any,
@@ -195,7 +195,7 @@ class OnlineTuning:
         """Items ``[start, stop)`` on the pool at ``point`` (its chunk length fitted
         to them: ``chunk_len``), timed for the refiner."""
         items = stop - start
-        (_, workers), _ = point
+        workers = point.workers
         runner = self._pool()
         meter.workers = workers
         meter.slots = list(range(workers))

@@ -62,6 +62,7 @@ from autotune.cpu import CpuInfo, probe
 from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.engine import (
     Lane,
+    Point,
     Request,
     Tally,
     auto_requests,
@@ -162,12 +163,12 @@ class _Bench(Tally):
             self.pools[lane] = runner
         return runner
 
-    def run(self, lane: Lane, chunk_len: int, repeats: int, warmup: bool = False) -> None:
-        runner = self.pool(lane)
+    def run(self, point: Point, repeats: int, warmup: bool = False) -> None:
+        runner = self.pool(point.lane)
         kernel, mode = self.workload.kernel, self.workload.mode
         combine = operator.add if mode == "reduce" else None
         # Cut as an evaluator given this point in a profile would cut it.
-        plan = plan_chunks(self.n, lane[1], chunk_len, MEASURED)
+        plan = plan_chunks(self.n, point.workers, point.chunk_len, MEASURED)
         for i in range(int(warmup) + repeats):
             t0 = time.perf_counter()
             result = runner.run(kernel, self.n, plan.chunk_len, mode, combine)
@@ -177,7 +178,7 @@ class _Bench(Tally):
             if self.progress is not None:
                 self.progress.update(1)
             if i >= int(warmup):
-                self.add(lane, chunk_len, elapsed)
+                self.add(point, elapsed)
 
     def close(self) -> None:
         for runner in self.pools.values():
@@ -230,7 +231,7 @@ def _grid(bench: _Bench, plan: dict[Lane, list[int]], deadline: float) -> bool:
         for c in lengths:
             if time.monotonic() > deadline:
                 return False
-            bench.run(lane, c, GRID_REPEATS, warmup=True)
+            bench.run(Point.of(lane, c), GRID_REPEATS, warmup=True)
     return True
 
 
@@ -241,7 +242,7 @@ def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes
     last_round = 0.0
     for step in auto_requests(bench, plan, mid_bytes, ties=True):
         if isinstance(step, Request):
-            bench.run(step.lane, step.chunk_len, step.repeats, warmup=step.warmup)
+            bench.run(step.point, step.repeats, warmup=step.warmup)
             continue
         now = time.monotonic()
         if step.round:

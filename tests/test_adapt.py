@@ -24,6 +24,7 @@ from autotune.adapt import (
     kernel_name,
     online_ladder,
 )
+from autotune.engine import Point
 
 LANE = ("processes", 2)
 LADDER = [1000, 2000, 4000, 8000, 16000, 32000, 64000, 125000, 500000]
@@ -39,11 +40,11 @@ def peaked(best: int, top: float = 1e8):
     return rate
 
 
-def drive(refiner: Refiner, rate, calls: int) -> list[tuple[tuple, int]]:
+def drive(refiner: Refiner, rate, calls: int) -> list[Point]:
     used = []
     for _ in range(calls):
         point = refiner.next()
-        refiner.record(point, N / rate(point[1]), N)
+        refiner.record(point, N / rate(point.chunk_len), N)
         used.append(point)
     return used
 
@@ -53,24 +54,24 @@ def test_settles_on_the_planted_best_and_stays(best):
     rate = peaked(best)
     refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
     used = drive(refiner, rate, 60)
-    assert refiner.settled and refiner.best == (LANE, best)
+    assert refiner.settled and refiner.best == Point.of(LANE, best)
     # After settling, only the best (and a rare re-check) is run.
-    assert sum(p == (LANE, best) for p in used[-20:]) >= 19
+    assert sum(p == Point.of(LANE, best) for p in used[-20:]) >= 19
 
 
 def test_first_call_is_the_heuristic_and_regret_is_bounded():
     rate = peaked(32000)
     refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
     used = drive(refiner, rate, 100)
-    assert used[0] == (LANE, 8000)
-    spent = sum(N / rate(c) for _, c in used)
+    assert used[0] == Point.of(LANE, 8000)
+    spent = sum(N / rate(p.chunk_len) for p in used)
     ideal = 100 * N / rate(32000)
     assert spent / ideal - 1 < 0.15  # the engine's exploration costs under 15 calls in 100
 
 
 def test_a_settled_profile_starts_settled():
-    refiner = Refiner({LANE: LADDER}, 8000, 8, settled=(LANE, 16000))
-    assert refiner.settled and refiner.next() == (LANE, 16000)
+    refiner = Refiner({LANE: LADDER}, 8000, 8, settled=Point.of(LANE, 16000))
+    assert refiner.settled and refiner.next() == Point.of(LANE, 16000)
 
 
 def test_rechecks_the_runner_up_rarely():
@@ -86,12 +87,12 @@ def test_rechecks_the_runner_up_rarely():
 def test_a_kernel_that_got_slower_is_explored_again():
     refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
     drive(refiner, peaked(8000), 60)
-    assert refiner.settled and refiner.best == (LANE, 8000)
+    assert refiner.settled and refiner.best == Point.of(LANE, 8000)
     # Same name, other data: everything is 3x slower and the peak moved.
     slower = peaked(64000, top=1e8 / 3)
     drive(refiner, slower, 80)
     assert refiner.explorations == 2
-    assert refiner.best == (LANE, 64000)
+    assert refiner.best == Point.of(LANE, 64000)
 
 
 def test_break_even_is_measured():

@@ -135,7 +135,7 @@ def test_what_was_learned_is_saved_and_found_by_the_next_evaluator(
     assert path.parent == profile_dir and path.is_file()
     saved = Profile.load(path)
     assert saved.source == "online" and saved.workload == "kernels:heavy_map"
-    assert (saved.workers, saved.chunk_len) == (best[0][1], best[1])
+    assert (saved.workers, saved.chunk_len) == (best.workers, best.chunk_len)
     assert sum(m.repeats for m in saved.measurements) >= 15  # the calls it rests on
     with Evaluator(shared={"x": x}) as ev:
         ev.map(kernels.heavy_map, N)

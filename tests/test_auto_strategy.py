@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from autotune.engine import NOISY, SCREEN, TIE_REPEATS
+from autotune.engine import NOISY, SCREEN, TIE_REPEATS, Point
 from autotune.tuner import GRID_REPEATS, _auto, _Bench, _grid
 
 #: The chunk ladder of every lane: powers of two, then the unchunked length.
@@ -81,29 +81,29 @@ class ScriptedBench(_Bench):
         self.clock = clock
         self.calls: list[Call] = []
 
-    def run(self, lane, chunk_len, repeats, warmup=False):
-        self.calls.append(Call(lane, chunk_len, repeats, warmup))
-        point = (lane, chunk_len)
+    def run(self, point, repeats, warmup=False):
+        self.calls.append(Call(point.lane, point.chunk_len, repeats, warmup))
+        key = (point.lane, point.chunk_len)
         for i in range(int(warmup) + repeats):
             self.clock.now += 1
             self.runs += 1
             if i >= int(warmup):
                 done = self.times.setdefault(point, [])
-                factors = self.noise.get(point, ())
+                factors = self.noise.get(key, ())
                 factor = factors[len(done)] if len(done) < len(factors) else 1.0
-                done.append(N / self.throughput[point] * factor)
+                done.append(N / self.throughput[key] * factor)
 
     # What the tests read back.
     def timed(self, lane):
         """Chunk lengths of ``lane`` that were timed, in ladder order."""
-        return [c for c in LADDER if (lane, c) in self.times]
+        return [c for c in LADDER if Point.of(lane, c) in self.times]
 
     def repeats(self, lane, chunk_len):
-        return len(self.times.get((lane, chunk_len), ()))
+        return len(self.times.get(Point.of(lane, chunk_len), ()))
 
     def best(self):
-        lane, m = self.leaders(1)[0]
-        return lane, m.chunk_len
+        point, _ = self.leaders(1)[0]
+        return point.lane, point.chunk_len
 
 
 @pytest.fixture
@@ -231,8 +231,9 @@ def test_auto_successive_halving_retimes_the_leaders(clock):
     ]
     assert [bench.repeats(P2, c) for c in (128, 64, 256)] == [5, 5, 3]
     # Everything else was timed once.
-    others = [p for p in bench.times if p not in {(P2, 128), (P2, 64), (P2, 256)}]
-    assert others and all(bench.repeats(*p) == 1 for p in others)
+    kept = {Point.of(P2, c) for c in (128, 64, 256)}
+    others = [p for p in bench.times if p not in kept]
+    assert others and all(len(bench.times[p]) == 1 for p in others)
 
 
 def after_halving(bench):
@@ -250,7 +251,7 @@ def test_auto_reruns_a_leader_whose_runs_spread(clock):
     assert complete
     later = after_halving(bench)
     assert later[0] == Call(P2, 128, 2, False)  # the noise re-run, for the noisy one only
-    assert bench.measurement(P2, 64).spread == pytest.approx(NOISY - 0.05)
+    assert bench.measurement(Point.of(P2, 64)).spread == pytest.approx(NOISY - 0.05)
     # 200 and 180 then tie within their spreads: both are re-timed, one run
     # each, alternately, until each has TIE_REPEATS runs; the pick holds.
     ties = later[1:]
@@ -264,7 +265,7 @@ def test_auto_reruns_a_leader_whose_runs_spread(clock):
 def test_auto_noise_rerun_is_for_the_top_two_only(clock):
     # The third leader spreads (its median unchanged): it gets no noise re-run ...
     bench, _ = auto(OFF_SCREEN, clock, noise={(P2, 256): (1.0, 1.0, 1.0 + 2 * NOISY)})
-    assert bench.measurement(P2, 256).spread > NOISY
+    assert bench.measurement(Point.of(P2, 256)).spread > NOISY
     later = after_halving(bench)
     assert all(c.repeats == 1 for c in later)
     # ... but its spread makes it a tie with the best (175 vs 200): the tie
