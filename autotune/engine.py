@@ -45,6 +45,7 @@ __all__ = [
     "SCREEN",
     "TIE_POINTS",
     "TIE_REPEATS",
+    "Bench",
     "Checkpoint",
     "Lane",
     "Point",
@@ -173,6 +174,17 @@ class Tally:
 
     def leaders(self, k: int) -> list[tuple[Point, Measurement]]:
         return sorted(self.measured(), key=lambda pm: -(pm[1].throughput or 0.0))[:k]
+
+
+class Bench(Tally):
+    r"""A :class:`Tally` that times points itself: the search's, or a scripted one.
+
+    ``run`` makes ``repeats`` timed runs of ``point`` (after one warm-up run
+    that is not recorded when ``warmup``) and :meth:`~Tally.add`\ s them.
+    """
+
+    def run(self, point: Point, repeats: int, warmup: bool = False) -> None:
+        raise NotImplementedError
 
 
 # -- which runs next -------------------------------------------------------------------

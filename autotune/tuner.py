@@ -61,10 +61,10 @@ from autotune.backends.shared import SharedNamespace, check_names
 from autotune.cpu import CpuInfo, probe
 from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.engine import (
+    Bench,
     Lane,
     Point,
     Request,
-    Tally,
     auto_requests,
     candidate_workers,
     chunk_ladder,
@@ -84,6 +84,8 @@ from autotune.workload import Workload
 
 __all__ = [
     "SearchResult",
+    "run_auto",
+    "run_grid",
     "search",
     "candidate_workers",
     "chunk_ladder",
@@ -128,7 +130,7 @@ class SearchResult:
 
 
 # -- the measuring engine ------------------------------------------------------------
-class _Bench(Tally):
+class _Bench(Bench):
     """Times points with one runner per (backend, workers); a Tally of every run."""
 
     def __init__(
@@ -225,26 +227,39 @@ def _measured_items(workload: Workload, budget: float, planned_runs: int, rate: 
 
 
 # -- the strategies --------------------------------------------------------------------
-def _grid(bench: _Bench, plan: dict[Lane, list[int]], deadline: float) -> bool:
-    """Every point; returns False when the budget ran out first."""
+def run_grid(
+    bench: Bench,
+    plan: dict[Lane, list[int]],
+    deadline: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Every point of ``plan`` on ``bench`` until ``clock()`` passes ``deadline``;
+    returns False when the budget ran out first."""
     for lane, lengths in plan.items():
         for c in lengths:
-            if time.monotonic() > deadline:
+            if clock() > deadline:
                 return False
             bench.run(Point.of(lane, c), GRID_REPEATS, warmup=True)
     return True
 
 
-def _auto(bench: _Bench, plan: dict[Lane, list[int]], deadline: float, mid_bytes: int) -> bool:
-    """The engine's ``auto`` strategy, tie rounds included, run as fast as the bench
-    can; False when the budget ran out before successive halving was done."""
+def run_auto(
+    bench: Bench,
+    plan: dict[Lane, list[int]],
+    deadline: float,
+    mid_bytes: int,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """The engine's ``auto`` strategy, tie rounds included, run on ``bench`` as
+    fast as it can until ``clock()`` passes ``deadline``; False when the budget
+    ran out before successive halving was done."""
     round_began: float | None = None
     last_round = 0.0
     for step in auto_requests(bench, plan, mid_bytes, ties=True):
         if isinstance(step, Request):
             bench.run(step.point, step.repeats, warmup=step.warmup)
             continue
-        now = time.monotonic()
+        now = clock()
         if step.round:
             # One more tie round only if it fits, as long as the last one.
             if round_began is not None:
@@ -435,9 +450,9 @@ def _search(
         if bar is not None:
             bar.update(3)
         if strategy == "grid":
-            complete = _grid(bench, plan, deadline)
+            complete = run_grid(bench, plan, deadline)
         else:
-            complete = _auto(bench, plan, deadline, (cpu.l2 or FALLBACK_L2_BYTES) // 8)
+            complete = run_auto(bench, plan, deadline, (cpu.l2 or FALLBACK_L2_BYTES) // 8)
     finally:
         bench.close()
         if bar is not None:

@@ -1,9 +1,9 @@
 """The search strategies' decisions, on a scripted bench: no processes, no clocks.
 
-``_auto`` and ``_grid`` only ask a bench to time points and read back what
-it measured.  Here the bench is the tuner's own ``_Bench`` with ``run``
-replaced: each "run" files the seconds a table of throughputs says for that
-(lane, chunk length), and ticks a fake clock by one.  What ``measurement``,
+``run_auto`` and ``run_grid`` only ask a bench (:class:`~autotune.engine.Bench`)
+to time points and read back what it measured, and read the clock they are
+given.  Here the bench's ``run`` files the seconds a table of throughputs
+says for that (lane, chunk length), and ticks a fake clock by one.  What ``measurement``,
 ``measured`` and ``leaders`` make of those seconds is the real code, so
 these tests pin which points each strategy times, how often, and what it
 ends up ranking first, for throughput landscapes chosen to exercise each
@@ -15,13 +15,12 @@ real machine; nothing here times anything.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import pytest
 
-from autotune.engine import NOISY, SCREEN, TIE_REPEATS, Point
-from autotune.tuner import GRID_REPEATS, _auto, _Bench, _grid
+from autotune.engine import NOISY, SCREEN, TIE_REPEATS, Bench, Point
+from autotune.tuner import GRID_REPEATS, run_auto, run_grid
 
 #: The chunk ladder of every lane: powers of two, then the unchunked length.
 LADDER = [16, 32, 64, 128, 256, 512, 1024, 2048, 5000]
@@ -46,18 +45,16 @@ class Call:
 
 
 class FakeClock:
-    """Stands in for the ``time`` module the strategies read; one tick per kernel run."""
+    """The clock the strategies are given; one tick per kernel run."""
 
     def __init__(self) -> None:
         self.now = 0.0
 
-    def monotonic(self) -> float:
+    def __call__(self) -> float:
         return self.now
 
-    perf_counter = monotonic
 
-
-class ScriptedBench(_Bench):
+class ScriptedBench(Bench):
     """The tuner's bench, its timing replaced by a table of throughputs.
 
     ``table[lane]`` lists items per second along ``ladder``.  ``noise``
@@ -66,13 +63,7 @@ class ScriptedBench(_Bench):
     """
 
     def __init__(self, table, clock, noise=None, ladder=LADDER):
-        # Not _Bench.__init__: there is no workload and no pool to start.
-        self.n = N
-        self.item_bytes = ITEM_BYTES
-        self.label = True
-        self.progress = None
-        self.pools = {}
-        self.times = {}
+        super().__init__(N, ITEM_BYTES, label=True)
         self.runs = 0
         self.throughput = {
             (lane, c): tp for lane, row in table.items() for c, tp in zip(ladder, row, strict=True)
@@ -107,13 +98,8 @@ class ScriptedBench(_Bench):
 
 
 @pytest.fixture
-def clock(monkeypatch):
-    # The strategies read the clock through their module's ``time``: replace
-    # that name there (wherever the strategies live), not the time module.
-    fake = FakeClock()
-    for strategy in (_auto, _grid):
-        monkeypatch.setattr(sys.modules[strategy.__module__], "time", fake)
-    return fake
+def clock():
+    return FakeClock()
 
 
 def plan(*lanes, ladder=LADDER):
@@ -122,7 +108,7 @@ def plan(*lanes, ladder=LADDER):
 
 def auto(table, clock, noise=None, deadline=math.inf, ladder=LADDER):
     bench = ScriptedBench(table, clock, noise, ladder)
-    complete = _auto(bench, plan(*table, ladder=ladder), deadline, MID_BYTES)
+    complete = run_auto(bench, plan(*table, ladder=ladder), deadline, MID_BYTES, clock)
     return bench, complete
 
 
@@ -327,7 +313,7 @@ def test_grid_times_every_planned_point_once_with_a_warmup(clock):
     table = {P1: [100] * len(LADDER), T2: [200] * len(LADDER)}
     the_plan = {P1: LADDER[:4], T2: LADDER[3:]}
     bench = ScriptedBench(table, clock)
-    assert _grid(bench, the_plan, math.inf)
+    assert run_grid(bench, the_plan, math.inf, clock)
     expected = [Call(lane, c, GRID_REPEATS, True) for lane, cs in the_plan.items() for c in cs]
     assert bench.calls == expected
     assert all(len(t) == GRID_REPEATS for t in bench.times.values())
@@ -339,7 +325,7 @@ def test_grid_stops_at_the_deadline(clock, points):
     bench = ScriptedBench(table, clock)
     per_point = GRID_REPEATS + 1  # the warm-up
     # The clock is checked before each point; the deadline falls inside point ``points``.
-    done = _grid(bench, plan(P1, T2), per_point * points - 0.5)
+    done = run_grid(bench, plan(P1, T2), per_point * points - 0.5, clock)
     assert not done
     assert len(bench.calls) == points
     assert bench.calls == [Call(P1, c, GRID_REPEATS, True) for c in LADDER[:points]]
