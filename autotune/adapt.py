@@ -30,7 +30,6 @@ them while it works (``Evaluator(adapt=...)``):
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -66,7 +65,6 @@ __all__ = [
     "Shifted",
     "infer_item_bytes",
     "join_parts",
-    "kernel_name",
     "online_ladder",
 ]
 
@@ -90,19 +88,6 @@ SLICE_MAP_MIN_S = 50e-9
 TINY_S = 50e-6
 #: Save an online profile again after this many more calls.
 SAVE_EVERY = 100
-
-
-def kernel_name(kernel: Any) -> str:
-    """``module:qualname`` of a kernel: the name its online profile is saved under."""
-    module = getattr(kernel, "__module__", None) or "?"
-    qualname = getattr(kernel, "__qualname__", None) or type(kernel).__qualname__
-    return f"{module}:{qualname}"
-
-
-def file_slug(name: str) -> str:
-    """``name`` as a safe file-name part (``mymod:kernel`` -> ``mymod-kernel``)."""
-    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-.")
-    return slug[:80] or "kernel"
 
 
 def infer_item_bytes(shared: Mapping[str, Any], n: int, row_bytes: int | None = None) -> int | None:

@@ -11,19 +11,15 @@ hands it the call and a way to get the runner (started on first use).
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from autotune._errors import ProfileError, ProfileWarning
 from autotune.adapt import (
     Learner,
     PoolCost,
     Shifted,
-    file_slug,
     infer_item_bytes,
     join_parts,
-    kernel_name,
 )
 from autotune.backends.runners import Runner
 from autotune.backends.schedule import PROBED, Cursor, OrderedFold, plan_chunks
@@ -32,8 +28,8 @@ from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
 from autotune.cpu import CpuInfo
 from autotune.engine import Point, chunk_ladder
-from autotune.profile import DEFAULT_ITEM_BYTES, Profile, cpu_mismatch, heuristic_profile
-from autotune.profile.online import online_path, save_online
+from autotune.profile import DEFAULT_ITEM_BYTES, heuristic_profile
+from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_online
 from autotune.settings import check_memory
 
 __all__ = ["OnlineTuning"]
@@ -240,31 +236,10 @@ class OnlineTuning:
             mid,
             ladder,
             item_bytes,
-            settled=self._online_profile(name),
+            settled=load_online(name, self.cpu, self.backend),
         )
         self.learners[name] = learner
         return learner
-
-    def _online_profile(self, name: str) -> Profile | None:
-        """The online profile saved for ``name`` on this CPU and backend, if one fits."""
-        path = online_path(file_slug(name), self.cpu)
-        if not path.is_file():
-            return None
-        try:
-            found = Profile.load(path)
-        except ProfileError as exc:
-            warnings.warn(
-                f"online profile not used, tuning afresh: {exc}", ProfileWarning, stacklevel=5
-            )
-            return None
-        if (
-            found.source != "online"
-            or found.workload != name
-            or found.backend != self.backend
-            or cpu_mismatch(found.cpu, self.cpu) is not None
-        ):
-            return None
-        return found
 
     def _remember(self, learner: Learner) -> None:
         """Save what was learned once settled (and again when it moves or ages)."""

@@ -21,10 +21,10 @@ from autotune.adapt import (
     PoolCost,
     Refiner,
     infer_item_bytes,
-    kernel_name,
     online_ladder,
 )
 from autotune.engine import Point
+from autotune.profile.online import kernel_name
 
 LANE = ("processes", 2)
 LADDER = [1000, 2000, 4000, 8000, 16000, 32000, 64000, 125000, 500000]

@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 
 from autotune import Evaluator, Profile, ProfileWarning
-from autotune.adapt import file_slug, kernel_name
 from autotune.backends.shared import SharedNamespace
 from autotune.cpu import probe
-from autotune.profile.online import online_path
+from autotune.profile.online import file_slug, kernel_name, online_path
 
 N = 200_000
 

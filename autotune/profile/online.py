@@ -15,21 +15,44 @@ warning, once per process and directory, never an error.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from autotune._errors import ProfileError, ProfileWarning
 from autotune._util import utc_timestamp
 from autotune._version import __version__
 from autotune.cpu import CpuInfo
 from autotune.profile.lookup import profile_dirs
-from autotune.profile.match import cpu_section
+from autotune.profile.match import cpu_mismatch, cpu_section
 from autotune.profile.model import Measurement, Profile, python_build
 
-__all__ = ["online_dir", "online_path", "online_profile", "save_online"]
+__all__ = [
+    "file_slug",
+    "kernel_name",
+    "load_online",
+    "online_dir",
+    "online_path",
+    "online_profile",
+    "save_online",
+]
 
 _WARNED: set[str] = set()
+
+
+def kernel_name(kernel: Any) -> str:
+    """``module:qualname`` of a kernel: the name its online profile is saved under."""
+    module = getattr(kernel, "__module__", None) or "?"
+    qualname = getattr(kernel, "__qualname__", None) or type(kernel).__qualname__
+    return f"{module}:{qualname}"
+
+
+def file_slug(name: str) -> str:
+    """``name`` as a safe file-name part (``mymod:kernel`` -> ``mymod-kernel``)."""
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-.")
+    return slug[:80] or "kernel"
 
 
 def online_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -68,6 +91,32 @@ def online_profile(
         backend=backend,
         python=python_build(),
     )
+
+
+def load_online(name: str, cpu: CpuInfo, backend: str) -> Profile | None:
+    """The online profile saved for ``name`` on this CPU and backend, if one fits.
+
+    A file that cannot be read, or is not a valid profile, is a
+    ``ProfileWarning`` (tune afresh), never an error.
+    """
+    path = online_path(file_slug(name), cpu)
+    if not path.is_file():
+        return None
+    try:
+        found = Profile.load(path)
+    except ProfileError as exc:
+        warnings.warn(
+            f"online profile not used, tuning afresh: {exc}", ProfileWarning, stacklevel=6
+        )
+        return None
+    if (
+        found.source != "online"
+        or found.workload != name
+        or found.backend != backend
+        or cpu_mismatch(found.cpu, cpu) is not None
+    ):
+        return None
+    return found
 
 
 def save_online(profile: Profile, path: Path) -> bool:
