@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,7 @@ __all__ = [
     "PoolCost",
     "Refiner",
     "Shifted",
+    "SliceRun",
     "infer_item_bytes",
     "join_parts",
     "online_ladder",
@@ -372,6 +373,22 @@ def join_parts(parts: list[Any]) -> Any:
     return np.concatenate(parts)
 
 
+@dataclass(frozen=True)
+class SliceRun:
+    """What one run of a call on the pool took.
+
+    ``items`` items at ``point``: ``wall`` seconds, ``busy`` seconds of
+    kernel work summed over the workers; ``measured``: whether the refiner
+    counts it (the rest of a probing call is not).
+    """
+
+    point: Point
+    items: int
+    wall: float
+    busy: float
+    measured: bool = True
+
+
 class Learner:
     """What an evaluator knows of one kernel (by name): its refiner and its break-even.
 
@@ -428,7 +445,6 @@ class Learner:
             self.breakeven.kernel_time(1, per_item, inline=False)
         self.n = 0  # items of the latest call, for the profile
         self._saved_at: tuple[int, Point] | None = None
-        self._rate: float | None = None  # items per second of the latest slice
 
     # -- one call -------------------------------------------------------------
     def inline(self, n: int, overhead: float) -> bool:
@@ -436,69 +452,61 @@ class Learner:
         what a pool call costs beyond the kernel (``overhead`` seconds)."""
         return self.breakeven.inline(n, self.refiner.best.workers, overhead)
 
-    def slices(self, n: int, mode: str) -> Iterator[tuple[int, Point, bool]]:
-        """``(items, point, measured)`` for each consecutive run of a call of ``n`` items.
+    def run_call(self, n: int, mode: str, run: Callable[[int, Point, bool], SliceRun]) -> None:
+        """Run a call of ``n`` items on the pool as consecutive runs, and learn from them.
 
-        The items of the runs add up to ``n`` exactly.  Record each run with
-        :meth:`record` before asking for the next.  A call too short to cut
-        runs whole at the point the engine asks for.  A long one, while
-        exploring, probes one slice per point (each long enough for two
-        chunks per worker) within its first half, while what is left is
-        worth it, and runs the rest at the best point so far; that rest is
-        not a measurement (a run of another size is not comparable).  A map
-        is cut only when its kernel is slow per item: its slices come back
-        as separate arrays that must be joined, a copy that a memory-bound
-        map would pay as much for as for its work.
+        ``run(items, point, measured)`` runs the call's next ``items`` items
+        at ``point`` and says what that took; the items of the runs add up to
+        ``n`` exactly.  A call too short to cut is one run at the point the
+        engine asks for.  A long one, while exploring, probes one slice per
+        point (each long enough for two chunks per worker) within its first
+        half, while what is left is worth it, and runs the rest at the best
+        point so far; that rest is not a measurement (a run of another size
+        is not comparable).  A map is cut only when its kernel is slow per
+        item: its slices come back as separate arrays that must be joined, a
+        copy that a memory-bound map would pay as much for as for its work.
         """
         self.n = max(self.n, n)
         point = self.refiner.next()
         cuttable = mode == "reduce" or self.breakeven.per_item() >= SLICE_MAP_MIN_S
         if not self.refiner.exploring or not cuttable or self._slice(n, point) > n // 2:
-            yield n, point, True
+            self._learn(run(n, point, True))
             return
         done = 0
         while True:
-            items = self._slice(n, point)
-            yield items, point, True
-            done += items
-            if self._probing(n, done):
+            probe = run(self._slice(n, point), point, True)
+            self._learn(probe)
+            done += probe.items
+            if self._probing(n, done, probe):
                 # Each point probes with a slice of its own length: the next
                 # one must fit in the first half of the call too.
                 following = self.refiner.next()
                 if n - done - self._slice(n, following) >= n // 2:
                     point = following
                     continue
-            yield n - done, self.leader(), False
+            self._learn(run(n - done, self.leader(), False))
             return
 
     @staticmethod
     def _slice(n: int, point: Point) -> int:
         return max(n // PROBE_SLICES, 2 * point.workers * point.chunk_len)
 
-    def _probing(self, n: int, done: int) -> bool:
+    def _probing(self, n: int, done: int, last: SliceRun) -> bool:
         """Whether the call may probe again after ``done`` of its ``n`` items: still
-        exploring, more than half of it left, and what is left worth it."""
+        exploring, more than half of it left, and what is left worth it at the
+        rate of the ``last`` run."""
         remaining = n - done
         return (
             self.refiner.exploring
             and remaining > n // 2
-            and self._rate is not None
-            and remaining / self._rate > PROBE_WORTH_S
+            and last.wall > 0
+            and remaining * last.wall / last.items > PROBE_WORTH_S
         )
 
-    def record(
-        self,
-        point: Point,
-        items: int,
-        wall: float,
-        busy: float,
-        measured: bool = True,
-    ) -> None:
-        """A run over ``items`` items at ``point``: wall seconds, kernel seconds summed."""
-        self._rate = items / wall if wall > 0 else None
-        if measured:
-            self.refiner.record(point, wall, items)
-        self.breakeven.kernel_time(items, busy, inline=False)
+    def _learn(self, run: SliceRun) -> None:
+        if run.measured:
+            self.refiner.record(run.point, run.wall, run.items)
+        self.breakeven.kernel_time(run.items, run.busy, inline=False)
 
     def leader(self) -> Point:
         """The fastest point measured so far (the settled one once settled)."""

@@ -29,6 +29,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from autotune._errors import EfficiencyWarning
 from autotune._util import BACKENDS, check_int, check_kernel_signature, positive_int
 from autotune.backends import stats as call_stats
 from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
-from autotune.backends.runners import Runner, open_runner
+from autotune.backends.runners import LazyRunner, open_runner
 from autotune.backends.schedule import EXACT, GUESSED, MEASURED, n_chunks, plan_chunks
 from autotune.backends.shared import check_names
 from autotune.backends.stats import CallStats, Meter, advice
@@ -238,9 +239,6 @@ class Evaluator:
         self._busy: int | None = None  # thread running a call
         self._owner_pid = os.getpid()
         self._closed = False
-        # The runner, once started (the finalizer closes what it holds).
-        self._holder: list[Runner] = []
-        self._finalizer = weakref.finalize(self, _close_all, self._holder)
         runner_args = dict(
             start_method=method,
             blas_threads=blas_threads,
@@ -249,16 +247,20 @@ class Evaluator:
             client=client,
             address=address,
         )
-        self._open = lambda: open_runner(backend, workers, shared_dict, **runner_args)
+        # The runner's whole life: started here, or by an adapting evaluator at
+        # the first call that pays for it (a loop of small calls never starts a
+        # pool at all); closed by close() or, unclosed, by the finalizer.
+        self._runner = LazyRunner(
+            lambda: open_runner(backend, workers, shared_dict, **runner_args), int(workers or 1)
+        )
+        self._finalizer = weakref.finalize(self, self._runner.close)
         if not self._adapt:
-            self._pool()  # started now: a worker that cannot start is reported here
-        # An adapting evaluator starts its workers at the first call that pays
-        # for them: a loop of small calls never starts a pool at all.
-        self.workers: int = self._holder[0].workers if self._holder else int(workers or 1)
+            self._runner.start()  # a worker that cannot start is reported here
+        self.workers: int = self._runner.workers
         self.chunk_len: int = chunk_len
         # What the last call cost, as measured; ``stats`` builds the CallStats
         # when asked (a small inline call should not pay for it).
-        self._last: tuple[Meter, int, str, int, float, bool] | None = None
+        self._last: _LastCall | None = None
         self._stats_built: CallStats | None = None
         self._warned = False  # the EfficiencyWarning is given once per evaluator
         # Online refinement: what is known of each kernel, by name.
@@ -266,7 +268,7 @@ class Evaluator:
         if self._adapt:
             assert self._cpu is not None
             args = (self._cpu, backend, self.workers, shared_dict, self.item_bytes)
-            self._online = OnlineTuning(*args, self._profile_name, self._pool)
+            self._online = OnlineTuning(*args, self._profile_name, self._runner)
 
     # -- public API -------------------------------------------------------
     def map(self, kernel: Callable[..., Any], n: int, *, progress: bool = False) -> Any:
@@ -338,7 +340,6 @@ class Evaluator:
             self._finalizer()
             if self._online is not None:
                 self._online.close()  # the user's data goes with the pool
-            self._open = _closed_runner
 
     def __enter__(self) -> Evaluator:
         return self
@@ -356,7 +357,7 @@ class Evaluator:
     @property
     def pids(self) -> list[int]:
         """Process ids of the current workers (empty for the threads and dask backends)."""
-        return list(getattr(self._holder[0], "pids", [])) if self._holder else []
+        return self._runner.pids
 
     # -- one call ---------------------------------------------------------
     def _call(
@@ -393,7 +394,7 @@ class Evaluator:
                 if self._online is not None:
                     result, chunk_len, inline = self._online.call(kernel, n, mode, combine, meter)
                 else:
-                    result = self._pool().run(kernel, n, chunk_len, mode, combine, meter)
+                    result = self._runner.run(kernel, n, chunk_len, mode, combine, meter)
             finally:
                 # Stats on every path: a failed call's are as true as any.
                 wall = time.perf_counter() - began
@@ -401,45 +402,38 @@ class Evaluator:
                     bar.close()
                 self._record(meter, n, mode, chunk_len, wall, inline)
                 self._busy = None
-                if self._holder and self._holder[0].closed:
+                if self._runner.closed:
                     # The pool ended itself (Ctrl-C or a failure of our own
                     # mid-call): so does the evaluator.
                     self.close()
         self._warn_if_inefficient()
         return result
 
-    # -- online refinement ------------------------------------------------
-    def _pool(self) -> Runner:
-        """The runner, started on first use."""
-        if not self._holder:
-            self._holder.append(self._open())
-        return self._holder[0]
-
     @property
     def stats(self) -> CallStats | None:
         """What the last call cost (:class:`~autotune.CallStats`); None before the first."""
-        if self._stats_built is None and self._last is not None:
-            meter, n, mode, chunk_len, wall, inline = self._last
+        last = self._last
+        if self._stats_built is None and last is not None:
             self._stats_built = CallStats.of(
-                meter,
-                n=n,
-                mode=mode,
-                chunk_len=chunk_len,
-                chunks=n_chunks(n, chunk_len) if n else 0,
+                last.meter,
+                n=last.n,
+                mode=last.mode,
+                chunk_len=last.chunk_len,
+                chunks=n_chunks(last.n, last.chunk_len) if last.n else 0,
                 backend=self.backend,
-                wall_s=wall,
-                inline=inline,
+                wall_s=last.wall_s,
+                inline=last.inline,
             )
         return self._stats_built
 
     def _record(
         self, meter: Meter, n: int, mode: str, chunk_len: int, wall: float, inline: bool
     ) -> None:
-        self._last, self._stats_built = (meter, n, mode, chunk_len, wall, inline), None
+        self._last, self._stats_built = _LastCall(meter, n, mode, chunk_len, wall, inline), None
 
     def _warn_if_inefficient(self) -> None:
         """One EfficiencyWarning per evaluator, for a long call that left workers idle."""
-        if self._warned or self._last is None or self._last[4] < call_stats.LONG_CALL_S:
+        if self._warned or self._last is None or self._last.wall_s < call_stats.LONG_CALL_S:
             return
         message = advice(self.stats) if self.stats is not None else None
         if message is not None:
@@ -462,6 +456,18 @@ class Evaluator:
             )
 
 
+@dataclass(frozen=True)
+class _LastCall:
+    """What the last call was and what it cost, as measured (``ev.stats`` is built from it)."""
+
+    meter: Meter
+    n: int
+    mode: str
+    chunk_len: int
+    wall_s: float
+    inline: bool
+
+
 def _progress_bar(n: int, mode: str) -> Any:
     """A tqdm bar on stderr for one call, counting items as their chunks complete."""
     from tqdm import tqdm
@@ -479,15 +485,6 @@ def _refuse_nesting() -> None:
             "level only"
         )
     check_not_bootstrapping()
-
-
-def _close_all(holder: list[Runner]) -> None:
-    for runner in holder:
-        runner.close()
-
-
-def _closed_runner() -> Runner:
-    raise RuntimeError("this Evaluator is closed")
 
 
 def _pin_cpus(workers: int) -> list[int]:

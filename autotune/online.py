@@ -5,7 +5,7 @@
 memory of inline map outputs) and decides, call by call, whether the call
 runs in this process or on the pool, at which point of the engine, in one
 run or in slices (see :mod:`autotune.adapt` for the why).  The evaluator
-hands it the call and a way to get the runner (started on first use).
+hands it the call and its runner (started at the first call that runs on it).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from autotune.adapt import (
     Learner,
     PoolCost,
     Shifted,
+    SliceRun,
     infer_item_bytes,
     join_parts,
 )
 from autotune.backends.runners import Runner
-from autotune.backends.schedule import PROBED, Cursor, OrderedFold, plan_chunks
+from autotune.backends.schedule import PROBED, ChunkPlan, Cursor, OrderedFold, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
@@ -57,8 +58,9 @@ class OnlineTuning:
         Given by the user; else inferred per kernel from ``shared``.
     profile_name : str, optional
         The name online profiles are saved under; else each kernel's.
-    pool : callable
-        Returns the runner, starting it on first use.
+    runner : Runner
+        The evaluator's runner (a :class:`~autotune.backends.runners.LazyRunner`:
+        its workers start at the first call that runs on it).
     clock : callable, optional
         Seconds, for timing runs (``time.perf_counter``; tests script it).
 
@@ -75,7 +77,7 @@ class OnlineTuning:
         shared: Mapping[str, Any],
         item_bytes: int | None,
         profile_name: str | None,
-        pool: Callable[[], Runner],
+        runner: Runner,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cpu = cpu
@@ -84,7 +86,7 @@ class OnlineTuning:
         self.item_bytes = item_bytes
         self.profile_name = profile_name
         self._shared = shared
-        self._pool = pool
+        self._runner = runner
         self._clock = clock
         self.learners: dict[str, Learner] = {}
         self.pool_cost = PoolCost()
@@ -132,17 +134,19 @@ class OnlineTuning:
             )
             cut.check_complete()
             return _join(parts, mode, combine), chunk_len, True
-        for items, point, measured in learner.slices(cut.left, mode):
+
+        def run(items: int, point: Point, measured: bool) -> SliceRun:
+            nonlocal chunk_len
             start, stop = cut.take(items)
             plan = plan_chunks(items, point.workers, point.chunk_len, PROBED)
             if self.item_bytes is not None and self.backend != "dask":
-                check_memory(plan, self.item_bytes, stacklevel=5)  # the user's map/reduce line
+                check_memory(plan, self.item_bytes, stacklevel=7)  # the user's map/reduce line
             chunk_len = plan.chunk_len
-            parts.append(
-                self._on_pool(
-                    kernel, learner, start, stop, point, chunk_len, mode, combine, meter, measured
-                )
-            )
+            part, wall, busy = self._on_pool(kernel, start, stop, plan, mode, combine, meter)
+            parts.append(part)
+            return SliceRun(point, items, wall, busy, measured)
+
+        learner.run_call(cut.left, mode, run)
         cut.check_complete()
         self._remember(learner)
         return _join(parts, mode, combine), chunk_len, False
@@ -160,7 +164,6 @@ class OnlineTuning:
     ) -> Any:
         """Items ``[start, stop)`` in this process, timed for the break-even."""
         items = stop - start
-        meter.workers, meter.slots = 1, [0]
         began = self._clock()
         result = run_inline(
             kernel if start == 0 else Shifted(kernel, start, stop),
@@ -178,34 +181,26 @@ class OnlineTuning:
     def _on_pool(
         self,
         kernel: Callable[..., Any],
-        learner: Learner,
         start: int,
         stop: int,
-        point: Point,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Any,
         meter: Meter,
-        measured: bool = True,
-    ) -> Any:
-        """Items ``[start, stop)`` on the pool at ``point`` (its chunk length fitted
-        to them: ``chunk_len``), timed for the refiner."""
-        items = stop - start
-        workers = point.workers
-        runner = self._pool()
-        meter.workers = workers
-        meter.slots = list(range(workers))
+    ) -> tuple[Any, float, float]:
+        """Items ``[start, stop)`` on the pool as ``plan`` cuts them: the result, the
+        wall seconds and the kernel seconds summed over the workers."""
         busy = sum(meter.busy.values())
         began = self._clock()
         try:
-            part = runner.run(
+            part = self._runner.run(
                 kernel if start == 0 else Shifted(kernel, start, stop),
-                items,
-                chunk_len,
+                plan.n,
+                plan.chunk_len,
                 mode,
                 combine,
                 meter,
-                workers=workers,
+                workers=plan.workers,
             )
         except Exception as exc:
             if start and hasattr(exc, "add_note"):
@@ -216,9 +211,8 @@ class OnlineTuning:
             raise
         wall = self._clock() - began
         busy = sum(meter.busy.values()) - busy
-        learner.record(point, items, wall, busy, measured)
-        self.pool_cost.pool_call(wall, busy, workers)
-        return part
+        self.pool_cost.pool_call(wall, busy, plan.workers)
+        return part, wall, busy
 
     def _learner(self, kernel: Callable[..., Any], n: int) -> Learner:
         """What is known of this kernel; on its first call, from an online profile or afresh."""

@@ -267,7 +267,7 @@ def test_a_worker_without_the_shared_data_gets_it(client, x):
     with Evaluator(4, 2_000, shared={"x": x}, backend="dask", client=client) as ev:
         expected = ev.reduce(exp_sum, N)
         some = sorted(client.nthreads())[:1]
-        client.run(forget_shared, ev._pool().token, workers=some)
+        client.run(forget_shared, ev._runner.start().token, workers=some)
         assert ev.reduce(exp_sum, N) == expected
         assert ev.map(stream_kernel, N).shape == (N,)
 
@@ -350,7 +350,7 @@ def test_address_connection_is_owned(cluster, x):
     address = cluster.scheduler_address
     with Evaluator(chunk_len=1000, shared={"x": x}, backend="dask", address=address) as ev:
         assert ev.reduce(exp_sum, 1000) == fold(serial_parts(exp_sum, {"x": x}, 1000, 1000))
-        own = ev._pool().client
+        own = ev._runner.start().client
     assert own.status == "closed"
 
 

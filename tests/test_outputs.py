@@ -99,11 +99,11 @@ def test_tuple_outputs_share_one_segment_and_are_reused(x, no_leaks):
         d, i = ev.map(kernels.dist_idx, BIG)
         # both outputs view one shared mapping: written in place by the workers
         assert isinstance(root(d), mmap.mmap) and root(d) is root(i)
-        name = ev._pool()._res.outputs.name
+        name = ev._runner.start()._res.outputs.name
         assert name is not None
         del d, i
         d2, i2 = ev.map(kernels.dist_idx, BIG)  # the released segment is reused
-        assert ev._pool()._res.outputs.name == name
+        assert ev._runner.start()._res.outputs.name == name
         assert np.array_equal(d2, x * 2.0)
 
 

@@ -242,7 +242,7 @@ def scripted(workers: int, item_bytes: int, name: str, best_len: int, seed: int)
     """An adapting evaluator's online state on a scripted pool and clock."""
     clock = Clock()
     pool = ScriptedPool(workers, clock, best_len, seed)
-    tuning = OnlineTuning(I3, "processes", workers, {}, item_bytes, name, lambda: pool, clock)
+    tuning = OnlineTuning(I3, "processes", workers, {}, item_bytes, name, pool, clock)
     return tuning, pool, clock
 
 

@@ -89,11 +89,12 @@ def test_map_output_reused_only_when_released(x):
 def test_released_map_output_is_reused(x):
     with Evaluator(2, 10_000, shared={"x": x}, backend="threads") as ev:
         first = ev.map(kernels.double, len(x))
-        segment = ev._pool()._outputs._cache.name
+        segment = ev._runner.start()._outputs._cache.name
         assert segment is not None  # a 1.6 MB output lives in a kept segment
         del first
         again = ev.map(kernels.double, len(x))
-        assert ev._pool()._outputs._cache.name == segment  # the same pages: none to fault in
+        # The same pages: none to fault in.
+        assert ev._runner.start()._outputs._cache.name == segment
         assert np.array_equal(again, x * 2.0)
 
 
@@ -101,10 +102,10 @@ def test_a_view_of_the_same_shape_keeps_the_output_from_reuse(x):
     """No reference counts are read: a view alone must keep its rows intact."""
     with Evaluator(2, 10_000, shared={"x": x}, backend="threads") as ev:
         first = ev.map(kernels.double, len(x))
-        segment = ev._pool()._outputs._cache.name
+        segment = ev._runner.start()._outputs._cache.name
         view = first[::2]
         del first
         second = ev.map(kernels.triple, len(x))
-        assert ev._pool()._outputs._cache.name != segment
+        assert ev._runner.start()._outputs._cache.name != segment
         assert np.array_equal(view, x[::2] * 2.0)
         assert np.array_equal(second, x * 3.0)

@@ -10,7 +10,7 @@ from autotune.backends.processes.pool import ProcessPool
 from autotune.backends.stats import Meter
 from autotune.backends.threads import ThreadRunner
 
-__all__ = ["Runner", "open_runner"]
+__all__ = ["LazyRunner", "Runner", "open_runner"]
 
 
 class Runner(Protocol):
@@ -20,7 +20,8 @@ class Runner(Protocol):
     kernels, batches re-run and items completed (:class:`~autotune.backends.stats.Meter`).
     """
 
-    workers: int
+    @property
+    def workers(self) -> int: ...
 
     def run(
         self,
@@ -66,3 +67,66 @@ def open_runner(
         cpus=cpus,
         retries=retries,
     )
+
+
+class LazyRunner:
+    """A runner started at its first call and closed once: an evaluator's handle on
+    its backend, whether it starts its workers at once or when a call pays for them.
+
+    Parameters
+    ----------
+    open : callable
+        Starts the runner (:func:`open_runner` with the evaluator's settings).
+    workers : int
+        What :attr:`workers` says before the runner has started.
+    """
+
+    def __init__(self, open: Callable[[], Runner], workers: int) -> None:
+        self._open = open
+        self._runner: Runner | None = None
+        self._closed = False
+        self._workers = workers
+
+    def start(self) -> Runner:
+        """The runner, started now if it was not."""
+        if self._closed:
+            raise RuntimeError("this Evaluator is closed")
+        if self._runner is None:
+            self._runner = self._open()
+        return self._runner
+
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def workers(self) -> int:
+        return self._runner.workers if self._runner is not None else self._workers
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids (none for threads, Dask, or before the start)."""
+        return list(getattr(self._runner, "pids", []))
+
+    def run(
+        self,
+        kernel: Callable[..., Any],
+        n: int,
+        chunk_len: int,
+        mode: str,
+        combine: Callable[[Any, Any], Any] | None,
+        meter: Meter | None = None,
+        workers: int | None = None,
+    ) -> Any:
+        return self.start().run(kernel, n, chunk_len, mode, combine, meter, workers)
+
+    def close(self) -> None:
+        """Close the runner if it started; no start after this (idempotent)."""
+        self._closed = True
+        if self._runner is not None:
+            self._runner.close()
+
+    @property
+    def closed(self) -> bool:
+        """Closed here, or by the runner itself (Ctrl-C or a failure of its own mid-call)."""
+        return self._closed or (self._runner is not None and self._runner.closed)

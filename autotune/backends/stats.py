@@ -47,6 +47,12 @@ class Meter:
         self.retries = 0
         self._advance = advance
 
+    def taking_part(self, workers: int) -> None:
+        """The call runs on local workers ``0 .. workers - 1`` (a runner says so
+        as it starts the call; the last of several runs of a call is reported)."""
+        self.workers = workers
+        self.slots = list(range(workers))
+
     def add_busy(self, worker: Hashable, seconds: float) -> None:
         self.busy[worker] = self.busy.get(worker, 0.0) + seconds
 

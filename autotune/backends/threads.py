@@ -193,6 +193,7 @@ class ThreadRunner:
         """Run one call on ``workers`` of the threads (default: all)."""
         active = self.workers if workers is None else max(1, min(workers, self.workers))
         meter = meter if meter is not None else Meter(active)
+        meter.taking_part(active)
         call = _ThreadCall(
             kernel, self.shared, n, chunk_len, mode, combine, active, self._allocate, meter
         )
@@ -272,6 +273,7 @@ def run_inline(
     A call of one chunk is the kernel's own result (a map's arrays copied
     only when they are views of other memory, such as the shared data).
     """
+    meter.taking_part(1)
     if count_chunks(n, chunk_len) <= 1:
         _LOCAL.in_kernel = True
         began = time.thread_time()

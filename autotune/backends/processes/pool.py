@@ -185,6 +185,7 @@ class ProcessPool:
         self._call_id += 1
         active = self.workers if workers is None else max(1, min(workers, self.workers))
         meter = meter if meter is not None else Meter(active)
+        meter.taking_part(active)
         call = Dispatch(
             self, self._call_id, kernel_bytes, n, chunk_len, mode, combine, meter, active
         )
