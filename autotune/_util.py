@@ -22,7 +22,7 @@ __all__ = [
     "utc_timestamp",
 ]
 
-#: Every backend (DESIGN.md, ``Evaluator(backend=...)``), and those that run
+#: Every backend ``Evaluator(backend=...)`` accepts, and those that run
 #: on this machine; profiles, runners, the tuner and the CLI all use these.
 BACKENDS = ("processes", "threads", "dask")
 LOCAL_BACKENDS = ("processes", "threads")

@@ -11,13 +11,13 @@ them while it works (``Evaluator(adapt=...)``):
   the engine has nothing more to ask, the best point is *settled*.
 - **Bounded exploration.**  The ladder is the search's, cut to chunks between
   a quarter of the heuristic's and eight times it: far-off rungs cost whole
-  calls at a fraction of the speed and are almost never best (DESIGN.md's
-  measurements: L2/16 to L2/4 per chunk within 0.92 of the best on five
-  kernels, the worst miss 2.5 times the rule).  After settling, one call in
-  :data:`RECHECK` (doubling up to :data:`RECHECK_MAX`) re-times the
-  runner-up; three settled calls in a row slower than the settled median by
-  more than :data:`DRIFT` start a new exploration (the kernel's cost
-  changed: other data, same code).
+  calls at a fraction of the speed and are almost never best (L2/16 to L2/4
+  per chunk came within 0.92 of the best on five kernels: docs/design.md,
+  "Evidence behind the heuristic"; the worst miss 2.5 times the rule).  After
+  settling, one call in :data:`RECHECK` (doubling up to :data:`RECHECK_MAX`)
+  re-times the runner-up; three settled calls in a row slower than the
+  settled median by more than :data:`DRIFT` start a new exploration (the
+  kernel's cost changed: other data, same code).
 - **Inline below break-even** (:class:`BreakEven`): from the pool calls of a
   kernel, the kernel's time per item and the pool's time per call are known;
   a call with fewer items than the pool's time per call buys runs in the
@@ -423,7 +423,8 @@ class Learner:
         plan = {lane: online_ladder(ladder, mid_len)}
         if workers >= 4:
             # Fewer workers can match all of them on a memory-bound kernel;
-            # on two cores one worker never came close (DESIGN.md).
+            # on two cores one worker never came close (0.59 of the best at most:
+            # docs/design.md, "Evidence behind the heuristic").
             plan[(backend, workers // 2)] = plan[lane]
         start = None
         if settled is not None:

@@ -3,7 +3,8 @@
 An explicit ``workers``/``chunk_len`` wins; else a profile (a ``Profile``, a
 file, or a name looked up with :func:`autotune.load_profile`, or a Dask
 cluster's); else the heuristic from the probe.  Whether the evaluator adapts
-follows from where they came from (DESIGN.md, "Tuned by default").
+follows from where they came from (:func:`resolve_adapt`; docs/design.md,
+"Where an evaluator's settings come from").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ each profile saved to a file and loaded back the production way
 (``Evaluator(profile=PATH)``); then the picks are timed alternately, round
 after round (A B C D E, then B C D E A, ...), each call over the workload's
 full ``n``, and each pick's median throughput is printed as a ratio to the
-best of them (DESIGN target: every pick >= 0.9).  Ratios are measured within
+best of them (the target: every pick >= 0.9).  Ratios are measured within
 one run; this machine's absolute speed varies +-40% from run to run.
 
 Workloads: ``horner`` (a degree-12 polynomial by Horner's rule, map) and

@@ -65,8 +65,9 @@ CHUNK_COLUMNS: list[tuple[str, int | None]] = [
     ("unlimited", None),
 ]
 PROCESSES = (1, 2, 3)
-#: The seed's published table (DESIGN.md): Intel Core i3-3227U, 2 cores / 4 threads,
-#: 32 KiB L1d and 256 KiB L2 per core, 3 MiB L3; M values/s, None where not published.
+#: The seed's published table (docs/design.md, "Evidence behind the heuristic"):
+#: Intel Core i3-3227U, 2 cores / 4 threads, 32 KiB L1d and 256 KiB L2 per core,
+#: 3 MiB L3; M values/s, None where not published.
 PUBLISHED = {
     1: [None, None, None, None, 0.82],
     2: [4.28, 1.96, 1.30, 1.31, None],

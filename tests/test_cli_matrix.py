@@ -1,11 +1,11 @@
 """Bad input on the command line: every subcommand, every argument, missing, malformed and
 out of range.
 
-The contract (DESIGN.md): exit status 2, exactly one line on stderr that names the argument,
-no traceback, nothing on stdout.  A bad ``search`` is refused before anything is measured:
-here the tuner is replaced by one that fails the test if it runs, so a case that slipped
-through validation costs nothing and writes nothing.  The last group pins bugs this matrix
-found (and that were fixed).
+The contract (docs/design.md, "The command line's error contract"): exit status 2, exactly
+one line on stderr that names the argument, no traceback, nothing on stdout.  A bad ``search``
+is refused before anything is measured: here the tuner is replaced by one that fails the test
+if it runs, so a case that slipped through validation costs nothing and writes nothing.  The
+last group pins bugs this matrix found (and that were fixed).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The package's layers, as DESIGN.md draws them, and no import cycle anywhere.
+"""The package's layers (docs/design.md, "The layers of the package"), and no import cycle.
 
 probe (``cpu``) -> ``profile`` -> ``backends`` -> ``evaluator`` -> ``tuner``
 -> ``cli``: every import of an autotune module, at the top of a file or

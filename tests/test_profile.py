@@ -74,7 +74,8 @@ def make_cpu(
 
 
 I3 = make_cpu()
-# "This machine" of DESIGN.md's measurements: 2 cores, 2 MiB L2 each.
+# The 2-core VM of the heuristic's evidence (docs/design.md, "Evidence behind the
+# heuristic"): 2 cores, 2 MiB L2 each.
 HERE = make_cpu(logical=2, physical=2, l1d=49152, l2=2 << 20, l3=None, brand="Some CPU", tpc=1)
 
 
@@ -701,7 +702,8 @@ def test_heuristic_on_the_i3_uses_cores_and_the_item_floor():
 def test_heuristic_on_this_machine_sits_in_the_measured_good_band():
     p = heuristic_profile(HERE, "stream", 16)
     assert (p.workers, p.chunk_len, p.chunk_bytes) == (2, 16384, 262144)
-    # DESIGN.md: chunks of L2/16 .. L2/4 per core reached >= 0.92 of the best.
+    # docs/design.md, "Evidence behind the heuristic": chunks of L2/16 .. L2/4 per core
+    # reached >= 0.92 of the best.
     assert HERE.l2 // 16 <= p.chunk_bytes <= HERE.l2 // 4
     assert heuristic_profile(HERE, "stream", 8).chunk_len == 32768
     assert heuristic_profile(HERE, "stream", 1024).chunk_len == MIN_CHUNK_ITEMS
@@ -848,7 +850,8 @@ def test_env_file_for_another_workload_is_passed_over(tmp_path, monkeypatch, iso
 
 
 def test_explicit_profile_from_another_cpu_is_an_error_naming_why(tmp_path):
-    # DESIGN: a file named explicitly that does not fit is an error, never a fallback.
+    # A file named explicitly that does not fit is an error, never a fallback
+    # (docs/design.md, "Which profile is used").
     path = write(tmp_path / "i3.yaml", doc_for(cpu=I3, workers=2))
     with pytest.raises(ProfileError, match=r"i3.yaml: cannot be used here: made on another CPU"):
         load_profile("spline", path, cpu=HERE)

@@ -63,16 +63,16 @@ def heuristic_profile(
     **chunk bytes = L2 per core / 8**, but never fewer than
     :data:`MIN_CHUNK_ITEMS` items per chunk.
 
-    Evidence (DESIGN.md, "Measured so far"): on a 2-core machine with 2 MiB
-    L2 per core, over five chunk-sensitive workloads (a Horner polynomial, an
-    erf/exp mix, a row filter, a multi-pass stream, the seed's splines),
-    2 workers with chunks between L2/16 and L2/4 per core reached >= 0.92 of
-    each workload's best; L2/2 fell to 0.73 (polynomial), unchunked to
-    0.18-0.5, and 1 worker never beat 0.59.  L2/8 sits in the middle of the
-    good band in log scale, and cores rather than hardware threads is what
-    the seed found too (2 workers beat 3 and 4 on the 2-core/4-thread
-    i3-3227U).  The floor keeps the per-chunk overhead small where the L2 is
-    small or items are big.
+    Evidence (docs/design.md, "Evidence behind the heuristic"): on a 2-core
+    VM with 2 MiB L2 per core, over five chunk-sensitive workloads (a Horner
+    polynomial, an erf/exp mix, a row filter, a multi-pass stream, the seed's
+    splines), 2 workers with chunks between L2/16 and L2/4 per core reached
+    >= 0.92 of each workload's best; L2/2 fell to 0.73 (polynomial),
+    unchunked to 0.18-0.5, and 1 worker never beat 0.59.  L2/8 sits in the
+    middle of the good band in log scale, and cores rather than hardware
+    threads is what the seed's published table shows too (2 workers beat 3
+    and 4 on the 2-core/4-thread i3-3227U).  The floor keeps the per-chunk
+    overhead small where the L2 is small or items are big.
 
     Parameters
     ----------

@@ -2,8 +2,9 @@
 
 A profile records, for a workload on a CPU, the worker count and chunk
 length that ran fastest, every point measured (or published) on the way,
-and the serial baseline (schema 1 of DESIGN.md).  Reading a file is
-:mod:`autotune.profile.files` and :mod:`autotune.profile.validate`.
+and the serial baseline (schema 1, field by field in docs/design.md,
+"Profiles").  Reading a file is :mod:`autotune.profile.files` and
+:mod:`autotune.profile.validate`.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Profile:
     """The best way found to run one workload on one CPU.
 
     Build one with :func:`heuristic_profile`, the tuner, :meth:`load` or
-    :meth:`from_dict`; the YAML layout is DESIGN.md's schema 1.
+    :meth:`from_dict`; the YAML layout is schema 1 (docs/design.md, "Profiles").
 
     Parameters
     ----------
@@ -272,8 +273,8 @@ def dump_yaml(doc: Mapping[str, Any]) -> str:
     """The text of a profile document, as :meth:`Profile.save` writes it.
 
     ``yaml.safe_dump`` throughout (its floats read back exactly), small
-    mappings in flow style as in DESIGN.md, and ``measurements`` last, as a
-    bracketed list with one point per line::
+    mappings (``cpu.caches``, ``best``, ``python``) in flow style, and
+    ``measurements`` last, as a bracketed list with one point per line::
 
         measurements: [
           {workers: 2, chunk_len: 7812, chunk_bytes: 125000, throughput: 4280000.0},
