@@ -85,7 +85,8 @@ PROBE_WORTH_S = 0.2
 #: A map is cut into slices only when its kernel takes this long per item.
 SLICE_MAP_MIN_S = 50e-9
 #: A call whose kernel work is below this many seconds always runs inline:
-#: the fastest pool round trip measured here took 0.25 ms.
+#: the fastest pool round trip measured on the 2-core development VM took
+#: 0.25 ms, and a round trip is no faster with more workers.
 TINY_S = 50e-6
 #: Save an online profile again after this many more calls.
 SAVE_EVERY = 100
@@ -269,24 +270,50 @@ class PoolCost:
 
     Measured from every pool call, whatever the kernel: the call's wall time
     less the kernel time spread over the workers (round trips, the output,
-    the tail).  Until the pool has run once, and while it is not even started
-    (an adapting evaluator starts its workers at the first call that pays for
-    them), a call is taken to cost :data:`PRIOR_S`: on the development
-    machine, starting two forked workers took about 7 ms and a pool call
-    0.3-1.5 ms; 2 ms is the start spread over ten calls, plus one.
+    the tail).  Before the first pool call a prior stands in: while the pool
+    is not even started (an adapting evaluator starts its workers at the
+    first call that pays for them), its start spread over
+    :data:`START_SPREAD_CALLS` calls plus :data:`CALL_PRIOR_S`, the start
+    taken as :data:`START_PER_WORKER_S` per worker until it was timed
+    (:meth:`started`); once started, :data:`CALL_PRIOR_S` alone.
+
+    Parameters
+    ----------
+    workers : int
+        Workers the pool will start.
     """
 
-    #: The cost assumed for a pool that has not run yet (seconds).
-    PRIOR_S = 0.002
+    #: Starting the workers, per worker, until the pool's own start was timed:
+    #: two forked workers started in about 7 ms on the 2-core development VM
+    #: (an AMD EPYC and a Xeon, Python 3.11); the cost grows with the workers.
+    START_PER_WORKER_S = 0.0035
+    #: A pool call beyond the kernel before one was measured: 0.3-1.5 ms on
+    #: the 2-core development VM.
+    CALL_PRIOR_S = 0.001
+    #: The start counts as this many calls' worth of overhead, spread.
+    START_SPREAD_CALLS = 10
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self.start_s: float | None = None  # the pool's start, once timed
         self._overhead: deque[float] = deque(maxlen=16)
+        self._pool_started = False
+
+    def started(self, seconds: float) -> None:
+        """The pool started and it took ``seconds``."""
+        self._pool_started = True
+        self.start_s = seconds
 
     def pool_call(self, wall: float, busy: float, workers: int) -> None:
         self._overhead.append(max(0.0, wall - busy / max(workers, 1)))
 
     def per_call(self) -> float:
-        return statistics.median(self._overhead) if self._overhead else self.PRIOR_S
+        if self._overhead:
+            return statistics.median(self._overhead)
+        if self._pool_started:
+            return self.CALL_PRIOR_S
+        start = self.START_PER_WORKER_S * self.workers
+        return start / self.START_SPREAD_CALLS + self.CALL_PRIOR_S
 
 
 class BreakEven:
@@ -424,7 +451,8 @@ class Learner:
         if workers >= 4:
             # Fewer workers can match all of them on a memory-bound kernel;
             # on two cores one worker never came close (0.59 of the best at most:
-            # docs/design.md, "Evidence behind the heuristic").
+            # docs/design.md, "Evidence behind the heuristic"); from four on,
+            # half of them is worth a lane: a guess, never measured above 2 cores.
             plan[(backend, workers // 2)] = plan[lane]
         start = None
         if settled is not None:

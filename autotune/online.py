@@ -22,7 +22,7 @@ from autotune.adapt import (
     infer_item_bytes,
     join_parts,
 )
-from autotune.backends.runners import Runner
+from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import PROBED, ChunkPlan, Cursor, OrderedFold, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
@@ -58,9 +58,9 @@ class OnlineTuning:
         Given by the user; else inferred per kernel from ``shared``.
     profile_name : str, optional
         The name online profiles are saved under; else each kernel's.
-    runner : Runner
-        The evaluator's runner (a :class:`~autotune.backends.runners.LazyRunner`:
-        its workers start at the first call that runs on it).
+    runner : LazyRunner
+        The evaluator's runner: its workers start at the first call that runs
+        on it (that start is timed apart from the call).
     clock : callable, optional
         Seconds, for timing runs (``time.perf_counter``; tests script it).
 
@@ -77,7 +77,7 @@ class OnlineTuning:
         shared: Mapping[str, Any],
         item_bytes: int | None,
         profile_name: str | None,
-        runner: Runner,
+        runner: LazyRunner,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cpu = cpu
@@ -89,7 +89,7 @@ class OnlineTuning:
         self._runner = runner
         self._clock = clock
         self.learners: dict[str, Learner] = {}
-        self.pool_cost = PoolCost()
+        self.pool_cost = PoolCost(workers)
         self._outputs = Outputs()  # the last inline map output, reused when let go
         self._inline_shared: SharedNamespace | None = None
 
@@ -190,6 +190,10 @@ class OnlineTuning:
     ) -> tuple[Any, float, float]:
         """Items ``[start, stop)`` on the pool as ``plan`` cuts them: the result, the
         wall seconds and the kernel seconds summed over the workers."""
+        if not self._runner.started:
+            began = self._clock()
+            self._runner.start()
+            self.pool_cost.started(self._clock() - began)
         busy = sum(meter.busy.values())
         began = self._clock()
         try:

@@ -96,9 +96,13 @@ def test_a_kernel_that_got_slower_is_explored_again():
 
 
 def test_break_even_is_measured():
-    be, pool = BreakEven(), PoolCost()
+    be, pool = BreakEven(), PoolCost(2)
     assert not be.known and not be.inline(10, 2, pool.per_call())  # unknown kernel: not inline
-    assert pool.per_call() == PoolCost.PRIOR_S  # a pool never run: the prior
+    # A pool not started: its start (per worker) spread over calls, and a call.
+    assert pool.per_call() > PoolCost(1).per_call() > PoolCost.CALL_PRIOR_S
+    assert PoolCost(64).per_call() > 10 * PoolCost(2).per_call() / 2
+    pool.started(0.2)
+    assert pool.per_call() == PoolCost.CALL_PRIOR_S  # started: the start is paid for
     # 1 us per item in the kernel, 1 ms per pool call on top.
     for n in (10_000, 100_000):
         be.kernel_time(n, n * 1e-6, inline=False)

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from autotune import Evaluator, Workload
 from autotune._errors import RangeError
 from autotune.adapt import Shifted
+from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import (
     Batches,
     Coverage,
@@ -242,7 +243,8 @@ def scripted(workers: int, item_bytes: int, name: str, best_len: int, seed: int)
     """An adapting evaluator's online state on a scripted pool and clock."""
     clock = Clock()
     pool = ScriptedPool(workers, clock, best_len, seed)
-    tuning = OnlineTuning(I3, "processes", workers, {}, item_bytes, name, pool, clock)
+    runner = LazyRunner(lambda: pool, workers)
+    tuning = OnlineTuning(I3, "processes", workers, {}, item_bytes, name, runner, clock)
     return tuning, pool, clock
 
 
