@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,6 @@ __all__ = [
     "Refiner",
     "Shifted",
     "SliceRun",
-    "infer_item_bytes",
     "join_parts",
     "online_ladder",
 ]
@@ -90,22 +89,6 @@ SLICE_MAP_MIN_S = 50e-9
 TINY_S = 50e-6
 #: Save an online profile again after this many more calls.
 SAVE_EVERY = 100
-
-
-def infer_item_bytes(shared: Mapping[str, Any], n: int, row_bytes: int | None = None) -> int | None:
-    """Bytes each item touches, from the data: rows of ``shared`` arrays of length ``n``.
-
-    Every top-level array in ``shared`` whose first axis has ``n`` entries
-    is read row by row as the items go (``x[start:stop]``); ``row_bytes``
-    adds the output row of a map.  ``None`` when nothing says.
-    """
-    total = 0
-    for value in shared.values():
-        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == n and n:
-            total += value.nbytes // n
-    if row_bytes:
-        total += row_bytes
-    return total or None
 
 
 def online_ladder(full: list[int], mid_len: int) -> list[int]:

@@ -19,7 +19,6 @@ from autotune.adapt import (
     PoolCost,
     Shifted,
     SliceRun,
-    infer_item_bytes,
     join_parts,
 )
 from autotune.backends.runners import LazyRunner
@@ -29,7 +28,7 @@ from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
 from autotune.cpu import CpuInfo
 from autotune.engine import Point, chunk_ladder
-from autotune.profile import DEFAULT_ITEM_BYTES, heuristic_profile
+from autotune.profile import DEFAULT_ITEM_BYTES, heuristic_profile, infer_item_bytes
 from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_online
 from autotune.settings import check_memory
 

@@ -20,10 +20,10 @@ from autotune.adapt import (
     BreakEven,
     PoolCost,
     Refiner,
-    infer_item_bytes,
     online_ladder,
 )
 from autotune.engine import Point
+from autotune.profile import infer_item_bytes
 from autotune.profile.online import kernel_name
 
 LANE = ("processes", 2)

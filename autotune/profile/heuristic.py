@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 
 from autotune._util import check_int, utc_timestamp
 from autotune._version import __version__
@@ -16,7 +20,7 @@ from autotune.profile.model import (
     Profile,
 )
 
-__all__ = ["heuristic_profile", "heuristic_why"]
+__all__ = ["heuristic_profile", "heuristic_why", "infer_item_bytes"]
 
 
 def _l2_per_core(cpu: CpuInfo) -> int | None:
@@ -126,3 +130,19 @@ def heuristic_why(cpu: CpuInfo, item_bytes: int | None) -> str:
     )
     items = f"{item_bytes} B/item" if item_bytes else f"{DEFAULT_ITEM_BYTES} B/item assumed"
     return f"workers = {workers_why}; chunk = {l2_why}, >= {MIN_CHUNK_ITEMS} items, {items}"
+
+
+def infer_item_bytes(shared: Mapping[str, Any], n: int, row_bytes: int | None = None) -> int | None:
+    """Bytes each item touches, from the data: rows of ``shared`` arrays of length ``n``.
+
+    Every top-level array in ``shared`` whose first axis has ``n`` entries
+    is read row by row as the items go (``x[start:stop]``); ``row_bytes``
+    adds the output row of a map.  ``None`` when nothing says.
+    """
+    total = 0
+    for value in shared.values():
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == n and n:
+            total += value.nbytes // n
+    if row_bytes:
+        total += row_bytes
+    return total or None
