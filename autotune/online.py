@@ -28,7 +28,7 @@ from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
 from autotune.cpu import CpuInfo
 from autotune.engine import Point, chunk_ladder
-from autotune.profile import DEFAULT_ITEM_BYTES, heuristic_profile, infer_item_bytes
+from autotune.profile import heuristic_profile, item_bytes_of
 from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_online
 from autotune.settings import check_memory
 
@@ -223,7 +223,7 @@ class OnlineTuning:
         learner = self.learners.get(name)
         if learner is not None:
             return learner
-        item_bytes = self.item_bytes or infer_item_bytes(self._shared, n) or DEFAULT_ITEM_BYTES
+        item_bytes = item_bytes_of(self._shared, n, self.item_bytes)
         mid = heuristic_profile(self.cpu, name, item_bytes, min_items=ONLINE_MIN_ITEMS).chunk_len
         # The ladder spans what any call may use; each call clamps the chunk to its n.
         ladder = chunk_ladder(self.cpu, item_bytes, max(n, 64 * self.workers * mid), self.workers)

@@ -72,11 +72,11 @@ from autotune.engine import (
     pick_kept,
 )
 from autotune.profile import (
-    DEFAULT_ITEM_BYTES,
     Measurement,
     Profile,
     cpu_section,
     is_tie,
+    item_bytes_of,
     python_build,
 )
 from autotune.settings import default_start_method
@@ -418,7 +418,7 @@ def _search(
     started = time.monotonic()
     deadline = started + budget
     cpu, counts, cluster = _lanes_of(workers, client)
-    item_bytes = workload.item_bytes or DEFAULT_ITEM_BYTES
+    item_bytes = item_bytes_of(workload.shared, workload.n, workload.item_bytes)
 
     rate = _items_per_second(workload)
     lanes = [(b, w) for b in backends for w in counts]

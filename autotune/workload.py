@@ -39,7 +39,10 @@ class Workload:
         How results are assembled.
     item_bytes : int, optional
         Bytes of input and output (temporaries included) touched per item;
-        used to express chunk lengths in bytes.
+        used to express chunk lengths in bytes.  Unless given, counted as an
+        evaluator counts them: the row bytes of the ``shared`` arrays whose
+        first axis has ``n`` entries, else 16
+        (:func:`autotune.profile.item_bytes_of`).
     """
 
     name: str

@@ -169,3 +169,17 @@ def test_search_covers_both_backends_and_records_the_build(tmp_path):
     assert {m.backend for m in only.profile.measurements} == {None}
     with pytest.raises(ValueError, match="backends"):
         search(small_workload(), budget=1, backends=("mpi",))
+
+
+def test_search_counts_bytes_per_item_as_the_evaluator_does():
+    """A Workload without item_bytes: the rows of its shared arrays of length n, as an
+    Evaluator with the same data infers them (not the 16 B default)."""
+    import kernels
+
+    from autotune import Workload, search
+    from autotune.profile import item_bytes_of
+
+    shared = {"rows": np.zeros((4000, 300)), "small": np.zeros(7)}
+    workload = Workload("rows", 4000, kernels.count_items, shared)
+    profile = search(workload, budget=1.0, workers=[1], backends=("processes",)).profile
+    assert profile.item_bytes == item_bytes_of(shared, 4000) == 300 * 8

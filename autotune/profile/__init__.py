@@ -10,7 +10,7 @@ fits which CPU), ``heuristic`` (what stands in when none does) and
 from autotune._errors import ProfileWarning
 from autotune._util import BACKENDS, LOCAL_BACKENDS
 from autotune.profile.files import MAX_PROFILE_BYTES
-from autotune.profile.heuristic import heuristic_profile, infer_item_bytes
+from autotune.profile.heuristic import heuristic_profile, infer_item_bytes, item_bytes_of
 from autotune.profile.lookup import (
     load_profile,
     profile_dirs,
@@ -50,6 +50,7 @@ __all__ = [
     "gil_enabled",
     "heuristic_profile",
     "infer_item_bytes",
+    "item_bytes_of",
     "is_tie",
     "is_unchunked",
     "load_profile",

@@ -20,7 +20,7 @@ from autotune.profile.model import (
     Profile,
 )
 
-__all__ = ["heuristic_profile", "heuristic_why", "infer_item_bytes"]
+__all__ = ["heuristic_profile", "heuristic_why", "infer_item_bytes", "item_bytes_of"]
 
 
 def _l2_per_core(cpu: CpuInfo) -> int | None:
@@ -146,3 +146,11 @@ def infer_item_bytes(shared: Mapping[str, Any], n: int, row_bytes: int | None = 
     if row_bytes:
         total += row_bytes
     return total or None
+
+
+def item_bytes_of(shared: Mapping[str, Any] | None, n: int, given: int | None = None) -> int:
+    """Bytes per item, by one rule for the search and the evaluator: ``given`` (a
+    Workload's or an Evaluator's ``item_bytes``), else counted from the rows of
+    the ``shared`` arrays of length ``n`` (:func:`infer_item_bytes`), else
+    :data:`DEFAULT_ITEM_BYTES`."""
+    return given or infer_item_bytes(shared or {}, n) or DEFAULT_ITEM_BYTES
