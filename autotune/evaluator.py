@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from autotune._errors import EfficiencyWarning
-from autotune._util import BACKENDS, check_int, check_kernel_signature, positive_int
+from autotune._util import check_int, check_kernel_signature
 from autotune.backends import stats as call_stats
 from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
-from autotune.backends.runners import LazyRunner, open_runner
-from autotune.backends.schedule import EXACT, GUESSED, MEASURED, n_chunks, plan_chunks
+from autotune.backends.runners import LazyRunner, Runner, open_runner
+from autotune.backends.schedule import n_chunks, plan_chunks
 from autotune.backends.shared import check_names
 from autotune.backends.stats import CallStats, Meter, advice
 from autotune.backends.threads import in_thread_kernel
@@ -48,15 +48,7 @@ from autotune.online import OnlineTuning
 from autotune.profile import (
     Profile,
 )
-from autotune.settings import (
-    check_memory,
-    checked_start_method,
-    heuristic_settings,
-    looks_like_path,
-    resolve_adapt,
-    resolve_profile,
-    settings_from,
-)
+from autotune.settings import Settings, check_memory, resolve_settings
 
 __all__ = ["Evaluator"]
 
@@ -180,58 +172,29 @@ class Evaluator:
         item_bytes: int | None = None,
     ) -> None:
         _refuse_nesting()
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        if adapt not in (None, True, False):
-            raise TypeError(f"adapt must be None, True or False, got {adapt!r}")
-        workers = positive_int("workers", workers)
-        chunk_len = explicit_chunk_len = positive_int("chunk_len", chunk_len)
-        explicit = workers is not None or chunk_len is not None
-        blas_threads = positive_int("blas_threads", blas_threads)
-        self.item_bytes = positive_int("item_bytes", item_bytes)
-        retries = check_int("retries", retries, minimum=0)
-        method = checked_start_method(start_method)
+        settings = self.settings = resolve_settings(
+            workers,
+            chunk_len,
+            profile=profile,
+            start_method=start_method,
+            blas_threads=blas_threads,
+            pin=pin,
+            retries=retries,
+            backend=backend,
+            cluster=client if client is not None else address,
+            adapt=adapt,
+            item_bytes=item_bytes,
+        )
         shared_dict = check_names(shared)
-
-        self._profile = None
-        # Online profiles are saved under the name given (else the kernel's).
-        self._profile_name = (
-            profile if isinstance(profile, str) and not looks_like_path(profile) else None
+        self.backend = settings.backend
+        self.start_method = (
+            None if settings.backend in ("threads", "dask") else settings.start_method
         )
-        from_heuristic = False  # the chunk comes from the probe's rule, not a measurement
-        if profile is not None and (workers is None or chunk_len is None or backend is None):
-            self._profile = resolve_profile(
-                profile, backend, client if client is not None else address, self.item_bytes
-            )
-            workers, chunk_len, backend, from_heuristic = settings_from(
-                self._profile, workers, chunk_len, backend
-            )
-        backend = backend or "processes"
-        if pin and backend != "processes":
-            raise ValueError("pin=True needs backend='processes'")
-        if backend != "dask" and (client is not None or address is not None):
-            raise ValueError("client= and address= are for backend='dask'")
-        self._adapt = resolve_adapt(adapt, backend, explicit, self._profile)
-        # How each call may change the chunk length (see plan_chunks).
-        self._chunk_source = (
-            EXACT
-            if explicit_chunk_len is not None
-            else GUESSED
-            if chunk_len is None or from_heuristic
-            else MEASURED
-        )
-        self._cpu = probe() if workers is None or chunk_len is None or self._adapt else None
-        if workers is None or chunk_len is None:
-            assert self._cpu is not None
-            workers, chunk_len = heuristic_settings(
-                self._cpu, workers, chunk_len, backend, self.item_bytes
-            )
-
-        self.start_method = None if backend in ("threads", "dask") else method
-        self.blas_threads = blas_threads
-        self.pin = bool(pin)
-        self.retries = retries
-        self.backend = backend
+        self.blas_threads = settings.blas_threads
+        self.pin = settings.pin
+        self.retries = settings.retries
+        self.item_bytes = settings.item_bytes
+        self.chunk_len: int = settings.chunk_len
         # Calls from several threads are serialised; close() from another
         # thread waits for the call in progress.  Reentrant so that a call that
         # fails can close the evaluator while holding it.
@@ -239,25 +202,14 @@ class Evaluator:
         self._busy: int | None = None  # thread running a call
         self._owner_pid = os.getpid()
         self._closed = False
-        runner_args = dict(
-            start_method=method,
-            blas_threads=blas_threads,
-            cpus=_pin_cpus(workers) if self.pin and workers is not None else None,
-            retries=retries,
-            client=client,
-            address=address,
-        )
         # The runner's whole life: started here, or by an adapting evaluator at
         # the first call that pays for it (a loop of small calls never starts a
         # pool at all); closed by close() or, unclosed, by the finalizer.
-        self._runner = LazyRunner(
-            lambda: open_runner(backend, workers, shared_dict, **runner_args), int(workers or 1)
-        )
+        self._runner = _lazy_runner(settings, shared_dict, client, address)
         self._finalizer = weakref.finalize(self, self._runner.close)
-        if not self._adapt:
+        if not settings.adapt:
             self._runner.start()  # a worker that cannot start is reported here
         self.workers: int = self._runner.workers
-        self.chunk_len: int = chunk_len
         # What the last call cost, as measured; ``stats`` builds the CallStats
         # when asked (a small inline call should not pay for it).
         self._last: _LastCall | None = None
@@ -265,10 +217,17 @@ class Evaluator:
         self._warned = False  # the EfficiencyWarning is given once per evaluator
         # Online refinement: what is known of each kernel, by name.
         self._online: OnlineTuning | None = None
-        if self._adapt:
-            assert self._cpu is not None
-            args = (self._cpu, backend, self.workers, shared_dict, self.item_bytes)
-            self._online = OnlineTuning(*args, self._profile_name, self._runner)
+        if settings.adapt:
+            assert settings.cpu is not None
+            self._online = OnlineTuning(
+                settings.cpu,
+                settings.backend,
+                self.workers,
+                shared_dict,
+                settings.item_bytes,
+                settings.profile_name,
+                self._runner,
+            )
 
     # -- public API -------------------------------------------------------
     def map(self, kernel: Callable[..., Any], n: int, *, progress: bool = False) -> Any:
@@ -384,8 +343,8 @@ class Evaluator:
             bar = _progress_bar(n, mode) if progress else None
             meter = Meter(self.workers, None if bar is None else bar.update)
             chunk_len, inline = self.chunk_len, False
-            if not self._adapt:
-                plan = plan_chunks(n, self.workers, self.chunk_len, self._chunk_source)
+            if self._online is None:
+                plan = plan_chunks(n, self.workers, self.chunk_len, self.settings.chunk_source)
                 chunk_len = plan.chunk_len
                 if self.item_bytes is not None and self.backend != "dask":
                     check_memory(plan, self.item_bytes)
@@ -485,6 +444,29 @@ def _refuse_nesting() -> None:
             "level only"
         )
     check_not_bootstrapping()
+
+
+def _lazy_runner(
+    settings: Settings, shared: dict[str, Any], client: Any, address: str | None
+) -> LazyRunner:
+    """The evaluator's runner, not started yet."""
+    workers = settings.workers
+    pinned = _pin_cpus(workers) if settings.pin and workers is not None else None
+
+    def start() -> Runner:
+        return open_runner(
+            settings.backend,
+            workers,
+            shared,
+            start_method=settings.start_method,
+            blas_threads=settings.blas_threads,
+            cpus=pinned,
+            retries=settings.retries,
+            client=client,
+            address=address,
+        )
+
+    return LazyRunner(start, int(workers or 1))
 
 
 def _pin_cpus(workers: int) -> list[int]:

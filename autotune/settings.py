@@ -12,15 +12,18 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
+from autotune._util import BACKENDS, check_int, positive_int
 from autotune.backends.dask.cluster import load_cluster_profile
-from autotune.backends.schedule import ChunkPlan
-from autotune.cpu import CpuInfo
+from autotune.backends.schedule import EXACT, GUESSED, MEASURED, ChunkPlan
+from autotune.cpu import CpuInfo, probe
 from autotune.cpu.memory import available_memory
 from autotune.profile import Profile, heuristic_profile, load_profile
 
 __all__ = [
+    "Settings",
     "check_memory",
     "checked_start_method",
     "default_start_method",
@@ -28,8 +31,56 @@ __all__ = [
     "looks_like_path",
     "resolve_adapt",
     "resolve_profile",
+    "resolve_settings",
     "settings_from",
 ]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """An evaluator's settings, resolved once (``ev.settings``), and where they came from.
+
+    Attributes
+    ----------
+    backend : str
+    workers : int or None
+        The pool's workers (None: a Dask cluster's, known once connected).
+    chunk_len : int
+        The chunk length asked of each call (see ``chunk_source``).
+    chunk_source : str
+        Where it came from, which decides how a call may change it:
+        ``"exact"`` (given), ``"measured"`` (a profile) or ``"guessed"``
+        (the heuristic); see :func:`autotune.backends.schedule.plan_chunks`.
+    adapt : bool
+        Whether the evaluator refines its settings with its calls.
+    profile : Profile or None
+        The profile used, if any (the heuristic's stand-in included).
+    profile_name : str or None
+        The name online profiles are saved under (``profile="name"``).
+    cpu : CpuInfo or None
+        The probe, when the heuristic or the refinement needed it.
+    start_method : str
+        Of the processes backend.
+    blas_threads : int or None
+    pin : bool
+    retries : int
+    item_bytes : int or None
+        As given (else inferred per kernel while adapting).
+    """
+
+    backend: str
+    workers: int | None
+    chunk_len: int
+    chunk_source: str
+    adapt: bool
+    profile: Profile | None
+    profile_name: str | None
+    cpu: CpuInfo | None
+    start_method: str
+    blas_threads: int | None
+    pin: bool
+    retries: int
+    item_bytes: int | None
 
 
 def default_start_method() -> str:
@@ -143,3 +194,73 @@ def check_memory(plan: ChunkPlan, item_bytes: int, stacklevel: int = 4) -> None:
             RuntimeWarning,  # shown by default, unlike ResourceWarning
             stacklevel=stacklevel,
         )
+
+
+def resolve_settings(
+    workers: Any,
+    chunk_len: Any,
+    *,
+    profile: Any,
+    start_method: str | None,
+    blas_threads: Any,
+    pin: bool,
+    retries: Any,
+    backend: str | None,
+    cluster: Any,
+    adapt: Any,
+    item_bytes: Any,
+) -> Settings:
+    """``Evaluator``'s arguments checked (one-line errors naming the argument) and
+    resolved: explicit values first, then the profile's, then the heuristic's."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if adapt not in (None, True, False):
+        raise TypeError(f"adapt must be None, True or False, got {adapt!r}")
+    workers = positive_int("workers", workers)
+    chunk_len = explicit_chunk_len = positive_int("chunk_len", chunk_len)
+    explicit = workers is not None or chunk_len is not None
+    blas_threads = positive_int("blas_threads", blas_threads)
+    item_bytes = positive_int("item_bytes", item_bytes)
+    retries = check_int("retries", retries, minimum=0)
+    method = checked_start_method(start_method)
+
+    found = None
+    from_heuristic = False  # the chunk comes from the probe's rule, not a measurement
+    if profile is not None and (workers is None or chunk_len is None or backend is None):
+        found = resolve_profile(profile, backend, cluster, item_bytes)
+        workers, chunk_len, backend, from_heuristic = settings_from(
+            found, workers, chunk_len, backend
+        )
+    backend = backend or "processes"
+    if pin and backend != "processes":
+        raise ValueError("pin=True needs backend='processes'")
+    if backend != "dask" and cluster is not None:
+        raise ValueError("client= and address= are for backend='dask'")
+    adapting = resolve_adapt(adapt, backend, explicit, found)
+    source = (
+        EXACT
+        if explicit_chunk_len is not None
+        else GUESSED
+        if chunk_len is None or from_heuristic
+        else MEASURED
+    )
+    cpu = probe() if workers is None or chunk_len is None or adapting else None
+    if workers is None or chunk_len is None:
+        assert cpu is not None
+        workers, chunk_len = heuristic_settings(cpu, workers, chunk_len, backend, item_bytes)
+    return Settings(
+        backend=backend,
+        workers=workers,
+        chunk_len=chunk_len,
+        chunk_source=source,
+        adapt=adapting,
+        profile=found,
+        # Online profiles are saved under the name given (else the kernel's).
+        profile_name=profile if isinstance(profile, str) and not looks_like_path(profile) else None,
+        cpu=cpu,
+        start_method=method,
+        blas_threads=blas_threads,
+        pin=bool(pin),
+        retries=retries,
+        item_bytes=item_bytes,
+    )

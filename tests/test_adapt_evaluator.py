@@ -86,7 +86,7 @@ def test_adapting_changes_chunks_and_a_reduce_only_in_the_last_bits(
     x, profile_dir, no_leaks, pool_only
 ):
     with Evaluator(shared={"x": x}) as ev:
-        assert ev._adapt
+        assert ev.settings.adapt
         results, chunks = [], set()
         for _ in range(12):
             results.append(ev.reduce(kernels.heavy_sum, N))
@@ -184,7 +184,7 @@ def test_a_measured_profile_is_used_as_is(x, profile_dir, no_leaks):
     from conftest import SHIPPED
 
     with Evaluator(shared={"x": x}, profile=Profile.load(SHIPPED)) as ev:
-        assert not ev._adapt
+        assert not ev.settings.adapt
         ev.map(kernels.double, N)
         assert ev._online is None  # nothing is learned: the profile is used as it is
 

@@ -405,8 +405,8 @@ def test_local_profile_never_runs_on_dask(client, tmp_path, monkeypatch):
     with pytest.warns(ProfileWarning):
         ev = Evaluator(profile="stream", backend="dask", client=client)
     with ev:
-        assert ev._profile is not None and ev._profile.backend == "dask"
-        assert ev._profile.source == "heuristic" and ev.workers == 4  # 2 per worker thread
+        assert ev.settings.profile is not None and ev.settings.profile.backend == "dask"
+        assert ev.settings.profile.source == "heuristic" and ev.workers == 4  # 2 per worker thread
 
 
 def test_cli_search_on_the_cluster(cluster, tmp_path, capsys):

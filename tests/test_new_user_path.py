@@ -92,7 +92,7 @@ def test_pool_program_through_zero_config_search_and_profile(program, tmp_path, 
     # 3. production: the file is used as it is
     with Evaluator(profile=os.fspath(out), shared=data) as ev:
         assert (ev.backend, ev.workers) == (profile.backend, profile.workers)
-        assert not ev._adapt  # a measured profile: nothing to explore
+        assert not ev.settings.adapt  # a measured profile: nothing to explore
         dist, idx = ev.map(program.knn_kernel, n)
         assert ev.stats is not None and ev.stats.backend == profile.backend
     assert np.array_equal(dist, expected[0]) and np.array_equal(idx, expected[1])
