@@ -34,11 +34,7 @@ import statistics
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
-
-from autotune._errors import RangeError
 from autotune.cpu import CpuInfo
 from autotune.engine import (
     NOISY,
@@ -62,9 +58,7 @@ __all__ = [
     "Learner",
     "PoolCost",
     "Refiner",
-    "Shifted",
     "SliceRun",
-    "join_parts",
     "online_ladder",
 ]
 
@@ -346,41 +340,6 @@ class BreakEven:
         if below and self._inline_since >= RECHECK and n >= n_star / 8:
             return False
         return below
-
-
-class Shifted:
-    """``kernel`` over the items of the slice ``[offset, end)`` of a long call.
-
-    The runner numbers the slice's items from 0; the kernel is given them
-    as items of the whole call.  A range that would reach past ``end`` is
-    ``RangeError`` before the kernel runs: the slice's own runner cut it.
-    """
-
-    def __init__(self, kernel: Any, offset: int, end: int) -> None:
-        self.kernel = kernel
-        self.offset = offset
-        self.end = end
-
-    def __call__(self, shared: Any, start: int, stop: int) -> Any:
-        start, stop = start + self.offset, stop + self.offset
-        if not self.offset <= start < stop <= self.end:
-            raise RangeError(
-                f"items [{start}, {stop}) asked of the slice [{self.offset}, {self.end})"
-            )
-        return self.kernel(shared, start, stop)
-
-
-def join_parts(parts: list[Any]) -> Any:
-    """The map results of consecutive slices as one result of the same structure."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    if isinstance(first, tuple):
-        joined = [np.concatenate([p[i] for p in parts]) for i in range(len(first))]
-        return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
-    if isinstance(first, dict):
-        return {k: np.concatenate([p[k] for p in parts]) for k in first}
-    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)

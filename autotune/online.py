@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
+from autotune._errors import RangeError
 from autotune.adapt import (
     Learner,
     PoolCost,
-    Shifted,
     SliceRun,
-    join_parts,
 )
 from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import PROBED, ChunkPlan, Cursor, OrderedFold, plan_chunks
@@ -32,7 +33,7 @@ from autotune.profile import heuristic_profile, item_bytes_of
 from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_online
 from autotune.settings import check_memory
 
-__all__ = ["OnlineTuning"]
+__all__ = ["OnlineTuning", "Shifted", "join_parts"]
 
 #: The first call of a kernel is timed in this process on at least this many
 #: items (all of them when the call has fewer).
@@ -252,6 +253,41 @@ class OnlineTuning:
     def _fit(chunk_len: int, n: int, workers: int) -> int:
         """A point's chunk length for a run of ``n`` items (see :func:`plan_chunks`)."""
         return plan_chunks(n, workers, chunk_len, PROBED).chunk_len
+
+
+class Shifted:
+    """``kernel`` over the items of the slice ``[offset, end)`` of a long call.
+
+    The runner numbers the slice's items from 0; the kernel is given them
+    as items of the whole call.  A range that would reach past ``end`` is
+    ``RangeError`` before the kernel runs: the slice's own runner cut it.
+    """
+
+    def __init__(self, kernel: Any, offset: int, end: int) -> None:
+        self.kernel = kernel
+        self.offset = offset
+        self.end = end
+
+    def __call__(self, shared: Any, start: int, stop: int) -> Any:
+        start, stop = start + self.offset, stop + self.offset
+        if not self.offset <= start < stop <= self.end:
+            raise RangeError(
+                f"items [{start}, {stop}) asked of the slice [{self.offset}, {self.end})"
+            )
+        return self.kernel(shared, start, stop)
+
+
+def join_parts(parts: list[Any]) -> Any:
+    """The map results of consecutive slices as one result of the same structure."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if isinstance(first, tuple):
+        joined = [np.concatenate([p[i] for p in parts]) for i in range(len(first))]
+        return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
+    if isinstance(first, dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in first}
+    return np.concatenate(parts)
 
 
 def _join(parts: list[Any], mode: str, combine: Any) -> Any:

@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 
 from autotune import Evaluator, Workload
 from autotune._errors import RangeError
-from autotune.adapt import Shifted
 from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import (
     Batches,
@@ -40,7 +39,7 @@ from autotune.backends.schedule import (
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import run_inline
-from autotune.online import OnlineTuning
+from autotune.online import OnlineTuning, Shifted
 from autotune.tuner import search
 
 PRIMES = [2, 3, 7, 61, 1009, 65537, 999_983, 9_999_991]
