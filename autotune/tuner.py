@@ -84,6 +84,7 @@ from autotune.workload import Workload
 
 __all__ = [
     "SearchResult",
+    "planned_runs",
     "run_auto",
     "run_grid",
     "search",
@@ -272,7 +273,7 @@ def run_auto(
     return True
 
 
-def _planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
+def planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
     """Timed runs (warm-ups included) a search of ``plan`` makes, before ties."""
     points = sum(len(v) for v in plan.values())
     if strategy == "grid":
@@ -426,14 +427,14 @@ def _search(
     if items is not None:
         n = min(int(items), workload.n)
     else:
-        n = _measured_items(workload, budget, _planned_runs(rough, strategy) + 4, rate)
+        n = _measured_items(workload, budget, planned_runs(rough, strategy) + 4, rate)
     plan = {lane: chunk_ladder(cpu, item_bytes, n, lane[1]) for lane in lanes}
 
     bar = None
     if progress or (progress is None and sys.stderr.isatty()):
         from tqdm import tqdm
 
-        total = _planned_runs(plan, strategy) + 3
+        total = planned_runs(plan, strategy) + 3
         bar = tqdm(total=total, desc=f"search {workload.name}", unit="run", file=sys.stderr)
     bench = _Bench(
         workload,

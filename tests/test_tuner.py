@@ -53,13 +53,13 @@ def test_chunk_ladder_has_no_repeats_when_items_are_big():
     assert ladder[:3] == [1, 3, 6] and ladder[-1] == 500
 
 
-def test_planned_runs_count_every_phase_of_auto():
-    from autotune.tuner import _planned_runs
+def testplanned_runs_count_every_phase_of_auto():
+    from autotune.tuner import planned_runs
 
     lanes = {("processes", 1): list(range(9)), ("processes", 2): list(range(8))}
     # screening 3 per lane; coarse 9 // 2 + 1 and 8 // 2 + 1; refine 4; halving 6 + 4 + 4
-    assert _planned_runs(lanes, "auto") == 6 + (5 + 5) + 4 + 14
-    assert _planned_runs(lanes, "grid") == 17 * 4
+    assert planned_runs(lanes, "auto") == 6 + (5 + 5) + 4 + 14
+    assert planned_runs(lanes, "grid") == 17 * 4
 
 
 def test_is_tie_within_the_spread():
