@@ -330,7 +330,8 @@ class Evaluator:
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
         if n == 0:
-            self._record(Meter(self.workers), 0, mode, self.chunk_len, 0.0, False)
+            self._last = _LastCall(Meter(self.workers), 0, mode, self.chunk_len, 0.0, False, False)
+            self._stats_built = None
             if mode == "map":
                 return np.empty((0,))
             if combine in _IDENTITY:
@@ -342,7 +343,7 @@ class Evaluator:
             self._busy = threading.get_ident()
             bar = _progress_bar(n, mode) if progress else None
             meter = Meter(self.workers, None if bar is None else bar.update)
-            chunk_len, inline = self.chunk_len, False
+            chunk_len, inline, exploring = self.chunk_len, False, False
             if self._online is None:
                 plan = plan_chunks(n, self.workers, self.chunk_len, self.settings.chunk_source)
                 chunk_len = plan.chunk_len
@@ -351,7 +352,8 @@ class Evaluator:
             began = time.perf_counter()
             try:
                 if self._online is not None:
-                    result, chunk_len, inline = self._online.call(kernel, n, mode, combine, meter)
+                    outcome = self._online.call(kernel, n, mode, combine, meter)
+                    result, chunk_len, inline, exploring = outcome
                 else:
                     result = self._runner.run(kernel, n, chunk_len, mode, combine, meter)
             finally:
@@ -359,7 +361,8 @@ class Evaluator:
                 wall = time.perf_counter() - began
                 if bar is not None:
                     bar.close()
-                self._record(meter, n, mode, chunk_len, wall, inline)
+                self._last = _LastCall(meter, n, mode, chunk_len, wall, inline, exploring)
+                self._stats_built = None
                 self._busy = None
                 if self._runner.closed:
                     # The pool ended itself (Ctrl-C or a failure of our own
@@ -382,18 +385,17 @@ class Evaluator:
                 backend=self.backend,
                 wall_s=last.wall_s,
                 inline=last.inline,
+                exploring=last.exploring,
             )
         return self._stats_built
 
-    def _record(
-        self, meter: Meter, n: int, mode: str, chunk_len: int, wall: float, inline: bool
-    ) -> None:
-        self._last, self._stats_built = _LastCall(meter, n, mode, chunk_len, wall, inline), None
-
     def _warn_if_inefficient(self) -> None:
         """One EfficiencyWarning per evaluator, for a long call that left workers idle."""
-        if self._warned or self._last is None or self._last.wall_s < call_stats.LONG_CALL_S:
+        last = self._last
+        if self._warned or last is None or last.wall_s < call_stats.LONG_CALL_S:
             return
+        if last.exploring:
+            return  # autotune's own trial settings: nothing for the user to change
         message = advice(self.stats) if self.stats is not None else None
         if message is not None:
             self._warned = True
@@ -425,6 +427,7 @@ class _LastCall:
     chunk_len: int
     wall_s: float
     inline: bool
+    exploring: bool
 
 
 def _progress_bar(n: int, mode: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,13 +33,22 @@ from autotune.profile import heuristic_profile, item_bytes_of
 from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_online
 from autotune.settings import check_memory
 
-__all__ = ["OnlineTuning", "Shifted", "join_parts"]
+__all__ = ["OnlineCall", "OnlineTuning", "Shifted", "join_parts"]
 
 #: The first call of a kernel is timed in this process on at least this many
 #: items (all of them when the call has fewer).
 PROBE_ITEMS = 64
 #: The heuristic's floor for an adapting evaluator, in items per chunk.
 ONLINE_MIN_ITEMS = 1024
+
+
+class OnlineCall(NamedTuple):
+    """One call of an adapting evaluator: its result and how it ran."""
+
+    result: Any
+    chunk_len: int  # of its last run
+    inline: bool  # ran in the calling process
+    exploring: bool  # its kernel's settings were still being explored
 
 
 class OnlineTuning:
@@ -100,9 +109,10 @@ class OnlineTuning:
 
     def call(
         self, kernel: Callable[..., Any], n: int, mode: str, combine: Any, meter: Meter
-    ) -> tuple[Any, int, bool]:
-        """One call while adapting: (result, chunk length, ran inline)."""
+    ) -> OnlineCall:
+        """One call while adapting."""
         learner = self._learner(kernel, n)
+        exploring = learner.refiner.exploring
         leader = learner.leader()
         workers, nominal = leader.workers, leader.chunk_len
         # In this process a reduce runs the pool's chunks (the same bits); a
@@ -125,7 +135,7 @@ class OnlineTuning:
                 self._inline(kernel, learner, start, stop, probe_chunk, mode, combine, meter)
             )
             if not cut.left:
-                return parts[0], chunk_len, True
+                return OnlineCall(parts[0], chunk_len, True, exploring)
         overhead = self.pool_cost.per_call()
         if learner.inline(cut.left, overhead):
             start, stop = cut.take(cut.left)
@@ -133,7 +143,7 @@ class OnlineTuning:
                 self._inline(kernel, learner, start, stop, chunk_len, mode, combine, meter)
             )
             cut.check_complete()
-            return _join(parts, mode, combine), chunk_len, True
+            return OnlineCall(_join(parts, mode, combine), chunk_len, True, exploring)
 
         def run(items: int, point: Point, measured: bool) -> SliceRun:
             nonlocal chunk_len
@@ -149,7 +159,7 @@ class OnlineTuning:
         learner.run_call(cut.left, mode, run)
         cut.check_complete()
         self._remember(learner)
-        return _join(parts, mode, combine), chunk_len, False
+        return OnlineCall(_join(parts, mode, combine), chunk_len, False, exploring)
 
     def _inline(
         self,

@@ -39,7 +39,7 @@ from autotune.backends.schedule import (
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import run_inline
-from autotune.online import OnlineTuning, Shifted
+from autotune.online import OnlineCall, OnlineTuning, Shifted
 from autotune.tuner import search
 
 PRIMES = [2, 3, 7, 61, 1009, 65537, 999_983, 9_999_991]
@@ -247,18 +247,19 @@ def scripted(workers: int, item_bytes: int, name: str, best_len: int, seed: int)
     return tuning, pool, clock
 
 
-def check_call(tuning: OnlineTuning, kernel: IndexKernel, n: int, mode: str) -> bool:
-    """One call: every item exactly once, the exact result; whether it ran inline."""
+def check_call(tuning: OnlineTuning, kernel: IndexKernel, n: int, mode: str) -> OnlineCall:
+    """One call: every item exactly once, the exact result; how it ran."""
     kernel.ranges.clear()
     kernel.mode = mode
-    result, chunk_len, inline = tuning.call(kernel, n, mode, operator.add, Meter(tuning.workers))
+    outcome = tuning.call(kernel, n, mode, operator.add, Meter(tuning.workers))
+    result, chunk_len = outcome.result, outcome.chunk_len
     covers_exactly(kernel.ranges, n)
     if mode == "map":
         assert np.array_equal(result, np.arange(n, dtype=np.int64))
     else:
         assert result == index_moments(0, n)
     assert chunk_len >= 1
-    return inline
+    return outcome
 
 
 @given(
@@ -300,13 +301,16 @@ def test_the_scripted_evaluator_goes_through_every_branch():
     tuning, pool, clock = scripted(4, 64, name, 4096, 1)
     kernel = IndexKernel(clock, 2e-6)  # 2 us an item: a 99991-item call is worth slicing
     seen = {"inline": 0, "sliced": 0, "whole on the pool": 0}
+    exploring = []
     sizes = [6000, 6001, 4099, 250_000, 999_983, 7, 1, 64, 65, 300, 99_991]
     for i in range(400):
         n, mode = sizes[i % len(sizes)], ("reduce", "map")[i % 3 == 0]
         if i == 250:
             kernel.cost *= 4
         before = pool.calls
-        if check_call(tuning, kernel, n, mode):
+        outcome = check_call(tuning, kernel, n, mode)
+        exploring.append(outcome.exploring)
+        if outcome.inline:
             seen["inline"] += 1
         elif pool.calls - before > 1:
             seen["sliced"] += 1
@@ -316,6 +320,8 @@ def test_the_scripted_evaluator_goes_through_every_branch():
     assert all(seen.values()), seen
     assert refiner.settled
     assert refiner.explorations >= 2, "the drift at call 250 did not start a new exploration"
+    # Calls say whether they ran while exploring: the first ones did, settled ones not.
+    assert exploring[0] and not all(exploring) and not exploring[-1]
 
 
 def test_an_adapting_evaluator_starts_settled_from_its_profile_and_still_covers_n():

@@ -145,3 +145,13 @@ def test_public_names():
     assert issubclass(autotune.EfficiencyWarning, RuntimeWarning)
     assert autotune.CallStats is CallStats
     assert {"CallStats", "EfficiencyWarning"} <= set(autotune.__all__)
+
+
+def test_stats_say_whether_a_call_was_autotunes_exploration(no_leaks):
+    import kernels
+
+    x = np.arange(1000.0)
+    with Evaluator(2, 100, shared={"x": x}) as ev:
+        ev.map(kernels.double, 1000)
+        assert ev.stats.exploring is False  # settings given: nothing explored
+        assert "exploring=False" in repr(ev.stats)

@@ -98,6 +98,9 @@ class CallStats:
         Batches re-run because the worker running them died.  On Dask: tasks
         resent because their worker lacked the shared data (Dask re-runs the
         tasks of a dead worker itself, unseen by the client).
+    exploring : bool
+        The call ran while an adapting evaluator was still exploring settings
+        for its kernel (its settings were autotune's trial, not a choice).
     """
 
     n: int
@@ -111,6 +114,7 @@ class CallStats:
     busy_s: tuple[float, ...]
     efficiency: float
     retries: int
+    exploring: bool = False
 
     @classmethod
     def of(
@@ -124,6 +128,7 @@ class CallStats:
         backend: str,
         wall_s: float,
         inline: bool = False,
+        exploring: bool = False,
     ) -> CallStats:
         busy = meter.busy_per_worker()
         capacity = max(1, meter.workers) * wall_s
@@ -139,6 +144,7 @@ class CallStats:
             busy_s=busy,
             efficiency=sum(busy) / capacity if capacity > 0 else 0.0,
             retries=meter.retries,
+            exploring=exploring,
         )
 
     def __repr__(self) -> str:
@@ -147,7 +153,8 @@ class CallStats:
             f"CallStats(n={self.n}, mode={self.mode!r}, workers={self.workers}, "
             f"chunk_len={self.chunk_len}, chunks={self.chunks}, backend={self.backend!r}, "
             f"inline={self.inline}, wall_s={self.wall_s:.3g}, busy_s=({busy}), "
-            f"efficiency={self.efficiency:.2f}, retries={self.retries})"
+            f"efficiency={self.efficiency:.2f}, retries={self.retries}, "
+            f"exploring={self.exploring})"
         )
 
 
