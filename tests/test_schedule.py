@@ -79,7 +79,8 @@ def test_the_planner_fits_a_measured_chunk_len_to_the_call():
     from autotune.backends.schedule import MEASURED, plan_chunks
 
     assert plan_chunks(58_590, 2, 7812, MEASURED).chunk_len == 7324  # 7.5 chunks -> 8 equal
-    assert plan_chunks(10_000_000, 2, 7812, MEASURED).chunk_len == 7812  # many: untouched
+    assert plan_chunks(10_000_000, 2, 7812, MEASURED).chunk_len == 7801  # 1282 chunks, not 1281
+    assert plan_chunks(10_000_000, 16, 65536, MEASURED).chunks == 160  # not 153
     assert plan_chunks(100, 4, 1000, MEASURED).chunk_len == 25  # one chunk per worker
 
 
