@@ -258,3 +258,14 @@ def test_bench_adapt_quick():
     for n in (1000, 10000, 100000, 1000000):
         assert re.search(rf"^ +{n} +\d+\.\d{{3}} +\d+\.\d{{3}} +{ratio} +\d+/\d+$", out, re.M), out
     assert re.search(r"^loop: 20 maps of 100000 values.* = \d+\.\d\dx$", out, re.M), out
+
+
+def test_bench_tail_tiny():
+    done = run_script("bench_tail.py", "--n", "20000", "--k", "2", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if " chunks of " in line]
+    assert len(rows) == 3 and "WRONG" not in done.stdout, done.stdout
+    # The planner cut the odd count to a multiple of the workers.
+    planned = next(line for line in rows if "planned" in line)
+    workers = int(re.search(r"items, (\d+) workers", done.stdout).group(1))
+    assert int(planned.split()[1]) % workers == 0, done.stdout
