@@ -1,0 +1,191 @@
+"""What the search and the online refinement pick on landscapes measured on other machines.
+
+The development and CI hosts have 2 cores; the landscapes in
+``tests/data/landscapes/`` were measured on a 16-core Xeon.  Replayed
+(``tests/replay.py``: seconds drawn from the recorded ones, seeded, on a
+scripted clock), they say what the real search strategy
+(:func:`autotune.tuner.run_auto`) and the real online refinement (an
+:class:`autotune.online.OnlineTuning` as an adapting evaluator builds it)
+would settle on there.  A point the file does not hold (most runs the code
+makes are cut to lengths nobody recorded) is read by the rule of
+:class:`replay.Landscape`: between recorded neighbours without a tail, so a
+figure at such a point is that rule's reading, not a measurement.
+
+The targets (issue 19), each over 10 seeded replays of each recorded workload:
+
+(a) the search and (b) the refinement settle on a point whose median is at
+least :data:`GOOD` of the landscape's best median in at least 9 replays;
+(c) the refinement's first :data:`REGRET_CALLS` calls take at most
+:data:`REGRET_MAX` more than as many calls at the best point's median, in
+every replay; (d) on a synthetic 64-core machine that saturates at 24
+workers, the refinement settles on 20 to 32 workers.
+
+A target today's code misses is ``xfail(strict=True)`` with the measured
+figure in its reason: the gap stays visible, and a change that closes it
+fails the suite until the mark goes.  Each test prints its figures (``-s``)
+and puts them in its assertion message.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+from replay import (
+    Clock,
+    OnlineReplay,
+    ReplayBench,
+    ReplayPool,
+    Settled,
+    recorded,
+    replay_online,
+    replay_search,
+    saturating,
+)
+
+from autotune.engine import Point
+
+WORKLOADS = ("spline", "stream", "ndimage")
+SEEDS = range(10)
+#: A settled point is good at this fraction of the best median or more ...
+GOOD = 0.95
+#: ... in this many replays of ``len(SEEDS)``.
+ENOUGH = 9
+#: Calls over which the refinement's extra time is counted, and its bound.
+REGRET_CALLS = 30
+REGRET_MAX = 0.15
+#: Calls per online replay: every replay here settles within 25.
+CALLS = 60
+
+
+def known_gaps(**reasons: str) -> list:
+    """The workloads, those named marked as a target not met (the reason: the figure)."""
+    return [
+        pytest.param(w, marks=pytest.mark.xfail(strict=True, reason=reasons[w]))
+        if w in reasons
+        else w
+        for w in WORKLOADS
+    ]
+
+
+@functools.cache
+def searches(workload: str) -> tuple[Settled, ...]:
+    return tuple(replay_search(recorded(workload), seed) for seed in SEEDS)
+
+
+@functools.cache
+def refinements(workload: str) -> tuple[OnlineReplay, ...]:
+    return tuple(replay_online(recorded(workload), seed, CALLS) for seed in SEEDS)
+
+
+def span(values: Sequence[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f} (median {statistics.median(values):.3f})"
+
+
+def settled_figures(what: str, settled: Sequence[Settled | None]) -> tuple[str, int]:
+    """One line of where the replays settled and how good that was; how many were good."""
+    counts = Counter("not settled" if s is None else str(s) for s in settled)
+    ratios = [0.0 if s is None else s.ratio for s in settled]
+    good = sum(r >= GOOD for r in ratios)
+    where = ", ".join(f"{p} x{k}" for p, k in counts.most_common())
+    line = (
+        f"{what}: settled on {where}; ratio to the best {span(ratios)}; "
+        f"{good}/{len(ratios)} >= {GOOD}"
+    )
+    print(line)
+    return line, good
+
+
+# -- (a) the search -------------------------------------------------------------------------
+@pytest.mark.parametrize("workload", known_gaps())
+def test_the_search_settles_near_the_best(workload):
+    line, good = settled_figures(f"{workload} search", searches(workload))
+    assert good >= ENOUGH, line
+
+
+# -- (b), (c) the online refinement ---------------------------------------------------------
+# ndimage has 8192 rows: a probed run keeps 2 chunks per worker (8192 / 32 =
+# 256 rows on 16 workers), so its best, 16 x 512 (one chunk per worker), is
+# never run, whatever the ladder asks.
+REFINEMENT_GAPS = {
+    "ndimage": (
+        "measured: settles on 16x256 in 10/10 replays, 0.903 of the best (read between the "
+        "recorded 16x128 and 16x512); 16x512 is never run (2 chunks per worker at least)"
+    ),
+}
+REGRET_GAPS = {
+    "ndimage": (
+        "measured: 0.170-0.185 (median 0.177) over 30 calls; with seed 0, 27 calls ran on "
+        "16 workers at 256 rows (0.90 of the best), 3 on 8 workers at 512 (0.56)"
+    ),
+}
+
+
+@pytest.mark.parametrize("workload", known_gaps(**REFINEMENT_GAPS))
+def test_the_refinement_settles_near_the_best(workload):
+    replays = refinements(workload)
+    line, good = settled_figures(f"{workload} refinement", [r.settled for r in replays])
+    after = [r.calls_to_settle for r in replays if r.calls_to_settle is not None]
+    if after:
+        print(f"{workload} refinement: settled after {min(after)}-{max(after)} calls")
+    assert good >= ENOUGH, line
+
+
+@pytest.mark.parametrize("workload", known_gaps(**REGRET_GAPS))
+def test_the_refinement_costs_little_while_it_explores(workload):
+    best_s = recorded(workload).best()[1]
+    regret = [r.regret(REGRET_CALLS, best_s) for r in refinements(workload)]
+    line = f"{workload} refinement: extra time over {REGRET_CALLS} calls {span(regret)}"
+    print(line)
+    assert max(regret) <= REGRET_MAX, line
+
+
+# -- (d) a machine that saturates -----------------------------------------------------------
+def test_the_refinement_stops_adding_workers_where_a_machine_saturates():
+    landscape = saturating(cores=64, knee=24)
+    replays = [replay_online(landscape, seed, CALLS) for seed in SEEDS]
+    line, _ = settled_figures("saturating-64 refinement", [r.settled for r in replays])
+    regret = [r.regret(REGRET_CALLS, landscape.best()[1]) for r in replays]
+    print(f"saturating-64 refinement: extra time over {REGRET_CALLS} calls {span(regret)}")
+    workers = [r.settled.point.workers for r in replays if r.settled is not None]
+    assert len(workers) == len(SEEDS) and all(20 <= w <= 32 for w in workers), line
+
+
+# -- the replay itself ----------------------------------------------------------------------
+def test_the_replay_reads_the_landscape_by_its_rules():
+    spline, ndimage = recorded("spline"), recorded("ndimage")
+    # A recorded point: its own seconds.
+    assert ndimage.median(16, 512) == statistics.median(ndimage.points[(16, 512)])
+    assert ndimage.best() == ((16, 512), ndimage.median(16, 512))
+    # Between recorded lengths: those with an even chunk count only.  1563 items
+    # (32 chunks of spline's 50000) read between 782 (64 chunks) and 3125 (16),
+    # not 2048 (25 chunks: a tail on 16 workers), halfway in log scale.
+    assert not spline.even(16, 2048) and spline.even(16, 782) and spline.even(16, 3125)
+    halfway = (spline.median(16, 782) * spline.median(16, 3125)) ** 0.5
+    assert spline.median(16, 1563) == pytest.approx(halfway, rel=1e-3)
+    # Past the longest even length: that length.
+    assert spline.median(16, 4000) == spline.median(16, 3125)
+    # Between recorded worker counts: throughput interpolated over workers.
+    rate = (1 / ndimage.median(8, 512) + 1 / ndimage.median(12, 512)) / 2
+    assert ndimage.median(10, 512) == pytest.approx(1 / rate)
+
+
+def test_the_replays_cut_and_scale_runs_as_the_real_ones():
+    landscape = recorded("spline")
+    # The search's bench cuts a point as the search does: 2048 items on 16
+    # workers run as 32 chunks of 1563, read between 782 and 3125.
+    bench = ReplayBench(landscape, Clock(), seed=0)
+    point = Point("processes", 16, 2048)
+    bench.run(point, repeats=3, warmup=True)
+    around = landscape.points[(16, 782)] + landscape.points[(16, 3125)]
+    assert len(bench.times[point]) == 3
+    assert all(min(around) <= s <= max(around) for s in bench.times[point])
+    assert bench.clock.now > sum(bench.times[point])  # the warm-up took time too
+    # A pool run of a quarter of the items takes a quarter of a recorded call.
+    pool = ReplayPool(landscape, 16, Clock(), random.Random(0))
+    pool.run(None, landscape.n // 4, 3125, "reduce", None)
+    assert any(pool.clock.now == pytest.approx(s / 4) for s in landscape.points[(16, 3125)])
