@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from autotune.backends.runners import LazyRunner
-from autotune.backends.schedule import BALANCE_UP_TO, MEASURED, PROBED, n_chunks, plan_chunks
+from autotune.backends.schedule import MEASURED, PROBED, n_chunks, plan_chunks
 from autotune.backends.stats import Meter
 from autotune.cpu import CacheLevel, CpuInfo
 from autotune.cpu.model import FALLBACK_L2_BYTES
@@ -44,6 +44,8 @@ from autotune.settings import heuristic_settings
 from autotune.tuner import run_auto
 
 DATA = Path(__file__).parent / "data" / "landscapes"
+#: More chunks per worker than this: a recorded tail is a small part of the call.
+SELF_BALANCING = 8
 BACKEND = "processes"  # what the landscapes were recorded with (fork)
 
 Pick = Callable[[Sequence[float]], float]
@@ -75,9 +77,8 @@ class Landscape:
     1. a recorded ``(workers, chunk_len)``: its seconds;
     2. a recorded worker count, another chunk length: read between the two
        recorded lengths of that worker count around it whose chunk count is
-       *even* (a multiple of the workers, or more than
-       :data:`~autotune.backends.schedule.BALANCE_UP_TO` chunks per worker,
-       which balance themselves), linearly in log(seconds) over
+       *even* (a multiple of the workers, or more than :data:`SELF_BALANCING`
+       chunks per worker, whose tail is a small part of the call), linearly in log(seconds) over
        log(chunk_len); beyond the first or last even length, that length
        (all recorded lengths of that count where none is even).
        Even lengths only, because every plan the search and the refinement
@@ -128,7 +129,7 @@ class Landscape:
     def even(self, workers: int, chunk_len: int) -> bool:
         """Whether ``n`` in chunks of ``chunk_len`` splits over ``workers`` without a tail."""
         chunks = n_chunks(self.n, chunk_len)
-        return chunks % workers == 0 or chunks > BALANCE_UP_TO * workers
+        return chunks % workers == 0 or chunks > SELF_BALANCING * workers
 
     def _at(self, workers: int, chunk_len: int, pick: Pick) -> float:
         counts = sorted({w for w, _ in self.points})
