@@ -14,6 +14,7 @@ slice would hide a range past ``n``).
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import uuid
@@ -238,13 +239,18 @@ class ScriptedPool:
         pass
 
 
+@contextlib.contextmanager
 def scripted(workers: int, item_bytes: int, name: str, best_len: int, seed: int):
-    """An adapting evaluator's online state on a scripted pool and clock."""
+    """An adapting evaluator's online state on a scripted pool and clock (closed after:
+    its inline map outputs live in shared memory)."""
     clock = Clock()
     pool = ScriptedPool(workers, clock, best_len, seed)
     runner = LazyRunner(lambda: pool, workers)
     tuning = OnlineTuning(I3, "processes", workers, {}, item_bytes, name, runner, clock)
-    return tuning, pool, clock
+    try:
+        yield tuning, pool, clock
+    finally:
+        tuning.close()
 
 
 def check_call(tuning: OnlineTuning, kernel: IndexKernel, n: int, mode: str) -> OnlineCall:
@@ -280,43 +286,43 @@ def test_every_call_of_an_adapting_evaluator_covers_range_n(
     # A fresh name explores from the heuristic; the shared one may start from
     # what an earlier example saved (settled).
     name = f"ranges-{uuid.uuid4().hex}" if fresh else "ranges-shared"
-    tuning, _, clock = scripted(workers, item_bytes, name, best_len, seed)
-    kernel = IndexKernel(clock, cost)
-    for i, (n, mode) in enumerate(calls):
-        # What runs here chunk by chunk stays quick: n up to 10^7 for reduces
-        # of 8-byte items (chunks of 1024 and more), 10^6 else, maps 3 x 10^5.
-        if mode == "map":
-            n = 1 + n % 300_000
-        elif item_bytes > 8:
-            n = 1 + n % 1_000_000
-        if i == drift_at:
-            kernel.cost *= 4  # the same code on other data: the refiner sees a drift
-        check_call(tuning, kernel, n, mode)
+    with scripted(workers, item_bytes, name, best_len, seed) as (tuning, _, clock):
+        kernel = IndexKernel(clock, cost)
+        for i, (n, mode) in enumerate(calls):
+            # What runs here chunk by chunk stays quick: n up to 10^7 for reduces
+            # of 8-byte items (chunks of 1024 and more), 10^6 else, maps 3 x 10^5.
+            if mode == "map":
+                n = 1 + n % 300_000
+            elif item_bytes > 8:
+                n = 1 + n % 1_000_000
+            if i == drift_at:
+                kernel.cost *= 4  # the same code on other data: the refiner sees a drift
+            check_call(tuning, kernel, n, mode)
 
 
-def test_the_scripted_evaluator_goes_through_every_branch():
+def test_the_scripted_evaluator_goes_through_every_branch(no_leaks):
     """One long scripted run through every branch of the refinement (the property
     above, made sure of), each call covering its items exactly once."""
     name = f"branches-{uuid.uuid4().hex}"
-    tuning, pool, clock = scripted(4, 64, name, 4096, 1)
-    kernel = IndexKernel(clock, 2e-6)  # 2 us an item: a 99991-item call is worth slicing
     seen = {"inline": 0, "sliced": 0, "whole on the pool": 0}
     exploring = []
     sizes = [6000, 6001, 4099, 250_000, 999_983, 7, 1, 64, 65, 300, 99_991]
-    for i in range(400):
-        n, mode = sizes[i % len(sizes)], ("reduce", "map")[i % 3 == 0]
-        if i == 250:
-            kernel.cost *= 4
-        before = pool.calls
-        outcome = check_call(tuning, kernel, n, mode)
-        exploring.append(outcome.exploring)
-        if outcome.inline:
-            seen["inline"] += 1
-        elif pool.calls - before > 1:
-            seen["sliced"] += 1
-        else:
-            seen["whole on the pool"] += 1
-    refiner = tuning.learners[name].refiner
+    with scripted(4, 64, name, 4096, 1) as (tuning, pool, clock):
+        kernel = IndexKernel(clock, 2e-6)  # 2 us an item: a 99991-item call is worth slicing
+        for i in range(400):
+            n, mode = sizes[i % len(sizes)], ("reduce", "map")[i % 3 == 0]
+            if i == 250:
+                kernel.cost *= 4
+            before = pool.calls
+            outcome = check_call(tuning, kernel, n, mode)
+            exploring.append(outcome.exploring)
+            if outcome.inline:
+                seen["inline"] += 1
+            elif pool.calls - before > 1:
+                seen["sliced"] += 1
+            else:
+                seen["whole on the pool"] += 1
+        refiner = tuning.learners[name].refiner
     assert all(seen.values()), seen
     assert refiner.settled
     assert refiner.explorations >= 2, "the drift at call 250 did not start a new exploration"
@@ -324,14 +330,14 @@ def test_the_scripted_evaluator_goes_through_every_branch():
     assert exploring[0] and not all(exploring) and not exploring[-1]
 
 
-def test_an_adapting_evaluator_starts_settled_from_its_profile_and_still_covers_n():
+def test_an_adapting_evaluator_starts_settled_from_its_profile_and_still_covers_n(no_leaks):
     name = f"saved-{uuid.uuid4().hex}"
     for _ in range(2):  # the second one finds what the first one saved
-        tuning, _, clock = scripted(2, 64, name, 2048, 3)
-        kernel = IndexKernel(clock, 1e-6)
-        for n in [6000, 99_991, 12_345] * 30:
-            check_call(tuning, kernel, n, "reduce")
-        assert tuning.learners[name].refiner.settled
+        with scripted(2, 64, name, 2048, 3) as (tuning, _, clock):
+            kernel = IndexKernel(clock, 1e-6)
+            for n in [6000, 99_991, 12_345] * 30:
+                check_call(tuning, kernel, n, "reduce")
+            assert tuning.learners[name].refiner.settled
 
 
 # -- real evaluators -----------------------------------------------------------------------

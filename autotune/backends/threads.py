@@ -291,7 +291,14 @@ def run_inline(
         meter.add_busy(0, time.thread_time() - began)
         meter.advance(n)
         return result
-    allocate = (outputs or Outputs()).allocate
+    # Without an Outputs to keep them, plain arrays: a segment made here would
+    # outlive the call with nothing to unlink it.
+    allocate = outputs.allocate if outputs is not None else _plain_outputs
     call = _ThreadCall(kernel, shared, n, chunk_len, mode, combine, 1, allocate, meter)
     call.drain(0)
     return call.result()
+
+
+def _plain_outputs(n: int, rows: list[tuple[tuple[int, ...], Any]]) -> list[np.ndarray]:
+    """A map's output arrays in private memory."""
+    return [np.empty((n, *shape), dtype=dtype) for shape, dtype in rows]
