@@ -23,7 +23,7 @@ from autotune.adapt import (
     SliceRun,
 )
 from autotune.backends.runners import LazyRunner
-from autotune.backends.schedule import PROBED, ChunkPlan, Cursor, OrderedFold, plan_chunks
+from autotune.backends.schedule import MEASURED, ChunkPlan, Cursor, OrderedFold, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
@@ -148,7 +148,7 @@ class OnlineTuning:
         def run(items: int, point: Point, measured: bool) -> SliceRun:
             nonlocal chunk_len
             start, stop = cut.take(items)
-            plan = plan_chunks(items, point.workers, point.chunk_len, PROBED)
+            plan = plan_chunks(items, point.workers, point.chunk_len, MEASURED)
             if self.item_bytes is not None and self.backend != "dask":
                 check_memory(plan, self.item_bytes, stacklevel=7)  # the user's map/reduce line
             chunk_len = plan.chunk_len
@@ -262,7 +262,7 @@ class OnlineTuning:
     @staticmethod
     def _fit(chunk_len: int, n: int, workers: int) -> int:
         """A point's chunk length for a run of ``n`` items (see :func:`plan_chunks`)."""
-        return plan_chunks(n, workers, chunk_len, PROBED).chunk_len
+        return plan_chunks(n, workers, chunk_len, MEASURED).chunk_len
 
 
 class Shifted:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from autotune.backends.runners import LazyRunner
-from autotune.backends.schedule import MEASURED, PROBED, n_chunks, plan_chunks
+from autotune.backends.schedule import MEASURED, n_chunks, plan_chunks
 from autotune.backends.stats import Meter
 from autotune.cpu import CacheLevel, CpuInfo
 from autotune.cpu.model import FALLBACK_L2_BYTES
@@ -404,6 +404,6 @@ def replay_online(landscape: Landscape, seed: int, calls: int) -> OnlineReplay:
     if not refiner.settled:
         return OnlineReplay(None, tuple(ends), None)
     point = refiner.best
-    used = plan_chunks(landscape.n, point.workers, point.chunk_len, PROBED).chunk_len
+    used = plan_chunks(landscape.n, point.workers, point.chunk_len, MEASURED).chunk_len
     settled = Settled(point, used, landscape.ratio(point.workers, used))
     return OnlineReplay(settled, tuple(ends), settled_at)

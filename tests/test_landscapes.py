@@ -108,21 +108,11 @@ def test_the_search_settles_near_the_best(workload):
 
 
 # -- (b), (c) the online refinement ---------------------------------------------------------
-# ndimage has 8192 rows: a probed run keeps 2 chunks per worker (8192 / 32 =
-# 256 rows on 16 workers), so its best, 16 x 512 (one chunk per worker), is
-# never run, whatever the ladder asks.
-REFINEMENT_GAPS = {
-    "ndimage": (
-        "measured: settles on 16x256 in 10/10 replays, 0.903 of the best (read between the "
-        "recorded 16x128 and 16x512); 16x512 is never run (2 chunks per worker at least)"
-    ),
-}
-REGRET_GAPS = {
-    "ndimage": (
-        "measured: 0.170-0.185 (median 0.177) over 30 calls; with seed 0, 27 calls ran on "
-        "16 workers at 256 rows (0.90 of the best), 3 on 8 workers at 512 (0.56)"
-    ),
-}
+# No gap left: while a timed run kept 2 chunks per worker, ndimage's best
+# (16 x 512 of 8192 rows, one chunk per worker) was never run and the
+# refinement settled on 16 x 256 at 0.903 of it, 0.177 extra over 30 calls.
+REFINEMENT_GAPS: dict[str, str] = {}
+REGRET_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("workload", known_gaps(**REFINEMENT_GAPS))

@@ -84,7 +84,7 @@ def test_the_planner_fits_a_measured_chunk_len_to_the_call():
     assert plan_chunks(100, 4, 1000, MEASURED).chunk_len == 25  # one chunk per worker
 
 
-@pytest.mark.parametrize(("source", "per_worker"), [("probed", 2), ("guessed", 4)])
+@pytest.mark.parametrize(("source", "per_worker"), [("guessed", 4)])
 def test_the_planner_gives_every_worker_chunks_of_a_length_it_was_not_told(source, per_worker):
     from autotune.backends.schedule import plan_chunks
 
@@ -107,13 +107,12 @@ def test_the_planner_refuses_what_is_not_a_plan():
     n=st.integers(1, 10**7),
     workers=st.integers(1, 128),
     chunk_len=st.integers(1, 10**7),
-    source=st.sampled_from(["exact", "measured", "probed", "guessed"]),
+    source=st.sampled_from(["exact", "measured", "guessed"]),
 )
 @settings(max_examples=500, deadline=None)
 def test_every_plan_is_a_cut_of_the_call(n, workers, chunk_len, source):
     from autotune.backends.schedule import (
         GUESSED_CHUNKS_PER_WORKER,
-        PROBED_CHUNKS_PER_WORKER,
         chunk_bounds,
         plan_chunks,
     )
@@ -122,7 +121,7 @@ def test_every_plan_is_a_cut_of_the_call(n, workers, chunk_len, source):
     assert 1 <= plan.chunk_len <= chunk_len
     if source == "exact":
         assert plan.chunk_len == chunk_len
-    per_worker = {"probed": PROBED_CHUNKS_PER_WORKER, "guessed": GUESSED_CHUNKS_PER_WORKER}
+    per_worker = {"guessed": GUESSED_CHUNKS_PER_WORKER}
     if source in per_worker:
         assert plan.chunk_len <= -(-n // (per_worker[source] * workers))
     if source == "measured" and n_chunks(n, chunk_len) <= 10_000:

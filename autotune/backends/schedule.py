@@ -41,7 +41,6 @@ __all__ = [
     "EXACT",
     "GUESSED",
     "MEASURED",
-    "PROBED",
     "Batches",
     "ChunkPlan",
     "Coverage",
@@ -111,25 +110,23 @@ def balanced_chunk_len(n: int, chunk_len: int, workers: int) -> int:
 #: Where a chunk length came from, which decides how a call may change it.
 #: The user's ``chunk_len``: honoured to the item.
 EXACT = "exact"
-#: Measured (a profile, a search's point), perhaps at another ``n``: cut to at
-#: most one chunk per worker, and a multiple of the workers in number.
+#: Measured (a profile, a search's point, a point the online refinement is
+#: timing), perhaps at another ``n``: cut to at most one chunk per worker, and
+#: a multiple of the workers in number.  The refinement times exactly the cut
+#: a profile of that point runs, one chunk per worker included: when it kept
+#: two per worker, replays of a 16-core Xeon's recorded landscape never ran
+#: the best point of a row filter (16 x 512 of 8192 rows) and settled at 0.90
+#: of it (tests/test_landscapes.py).
 MEASURED = "measured"
-#: A point the online refinement is timing: as measured, and at least
-#: :data:`PROBED_CHUNKS_PER_WORKER` chunks per worker.
-PROBED = "probed"
 #: The heuristic's rule, measured nowhere: at least
 #: :data:`GUESSED_CHUNKS_PER_WORKER` chunks per worker.
 GUESSED = "guessed"
-#: A timed run of the refinement keeps two chunks per worker: one chunk each
-#: would time the slowest worker's start more than the setting.
-PROBED_CHUNKS_PER_WORKER = 2
 #: A guessed length may be longer than a small call deserves: four chunks per
 #: worker keep every worker busy and let a slow chunk be made up for.
 GUESSED_CHUNKS_PER_WORKER = 4
 _MIN_PER_WORKER = {
     EXACT: 0,
     MEASURED: 0,
-    PROBED: PROBED_CHUNKS_PER_WORKER,
     GUESSED: GUESSED_CHUNKS_PER_WORKER,
 }
 
@@ -162,12 +159,10 @@ def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> Ch
     The rules, by where ``chunk_len`` came from (``source``):
 
     - :data:`EXACT` (the user's): kept as it is.
-    - :data:`MEASURED` (a profile, a search): at most ``ceil(n / workers)``
+    - :data:`MEASURED` (a profile, a search, the refinement): at most ``ceil(n / workers)``
       (one chunk per worker), and shortened just enough that all chunks are
       equal and their number a multiple of ``workers``
       (:func:`balanced_chunk_len`): the workers finish together.
-    - :data:`PROBED` (timed by the online refinement): at least
-      :data:`PROBED_CHUNKS_PER_WORKER` chunks per worker, then balanced.
     - :data:`GUESSED` (the heuristic's): at least
       :data:`GUESSED_CHUNKS_PER_WORKER` chunks per worker, then balanced.
 
