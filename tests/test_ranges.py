@@ -421,3 +421,16 @@ def test_a_killed_workers_chunks_run_once_more_and_no_item_twice(tmp_path, start
         assert (tmp_path / "killed").exists()
         if pids:  # an adapting evaluator may have started its pool during the calls
             assert set(ev.pids) != pids
+
+
+def item_seeded(shared, start, stop):
+    """The README's example: one generator per item, keyed by (seed, index)."""
+    return np.array([np.random.default_rng([shared.seed, i]).normal() for i in range(start, stop)])
+
+
+@pytest.mark.parametrize("kwargs", [{"workers": 2, "chunk_len": 333}, {}, {"backend": "threads"}])
+def test_random_numbers_keyed_by_item_do_not_depend_on_the_cut(kwargs):
+    want = item_seeded(SharedNamespace({"seed": 42}), 0, 3000)
+    with Evaluator(shared={"seed": 42}, **kwargs) as ev:
+        for _ in range(3):
+            assert np.array_equal(ev.map(item_seeded, 3000), want)
