@@ -282,6 +282,7 @@ def test_parent_killed_with_two_evaluators_alive(tmp_path):
     assert settle(lambda: list_segments(parent), 10) == []
 
 
+@pytest.mark.forks_with_threads  # the killed worker is replaced while the other threads call
 def test_one_evaluator_from_three_threads(start_method, x, tmp_path, no_leaks):
     """Calls from several threads are serialised: each gets its own, correct, result."""
     failures: list[str] = []
