@@ -166,7 +166,7 @@ def test_parent_terminated_mid_map(method, tmp_path):
     parent, *pids = (int(p) for p in out.read_text().split())
     assert len(pids) == 2
     assert settle(lambda: [p for p in pids if not process_gone(p)], 10) == []
-    # the parent's resource tracker unlinks the control word, x's copy and the output
+    # the parent's segment guardian unlinks the control word, x's copy and the output
     assert settle(lambda: list_segments(parent), 10) == []
 
 
@@ -452,6 +452,7 @@ def test_fault_campaign_script_small_run_passes():
     assert total["runs"] == 5 * len(START_METHODS)
     assert total["wrong"] == total["hangs"] == total["undocumented"] == 0
     assert total["zombies"] == total["orphans"] == total["shm_left"] == total["fds_left"] == 0
+    assert total["stderr_lines"] == 0  # a killed parent's terminal: nothing but its end
     assert s["killed_completed_equal"] == s["killed_runs"] > 0
 
 
