@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 import types
 import weakref
 from datetime import datetime, timezone
@@ -19,6 +21,7 @@ __all__ = [
     "format_bytes",
     "one_line",
     "positive_int",
+    "progress_bar",
     "utc_timestamp",
 ]
 
@@ -68,6 +71,36 @@ def utc_timestamp(when: datetime | None = None) -> str:
     """``when`` (default: now) as the profiles' ``YYYY-MM-DDTHH:MM:SSZ``."""
     when = datetime.now(timezone.utc) if when is None else when.astimezone(timezone.utc)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def progress_bar(total: int, desc: str, unit: str, *, unit_scale: bool = False) -> Any:
+    """A tqdm bar on stderr that starts no thread.
+
+    tqdm's first bar starts a monitor thread (``tqdm.monitor_interval``) that
+    lives as long as the process, so every pool forked after it would fork a
+    multi-threaded process: the child may deadlock on a lock the thread held
+    (Python 3.12+ warns).  The monitor only redraws a bar whose updates slowed
+    down after tqdm raised its ``miniters``; with ``miniters=1`` a bar redraws
+    on any update ``mininterval`` after the last, so ours do without it.  It
+    is switched off on a subclass: the user's own tqdm bars keep theirs.
+    """
+    return _bar_class()(
+        total=total, desc=desc, unit=unit, unit_scale=unit_scale, miniters=1, file=sys.stderr
+    )
+
+
+@functools.cache
+def _bar_class() -> Any:
+    from tqdm import tqdm
+
+    # The subclass shares tqdm's list of bars (positions) and, made here
+    # first, its write lock: it stacks and writes like any other bar.
+    tqdm.get_lock()
+
+    class Bar(tqdm):
+        monitor_interval = 0
+
+    return Bar
 
 
 def check_kernel_signature(kernel: Any, what: str = "kernel") -> None:

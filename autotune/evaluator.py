@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import operator
 import os
-import sys
 import threading
 import time
 import warnings
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from autotune._errors import EfficiencyWarning
-from autotune._util import check_int, check_kernel_signature
+from autotune._util import check_int, check_kernel_signature, progress_bar
 from autotune.backends import stats as call_stats
 from autotune.backends.processes.worker import check_not_bootstrapping, in_worker
 from autotune.backends.runners import LazyRunner, Runner, open_runner
@@ -432,10 +431,8 @@ class _LastCall:
 
 def _progress_bar(n: int, mode: str) -> Any:
     """A tqdm bar on stderr for one call, counting items as their chunks complete."""
-    from tqdm import tqdm
-
     # unit_scale writes 100k, not 100000; but 1.00/1.00 for small counts.
-    return tqdm(total=n, desc=mode, unit="item", unit_scale=n >= 10_000, file=sys.stderr)
+    return progress_bar(n, mode, "item", unit_scale=n >= 10_000)
 
 
 def _refuse_nesting() -> None:

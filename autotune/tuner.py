@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autotune._util import LOCAL_BACKENDS, STRATEGIES, check_int, utc_timestamp
+from autotune._util import LOCAL_BACKENDS, STRATEGIES, check_int, progress_bar, utc_timestamp
 from autotune._version import __version__
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import MEASURED, plan_chunks
@@ -432,10 +432,8 @@ def _search(
 
     bar = None
     if progress or (progress is None and sys.stderr.isatty()):
-        from tqdm import tqdm
-
         total = planned_runs(plan, strategy) + 3
-        bar = tqdm(total=total, desc=f"search {workload.name}", unit="run", file=sys.stderr)
+        bar = progress_bar(total, f"search {workload.name}", "run")
     bench = _Bench(
         workload,
         n,

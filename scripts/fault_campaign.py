@@ -21,11 +21,14 @@ What each fault must do (README, "What happens when things go wrong"):
 - SIGINT: ``KeyboardInterrupt`` in the parent; the evaluator closes itself: workers ended,
   segments unlinked, no file descriptor left.
 - SIGTERM: autotune installs no handler, so Python's default action kills the parent outright.
-  The workers must see their pipe close and exit, and the resource tracker must unlink the
-  parent's segments; the campaign measures how long both take.
+  The workers must see their pipe close and exit, and autotune's segment guardian must unlink
+  the parent's segments; the campaign measures how long both take.
 
 Counted per run: results equal to serial, the documented error, hangs (a 30 s watchdog), zombie
-processes, orphaned processes, ``/dev/shm/autotune_<pid>_*`` entries and file descriptors left.
+processes, orphaned processes, ``/dev/shm/autotune_<pid>_*`` entries and file descriptors left,
+and, for the parent faults, lines on the driver's stderr (which its workers, the resource tracker
+and the guardian share): there must be none, the documented outcome says it all (a "leaked
+shared_memory objects" warning from the tracker would say the cleanup failed when it worked).
 The campaign makes itself a child subreaper (Linux), so processes orphaned by a killed driver
 are re-parented to it, watched, and reaped.  Exit status 0 when every target holds.
 """
@@ -251,6 +254,7 @@ class Run:
     zombies: int = 0
     orphans: int = 0
     shm_left: int = 0
+    stderr_lines: int = 0  # parent faults: what the driver and its helpers wrote to stderr
     fds_left: int | None = 0
     reaped: int = 0  # processes orphaned by a killed driver and reaped by the campaign
     workers_exit_s: float | None = None  # SIGTERM: parent death -> last worker gone
@@ -390,7 +394,7 @@ def parent_fault_run(cfg: Config, ctx: dict[str, Any], run: Run) -> None:
     run.extra = {"exit": code, **{k: v for k, v in report.items() if k != "workers"}}
 
     # The driver is gone: its workers must follow, and its segments must be unlinked (by
-    # the driver itself after SIGINT, by its resource tracker after SIGTERM).
+    # the driver itself after SIGINT, by its segment guardian after SIGTERM).
     deadline = died + (cfg.watchdog if run.fault == "sigterm" else SETTLE_S)
     while time.monotonic() < deadline:
         now = time.monotonic()
@@ -411,6 +415,10 @@ def parent_fault_run(cfg: Config, ctx: dict[str, Any], run: Run) -> None:
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+    # Everything that shared the driver's stderr is gone (or was just killed): it is whole.
+    with open(err_path, errors="replace") as fh:
+        stderr = fh.read()
+    run.stderr_lines = len(stderr.splitlines())
     if run.outcome == "hang":
         pass
     elif not os.path.exists(flag):
@@ -438,9 +446,8 @@ def parent_fault_run(cfg: Config, ctx: dict[str, Any], run: Run) -> None:
             run.detail = f"the driver ended with exit status {code}, not SIGTERM"
         elif not cleaned:
             run.detail = f"workers or segments still there {cfg.watchdog} s after SIGTERM"
-    if run.outcome not in ("completed", "documented"):
-        with open(err_path, errors="replace") as fh:
-            run.detail += " | driver stderr: " + " ".join(fh.read().split())[-300:]
+    if run.outcome not in ("completed", "documented") or run.stderr_lines:
+        run.detail += " | driver stderr: " + " ".join(stderr.split())[-300:]
 
 
 def driver(spec: dict[str, Any]) -> int:
@@ -550,7 +557,7 @@ def campaign(cfg: Config) -> dict[str, Any]:
 
 
 COUNTS = ("runs", "completed", "documented", "wrong", "undocumented", "hangs")
-LEAKS = ("zombies", "orphans", "shm_left", "fds_left")
+LEAKS = ("zombies", "orphans", "shm_left", "fds_left", "stderr_lines")
 
 
 def _tally(runs: list[Run]) -> dict[str, int]:
@@ -565,6 +572,7 @@ def _tally(runs: list[Run]) -> dict[str, int]:
         "orphans": sum(r.orphans for r in runs),
         "shm_left": sum(r.shm_left for r in runs),
         "fds_left": sum(abs(r.fds_left or 0) for r in runs),
+        "stderr_lines": sum(r.stderr_lines for r in runs),
         "not_usable_after": sum(r.usable_after is False for r in runs),
     }
 
@@ -611,7 +619,14 @@ def summarize(cfg: Config, records: list[Run]) -> dict[str, Any]:
 
 def _failed(r: Run) -> bool:
     bad_outcome = r.outcome not in ("completed", "documented")
-    leaks = r.zombies or r.orphans or r.shm_left or (r.fds_left or 0) or r.usable_after is False
+    leaks = (
+        r.zombies
+        or r.orphans
+        or r.shm_left
+        or (r.fds_left or 0)
+        or r.stderr_lines
+        or r.usable_after is False
+    )
     return bool(bad_outcome or leaks)
 
 
@@ -654,7 +669,7 @@ def print_campaign(result: dict[str, Any]) -> None:
         print(
             f"SIGTERM: no handler, the parent is killed; {s['by_fault']['sigterm']['documented']} "
             f"of {s['by_fault']['sigterm']['runs']} runs: workers exited on pipe EOF within "
-            f"{s['max_sigterm_workers_exit_s']:.2f} s, the resource tracker unlinked the "
+            f"{s['max_sigterm_workers_exit_s']:.2f} s, the segment guardian unlinked the "
             f"segments within {s['max_sigterm_shm_unlinked_s']:.2f} s (max over runs)"
         )
     print(
@@ -670,11 +685,13 @@ def print_campaign(result: dict[str, Any]) -> None:
         print(
             f"FAILED {f['method']} run {f['index']} {f['fault']} at {f['at']}: {f['outcome']} "
             f"{f['detail']} zombies={f['zombies']} orphans={f['orphans']} "
-            f"shm_left={f['shm_left']} fds_left={f['fds_left']}"
+            f"shm_left={f['shm_left']} fds_left={f['fds_left']} "
+            f"stderr_lines={f['stderr_lines']}"
         )
     print(
         f"\nverdict: {'PASS' if s['pass'] else 'FAIL'} (targets: 0 hangs, 0 zombies, "
-        f"0 leaked segments, 0 wrong results, 0 orphans, 0 fds; killed runs all complete)"
+        f"0 leaked segments, 0 wrong results, 0 orphans, 0 fds, 0 stderr lines after a parent "
+        f"fault; killed runs all complete)"
     )
 
 

@@ -1,9 +1,13 @@
-"""Shared fixtures: start methods, a check that nothing leaks, the shipped i3 profile and CPU."""
+"""Shared fixtures: start methods, a check that nothing leaks, the shipped i3 profile and CPU,
+and no fork while other threads run."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -93,3 +97,34 @@ def no_leaks():
             helpers.add(pid)
     left = set(children_of(os.getpid())) - before_children - helpers
     assert not left, f"child processes left running: {sorted(left)}"
+
+
+#: What Python 3.12+ warns (DeprecationWarning) when this process forks while other threads
+#: run: the child may deadlock on a lock one of them held.
+FORK_WITH_THREADS = re.compile(r"This process \(pid=\d+\) is multi-threaded, use of \w+\(\)")
+
+
+@pytest.fixture(autouse=True)
+def no_fork_with_threads(request):
+    """Fail a test during which this process forked with other threads running (a thread left
+    behind by an earlier test counts too), unless it is marked ``forks_with_threads``.
+
+    A filter "error" cannot do it: ``os.fork`` clears the exception such a filter raises and
+    goes on.  So the warnings are recorded here, and every other one is passed on as it came.
+    """
+    if request.node.get_closest_marker("forks_with_threads"):
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    forked = [w for w in caught if FORK_WITH_THREADS.match(str(w.message))]
+    for w in caught:
+        if w not in forked:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if forked:
+        others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        pytest.fail(
+            f"forked while other threads ran ({', '.join(others) or 'gone by now'}): "
+            f"{forked[0].message}",
+            pytrace=False,
+        )

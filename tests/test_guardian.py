@@ -1,4 +1,5 @@
-"""The segment guardian: segments are unlinked even when the whole process group is killed."""
+"""The segment guardian: segments are unlinked even when the whole process group is killed,
+and a parent killed outright leaves nothing behind, on its terminal included."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from conftest import process_gone
 
 from autotune.backends.shm import list_segments
@@ -53,3 +55,80 @@ def test_killpg_of_the_parent_and_its_workers_unlinks_the_segments():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_parent_leaves_no_segment_and_says_nothing(start_method, signum):
+    """The parent alone is killed (``timeout`` sends SIGTERM): the guardian unlinks its
+    segments, and Python's resource tracker, which outlives it, has none to report as
+    leaked, nor to find gone ("No such file or directory") after the guardian's unlink."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), start_method],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        workers = json.loads(proc.stdout.readline())
+        assert list_segments(proc.pid)
+        proc.send_signal(signum)
+        # stderr ends when every process that shares it has exited: the workers, the
+        # resource tracker and the forkserver (which exit after the parent), the guardian
+        # (after it unlinked the segments).  Whatever any of them said is in it.
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signum
+    assert err == ""
+    assert not list_segments(proc.pid)
+    assert all(process_gone(p) for p in workers)
+
+
+WITHOUT_GUARDIAN = """
+    import json, os, signal, sys, time
+    import numpy as np
+    import kernels
+    from autotune import Evaluator
+    from autotune.backends import guardian
+
+    if sys.argv[1] == "cannot start":
+        sys.executable = "/nonexistent/python"  # the guardian's interpreter: none
+    x = np.random.default_rng(0).random(200_000)
+    ev = Evaluator(2, 1000, shared={"x": x}, start_method="fork")  # its control segment
+    if sys.argv[1] == "died":
+        os.kill(guardian.pid, signal.SIGKILL)
+        os.waitpid(guardian.pid, 0)
+    out = ev.map(kernels.double, len(x))  # a new segment, the output
+    print(json.dumps(ev.pids), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("case", ["cannot start", "died"])
+def test_without_a_guardian_the_resource_tracker_unlinks_the_segments(case):
+    """Where the guardian cannot start, or has died (found at the next segment), Python's
+    resource tracker takes every segment the parent holds, and unlinks them when it dies."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(WITHOUT_GUARDIAN), case],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        workers = json.loads(proc.stdout.readline())
+        assert len(list_segments(proc.pid)) == 2
+        proc.kill()
+        _, err = proc.communicate(timeout=60)  # see above: every process sharing it is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert not list_segments(proc.pid)
+    assert all(process_gone(p) for p in workers)
+    assert "leaked shared_memory objects" in err  # the tracker's way of saying it did it

@@ -182,9 +182,14 @@ def test_bench_tuner_quick():
                 rf"^  {strategy} +\d+\.\d s +(\d+) runs  {label} \d+ workers", section, re.M
             )
             assert runs and int(runs.group(1)) > 0, out
-        # Both picks were timed head to head, and auto's is in the grid's table.
-        ratios = re.search(r"grid best: (\S+) head to head, (\S+) in the grid's table", section)
-        assert ratios and all(math.isfinite(float(r)) for r in ratios.groups()), out
+        # Both picks were timed head to head; auto's is in the grid's table unless the
+        # grid's 2 s ran out before it got there (a busy machine).
+        ratios = re.search(
+            r"grid best: (\S+) head to head, (?:(\S+) in the grid's table|not timed by the grid "
+            r"\(its budget ran out first\))",
+            section,
+        )
+        assert ratios and all(math.isfinite(float(r)) for r in ratios.groups() if r), out
         assert re.search(r"auto time / grid time: \d+\.\d{3}", section), out
         assert re.search(r"heuristic \(\d+ workers x \d+ items\) / best: \d+\.\d{3}", section), out
 

@@ -172,6 +172,7 @@ def test_main_kernel_class_and_combine_work_under_every_start_method(method):
 
 
 # -- fork while other threads run -------------------------------------------------------
+@pytest.mark.forks_with_threads
 def test_fork_stays_the_default_with_foreign_threads_and_works(no_leaks):
     """The decision: keep fork when the parent has threads (a notebook kernel has several).
 

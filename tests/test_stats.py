@@ -8,6 +8,10 @@ is forced with a kernel that sleeps in one chunk.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import kernels
@@ -94,6 +98,42 @@ def test_progress_bar_on_stderr_only_when_asked(backend, x, capsys, no_leaks):
         ev.reduce(kernels.exp_sum, N, progress=True)
         out, err = capsys.readouterr()
         assert "reduce" in err and "100%" in err
+
+
+NO_THREAD_LEFT = """
+    import threading
+    import numpy as np
+    import tqdm
+    import kernels
+    from autotune import Evaluator, Workload, search
+
+    if __name__ == "__main__":
+        before = threading.enumerate()
+        x = np.random.default_rng(5).random(100_000)
+        with Evaluator(2, 2_500, shared={"x": x}) as ev:
+            ev.map(kernels.double, len(x), progress=True)
+            ev.reduce(kernels.exp_sum, len(x), progress=True)
+        work = Workload("double", len(x), kernels.double, shared={"x": x}, mode="map")
+        search(work, budget=1, workers=[2], backends=("processes",), progress=True)
+        print(threading.enumerate() == before, tqdm.tqdm.monitor_interval)
+"""
+
+
+def test_progress_bars_leave_no_thread_behind():
+    """tqdm's first bar starts a monitor thread that outlives it, and every pool forked
+    afterwards would fork a multi-threaded process; autotune's bars start none, and leave
+    the user's bars their monitor.  A fresh interpreter: no bar has run there yet."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(NO_THREAD_LEFT)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "map" in proc.stderr and "reduce" in proc.stderr and "search double" in proc.stderr
+    assert proc.stdout.split() == ["True", "10"]
 
 
 # -- the efficiency warning -------------------------------------------------------------

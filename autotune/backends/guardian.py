@@ -1,21 +1,22 @@
 """A small process that unlinks our segments if this process dies, even with its process group.
 
-Python's resource tracker already unlinks the segments of a parent killed
-with SIGKILL, but it is a member of the parent's process group, and some
-killers end the whole group at once: Jupyter restarts or shuts down a busy
-kernel with ``killpg(SIGKILL)`` (the kernel runs in a session of its own),
-and the tracker dies in the same instant as the kernel, leaving every
-segment in ``/dev/shm``.  The guardian runs in a session of its own, so a
-group kill does not reach it.
+Python's resource tracker would unlink the segments of a parent killed with
+SIGKILL, but it is a member of the parent's process group, and some killers
+end the whole group at once: Jupyter restarts or shuts down a busy kernel
+with ``killpg(SIGKILL)`` (the kernel runs in a session of its own), and the
+tracker dies in the same instant as the kernel, leaving every segment in
+``/dev/shm``.  The guardian runs in a session of its own, so a group kill
+does not reach it.
 
 It is started on the first segment this process creates (``posix_spawn``,
 interpreter without ``site``: it costs the parent about a millisecond and
 never blocks it) and reads ``+name`` / ``-name`` lines on its stdin.  When
 that pipe closes (this process exited, however it ended; forked workers
 that inherited the pipe exit when their parent does) or this process is
-gone, it unlinks the names still listed and exits.  If it cannot be started
-(no ``posix_spawn``, an odd ``sys.executable``), the resource tracker alone
-remains, as before.
+gone, it unlinks the names still listed and exits.  :func:`watch` and
+:func:`forget` say whether it took the line: where it cannot be started (no
+``posix_spawn``, an odd ``sys.executable``) or has died, the caller leaves
+its segments to the resource tracker instead (:mod:`autotune.backends.shm`).
 """
 
 from __future__ import annotations
@@ -103,25 +104,38 @@ def ensure_running() -> bool:
         return True
 
 
-def _send(line: str) -> None:
+def _send(line: str) -> bool:
+    """Write ``line`` to this process's guardian; False if it is gone (or never ran)."""
     global _pipe, _failed
     with _lock:
         if _pipe is None or _owner != os.getpid():
-            return
+            return False
         try:
             os.write(_pipe, line.encode() + b"\n")
-        except OSError:  # the guardian is gone: the resource tracker remains
+            return True
+        except OSError:  # the guardian is gone
             with contextlib.suppress(OSError):
                 os.close(_pipe)
             _pipe, _failed = None, True
+            return False
 
 
-def watch(name: str) -> None:
-    """Have ``name`` unlinked if this process dies before unlinking it."""
-    if ensure_running():
-        _send("+" + name)
+def watch(name: str) -> bool:
+    """Have ``name`` unlinked if this process dies before unlinking it.
+
+    False when no guardian runs for this process: then nothing watches ``name``,
+    nor any name it was given before.
+    """
+    return ensure_running() and _send("+" + name)
 
 
-def forget(name: str) -> None:
-    """``name`` was unlinked by this process."""
-    _send("-" + name)
+def forget(name: str) -> bool:
+    """``name`` was unlinked by this process.
+
+    False when this process's guardian turned out to be gone: the names it
+    was watching are no longer watched.  True in a process that never
+    started one (a forked child: its parent's guardian is not its own).
+    """
+    if _owner != os.getpid():
+        return True
+    return _send("-" + name)

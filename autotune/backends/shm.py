@@ -12,9 +12,14 @@ two reasons:
   exists and complains from ``__del__``; a bare :class:`mmap.mmap` simply
   lives as long as the last array that views it.
 
-The parent *does* register every segment it creates with the resource
-tracker, so that a parent killed with SIGKILL still has its segments unlinked
-by the tracker process; it unregisters them when it unlinks them itself.
+A segment the parent creates is unlinked by the parent itself (close, an
+exception, garbage collection) or, if the parent dies first, by one helper
+process: autotune's segment guardian (:mod:`autotune.backends.guardian`),
+which survives a kill of the whole process group.  Never also by Python's
+resource tracker: a segment registered with both is unlinked by the guardian
+and then reported by the tracker, to the user's terminal, as "leaked" and
+"No such file or directory" when it finds it gone.  The tracker takes the
+segments only where no guardian runs (it could not start, or it died).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import mmap
 import os
 import secrets
+import threading
 import weakref
 from multiprocessing import resource_tracker
 from typing import Any
@@ -131,10 +137,7 @@ class Segment:
             raise
         finally:
             os.close(fd)
-        resource_tracker.register("/" + name, "shared_memory")
-        # The tracker dies with us when our whole process group is killed
-        # (a Jupyter kernel restart): the guardian does not.
-        _guardian.watch(name)
+        _watch(name)
         return cls(name, length, mm, owner=True)
 
     @classmethod
@@ -180,11 +183,40 @@ class Segment:
 
 
 def unlink(name: str) -> None:
-    """Remove a segment we created, by name, and tell the resource tracker."""
+    """Remove a segment we created, by name, and tell whoever watches it."""
     with contextlib.suppress(FileNotFoundError):
         _posixshmem.shm_unlink("/" + name)
-    resource_tracker.unregister("/" + name, "shared_memory")
-    _guardian.forget(name)
+    with _watch_lock:
+        if name in _tracked:
+            _tracked.discard(name)
+            resource_tracker.unregister("/" + name, "shared_memory")
+        elif name in _guarded:
+            _guarded.discard(name)
+            if not _guardian.forget(name):
+                _to_tracker()
+
+
+# Who unlinks each segment this process created if it dies first: the guardian
+# (it survives a kill of our process group, the resource tracker does not), or
+# the tracker where no guardian runs.  One of them, never both (see above).
+_watch_lock = threading.Lock()
+_guarded: set[str] = set()
+_tracked: set[str] = set()
+
+
+def _watch(name: str) -> None:
+    with _watch_lock:
+        _guarded.add(name)
+        if not _guardian.watch(name):
+            _to_tracker()
+
+
+def _to_tracker() -> None:
+    """The guardian could not start or is gone: the tracker takes what it watched."""
+    for name in _guarded:
+        resource_tracker.register("/" + name, "shared_memory")
+    _tracked.update(_guarded)
+    _guarded.clear()
 
 
 def list_segments(pid: int | None = None) -> list[str]:
