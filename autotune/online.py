@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from autotune._errors import add_note
 from autotune.adapt import (
     Learner,
     PoolCost,
@@ -206,10 +207,11 @@ class OnlineTuning:
                 workers=plan.workers,
             )
         except Exception as exc:
-            if start and hasattr(exc, "add_note"):
-                exc.add_note(
+            if start:
+                add_note(
+                    exc,
                     f"[autotune was timing this call in slices: item numbers above count "
-                    f"from {start}, where the slice began]"
+                    f"from {start}, where the slice began]",
                 )
             raise
         wall = self._clock() - began
