@@ -1,6 +1,8 @@
-"""Exceptions raised by autotune."""
+"""Exceptions raised by autotune, and the note it attaches to a kernel's."""
 
 from __future__ import annotations
+
+import sys
 
 __all__ = [
     "EfficiencyWarning",
@@ -9,6 +11,8 @@ __all__ = [
     "RangeError",
     "RemoteError",
     "WorkerLost",
+    "add_note",
+    "has_plain_message",
 ]
 
 
@@ -68,3 +72,34 @@ class EfficiencyWarning(RuntimeWarning):
     too few chunks, one slow chunk, a kernel holding the GIL on threads, or a
     memory-bound kernel.
     """
+
+
+def has_plain_message(exc: BaseException) -> bool:
+    """Whether ``exc`` is a one-string exception whose ``str`` is that string.
+
+    Such a message (``ValueError("bad item")``) can be extended in ``exc.args``
+    and still read as before; ``KeyError``, ``OSError``, numpy's
+    ``MemoryError`` and exceptions of several arguments format their own.
+    """
+    args = exc.args
+    plain_str = type(exc).__str__ is BaseException.__str__
+    return plain_str and len(args) == 1 and isinstance(args[0], str)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach ``note`` to ``exc`` so that a traceback shows it under the message.
+
+    On Python 3.11+ this is ``exc.add_note(note)``.  Python 3.10 has no notes:
+    there an exception with a plain message (:func:`has_plain_message`) gets
+    the note appended to it on a line of its own, where 3.11 prints it, so
+    ``str(exc)`` and the traceback show it and its type, attributes, cause and
+    traceback stay; any other keeps its message, which rewriting would garble,
+    and gets the note in ``__notes__`` as on 3.11 (pytest and the
+    ``exceptiongroup`` backport print it from there).
+    """
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    elif has_plain_message(exc):
+        exc.args = (f"{exc.args[0]}\n{note}",)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined]

@@ -1,13 +1,15 @@
 """The ``autotune`` command line: probe, search, show, recommend.
 
 Every user mistake ends with exit status 2 and one line on stderr, never a
-traceback.  Each subcommand is a small ``_cmd_*`` function; the parser is
-built in one place.
+traceback.  A reader that stops early (``autotune show PATH | head -1``) ends
+a command as SIGPIPE ends ``cat``: no message, exit status 141.  Each
+subcommand is a small ``_cmd_*`` function; the parser is built in one place.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -15,7 +17,7 @@ from typing import NoReturn
 from autotune._util import BACKENDS, STRATEGIES
 from autotune._version import __version__
 
-__all__ = ["main", "UsageError"]
+__all__ = ["EXIT_STDOUT_CLOSED", "main", "UsageError"]
 
 
 class UsageError(Exception):
@@ -217,17 +219,22 @@ def _cmd_show(args: argparse.Namespace) -> int:
     try:
         if args.plot:
             require_matplotlib()  # before any output: fail whole, not half done
-        print(format_table(profile))
-        reason = backend_reason(profile)
-        if reason:
-            print(f"backend {profile.backend}: {reason}")
-        if args.plot:
-            written = plot_heatmap(profile, args.plot)
-            print(f"autotune show: heatmap written to {written}", file=sys.stderr)
     except PlotUnavailable as exc:
         raise UsageError(str(exc)) from None
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.plot}: {exc.strerror or exc}") from None
+    print(format_table(profile))
+    reason = backend_reason(profile)
+    if reason:
+        print(f"backend {profile.backend}: {reason}")
+    if args.plot:
+        # Only the heatmap's own errors are about --plot: one from printing
+        # the table (a closed stdout) is not "cannot write PNG".
+        try:
+            written = plot_heatmap(profile, args.plot)
+        except PlotUnavailable as exc:
+            raise UsageError(str(exc)) from None
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.plot}: {exc.strerror or exc}") from None
+        print(f"autotune show: heatmap written to {written}", file=sys.stderr)
     return 0
 
 
@@ -346,8 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The status a shell reports for a command that SIGPIPE ended (128 + 13).
+EXIT_STDOUT_CLOSED = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # What is still buffered is written here, where a closed pipe can be
+            # handled, not at interpreter exit; also after --help (SystemExit).
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from autotune._errors import ProfileError
 
     parser = build_parser()
@@ -361,5 +385,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"autotune {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+
+
+def _stdout_closed() -> int:
+    """End quietly because the reader of stdout went away, as ``cat`` would.
+
+    A coreutils command is killed by SIGPIPE, silently, and the shell reports
+    141; Python ignores SIGPIPE, so the write raised BrokenPipeError instead.
+    Setting SIGPIPE back to its default would also kill ``search`` when one
+    of its workers' pipes broke, so, as Python's documentation on SIGPIPE
+    advises, stdout is pointed at /dev/null (what is still buffered cannot
+    fail again at exit with "Exception ignored ... BrokenPipeError") and the
+    status is the one SIGPIPE would have given.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass  # stdout is not a file here (None, or replaced): nothing left to flush at exit
+    finally:
+        os.close(devnull)
+    return EXIT_STDOUT_CLOSED

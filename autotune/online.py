@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from autotune._errors import RangeError
+from autotune._errors import RangeError, add_note
 from autotune.adapt import (
     Learner,
     PoolCost,
@@ -217,10 +217,11 @@ class OnlineTuning:
                 workers=plan.workers,
             )
         except Exception as exc:
-            if start and hasattr(exc, "add_note"):
-                exc.add_note(
+            if start:
+                add_note(
+                    exc,
                     f"[autotune was timing this call in slices: item numbers above count "
-                    f"from {start}, where the slice began]"
+                    f"from {start}, where the slice began]",
                 )
             raise
         wall = self._clock() - began

@@ -1,5 +1,5 @@
 """Shared fixtures: start methods, a check that nothing leaks, the shipped i3 profile and CPU,
-and no fork while other threads run."""
+each YAML loader profiles may be read with, and no fork while other threads run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
+import autotune.profile.files as profile_files
 from autotune.backends.shm import list_segments
 from autotune.cpu import CacheLevel, CpuInfo
 
@@ -49,6 +51,19 @@ def private_profile_dir(tmp_path_factory):
 
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+
+#: The loaders profiles are read with: libyaml's where PyYAML has it, and the pure-Python one.
+YAML_LOADERS = {"libyaml": getattr(yaml, "CSafeLoader", None), "pure": yaml.SafeLoader}
+YAML_LOADERS = {name: loader for name, loader in YAML_LOADERS.items() if loader is not None}
+
+
+@pytest.fixture(scope="module", params=list(YAML_LOADERS))
+def yaml_loader(request):
+    """The module's tests run once with each loader (``pytestmark = usefixtures(...)``)."""
+    loader = YAML_LOADERS[request.param]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(profile_files, "safe_loader", lambda: loader)
+        yield loader
 
 
 @pytest.fixture(params=START_METHODS)

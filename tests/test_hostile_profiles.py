@@ -6,7 +6,8 @@ profile with random fields replaced by wrong types, huge numbers, NaN/inf, zero 
 workers and chunks, unknown schemas, unknown keys, deep nesting, YAML tags (the
 ``!!python/...`` ones carry a payload that would create a file), aliases and non-UTF-8 bytes.
 Each file goes through ``Profile.load``, ``load_profile(workload, path=...)``,
-``$AUTOTUNE_PROFILE`` and a scanned ``$AUTOTUNE_PROFILE_DIR``.  The contract: a valid
+``$AUTOTUNE_PROFILE`` and a scanned ``$AUTOTUNE_PROFILE_DIR``, read by libyaml's loader (where
+PyYAML has it) and by the pure-Python one (the ``env`` fixture).  The contract: a valid
 ``Profile`` (which then survives a save and a reload) or a one-line ``ProfileError`` naming
 the file, a ``ProfileWarning`` at most while scanning a directory, nothing else; and the
 marker file never appears.  Special files (directory, FIFO, socket, devices, /proc files,
@@ -25,13 +26,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import I3, SHIPPED
+from conftest import I3, SHIPPED, YAML_LOADERS
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import autotune.profile.files as files_mod
 import autotune.profile.lookup as profile_mod
 from autotune import ProfileError
 from autotune.profile import MAX_PROFILE_BYTES, Profile, ProfileWarning, load_profile
+from autotune.profile.files import MAX_YAML_DEPTH, read_yaml, safe_loader
 
 BASE = yaml.safe_load(SHIPPED.read_text())
 
@@ -227,8 +230,9 @@ def documents(draw, marker: Path) -> bytes:
 
 # -- routes -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Empty user and shipped profile dirs, no AUTOTUNE_* from outside; a marker path."""
+def env(tmp_path_factory, yaml_loader):
+    """Empty user and shipped profile dirs, no AUTOTUNE_* from outside; a marker path; every
+    test that uses it runs with each YAML loader."""
     base = tmp_path_factory.mktemp("hostile")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("AUTOTUNE_PROFILE", raising=False)
@@ -461,3 +465,145 @@ def test_unusable_file_names(env):
                 assert "\n" not in str(exc)
             with pytest.raises(ProfileError):
                 load_profile("spline", path=name, cpu=I3)
+
+
+# -- the two loaders -------------------------------------------------------------------------------
+def read_with(loader: type, path: Path) -> str:
+    """What ``read_yaml`` makes of ``path`` with ``loader``: the data's repr, or "refused: ..."."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(files_mod, "safe_loader", lambda: loader)
+        try:
+            return repr(read_yaml(path))
+        except ProfileError as exc:
+            message = str(exc)
+            assert "\n" not in message and message.startswith(f"{path}: "), message
+            return f"refused: {message}"
+
+
+# The one difference: libyaml, as the YAML spec allows, reads a tab between tokens
+# (`workers:<tab>2`, `[1,<tab>2]`), which PyYAML's own scanner refuses.
+TAB_REFUSED = "found character '\\t' that cannot start any token"
+
+
+def both_loaders(path: Path) -> str:
+    """The outcome of reading ``path`` with every loader: the data's repr, or "refused"."""
+    outcomes = {name: read_with(loader, path) for name, loader in YAML_LOADERS.items()}
+    pure = outcomes["pure"]
+    for outcome in outcomes.values():
+        if outcome.startswith("refused") and pure.startswith("refused"):
+            continue  # the messages may differ (libyaml's wording and positions)
+        assert outcome == pure or TAB_REFUSED in pure, outcomes
+    return "refused" if pure.startswith("refused") else pure
+
+
+needs_libyaml = pytest.mark.skipif("libyaml" not in YAML_LOADERS, reason="PyYAML without libyaml")
+
+SAME_EITHER_WAY = {
+    # text: what both loaders make of it ("refused": a one-line ProfileError)
+    "a: [1, {b: 2}]": "{'a': [1, {'b': 2}]}",
+    "": "None",
+    "a: &a [*a]": "{'a': [[...]]}",
+    "a: &b {x: 1}\nc: {<<: *b, y: 2}": "{'a': {'x': 1}, 'c': {'x': 1, 'y': 2}}",
+    "\ufeffa: 1": "{'a': 1}",
+    "!!set {a}": "{'a'}",
+    "a: .nan": "{'a': nan}",
+    'a: "\\x00\\e"': "{'a': '\\x00\\x1b'}",
+    'a: "\\U0001F600"': "{'a': '\U0001f600'}",
+    'a: "\\ud800"': "refused",  # a lone surrogate: libyaml's syntax error, and ours
+    'a: "\\ud83d\\ude00"': "refused",  # a surrogate pair is two lone ones in YAML
+    "a: \x00": "refused",
+    "a: \x85x": "refused",
+    "a: [1": "refused",
+    "\t": "refused",
+    "*undefined": "refused",
+    "a: 1\n---\nb: 2": "refused",
+    "%YAML 2.0\n---\na: 1": "refused",
+    "a: !!python/object/apply:os.system ['true']": "refused",
+    "{[1]: 2}": "refused",
+    "x: 2026-02-30": "refused",
+    "x: " + "9" * 5000: "refused",
+    "a: 'x\ty'": "{'a': 'x\\ty'}",  # a tab in a quoted string
+    "a:\n\t- 1": "refused",  # a tab as indentation
+}
+
+
+@needs_libyaml
+@pytest.mark.parametrize("text", list(SAME_EITHER_WAY))
+def test_both_loaders_read_and_refuse_the_same_documents(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert both_loaders(path) == SAME_EITHER_WAY[text]
+
+
+@needs_libyaml
+@pytest.mark.parametrize("text", ["a:\t2", "{a: \t2}", "[1,\t2]"])
+def test_only_libyaml_reads_a_tab_between_tokens(tmp_path, text):
+    path = tmp_path / "tab.yaml"
+    path.write_text(text)
+    assert read_with(YAML_LOADERS["libyaml"], path) in ("{'a': 2}", "[1, 2]")
+    assert TAB_REFUSED in read_with(YAML_LOADERS["pure"], path)
+
+
+@needs_libyaml
+@pytest.mark.parametrize("style", ["flow", "block", "mapping"])
+@pytest.mark.parametrize("depth", [MAX_YAML_DEPTH, MAX_YAML_DEPTH + 1, 1001])
+def test_both_loaders_refuse_the_same_nesting(tmp_path, style, depth):
+    """Our bound, far below the pure-Python loader's recursion and libyaml's cap of 1000."""
+    text = {
+        "flow": "[" * depth + "]" * depth,
+        "block": "- " * depth + "1",
+        "mapping": "{a: " * depth + "1" + "}" * depth,
+    }[style]
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    assert (both_loaders(path) == "refused") == (depth > MAX_YAML_DEPTH)
+    if depth > MAX_YAML_DEPTH:
+        with pytest.raises(ProfileError, match="YAML nested too deeply"):
+            read_yaml(path)
+
+
+@needs_libyaml
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_both_loaders_agree_on_generated_documents(tmp_path, data):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(data.draw(documents(marker)))
+    event("read" if both_loaders(path) != "refused" else "refused")
+    assert not marker.exists()
+
+
+class _Composes:
+    """A stand-in for a libyaml loader; ``bounded`` says whether it caps nesting."""
+
+    bounded = True
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def get_single_node(self) -> yaml.Node:
+        if self.bounded and self.text.startswith("[" * 1001):
+            raise yaml.scanner.ScannerError(problem="exceeded maximum nesting depth")
+        return yaml.SequenceNode("tag:yaml.org,2002:seq", [])
+
+    def dispose(self) -> None:
+        pass
+
+
+class _Unbounded(_Composes):
+    bounded = False
+
+
+def test_libyaml_is_used_only_where_it_bounds_nesting(monkeypatch):
+    choose = safe_loader.__wrapped__  # uncached, and not what the yaml_loader fixture put
+    monkeypatch.setattr(yaml, "CSafeLoader", _Composes, raising=False)
+    assert choose() is _Composes
+    # an older libyaml composes any depth by C recursion: a deep file would crash
+    monkeypatch.setattr(yaml, "CSafeLoader", _Unbounded)
+    assert choose() is yaml.SafeLoader
+    monkeypatch.delattr(yaml, "CSafeLoader")
+    assert choose() is yaml.SafeLoader

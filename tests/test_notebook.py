@@ -107,6 +107,17 @@ def _notebook(method: str):
     return nb
 
 
+def stdout_of(cell) -> str:
+    """What a cell printed on stdout: its report's JSON is the last line there.  A warning
+    (the search's budget running out on a loaded machine) goes to stderr, whose output may
+    come after it in the cell's outputs."""
+    return "".join(
+        o.get("text", "")
+        for o in cell.outputs
+        if o.output_type == "stream" and o.get("name") == "stdout"
+    )
+
+
 def _wait_gone(pids, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not all(process_gone(p) for p in pids):
@@ -128,7 +139,7 @@ def test_notebook_kernel_class_combine_and_search(method):
         nb, timeout=120, kernel_name=KERNEL, resources={"metadata": {"path": str(ROOT)}}
     )
     client.execute()
-    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    text = stdout_of(nb.cells[-1])
     errors = [o for c in nb.cells for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     report = json.loads(text.strip().splitlines()[-1])
@@ -172,7 +183,7 @@ def test_kernel_restart_in_the_middle_of_a_map_leaves_nothing(method, tmp_path):
     )
     with client.setup_kernel():
         client.execute_cell(nb.cells[0], 0)
-        out = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.output_type == "stream")
+        out = stdout_of(nb.cells[0])
         report = json.loads(out.strip().splitlines()[-1])
         kernel_pid = report["kernel_pid"]
         assert list_segments(kernel_pid), "the evaluator should hold segments"

@@ -38,6 +38,9 @@ from autotune.profile import (
     recommend,
 )
 
+# Every test once with libyaml's loader (where PyYAML has it) and once with the pure-Python one.
+pytestmark = pytest.mark.usefixtures("yaml_loader")
+
 I3_BRAND = "Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz"
 
 
@@ -331,7 +334,8 @@ def test_no_unsafe_yaml_loader_in_the_package():
             assert unsafe not in text, f"{source} uses {unsafe}"
 
 
-# Deeper than the parser's recursion can go (it recurses about twice a level).
+# Deeper than MAX_YAML_DEPTH, than libyaml's cap (1000) and than the pure-Python parser's
+# recursion can go (it recurses about twice a level).
 DEEP = sys.getrecursionlimit()
 
 

@@ -23,6 +23,9 @@ from autotune.cpu import probe
 from autotune.cpu.memory import available_memory, parse_meminfo_available, read_cgroup_memory
 from autotune.profile import Measurement, heuristic_profile, python_build
 
+# Every test once with libyaml's loader (where PyYAML has it) and once with the pure-Python one.
+pytestmark = pytest.mark.usefixtures("yaml_loader")
+
 
 def double(shared, start, stop):
     return shared.x[start:stop] * 2.0

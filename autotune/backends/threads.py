@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from autotune._errors import add_note
 from autotune.backends.rows import check_row_like, where
 from autotune.backends.schedule import Batches, Coverage, OrderedFold, chunk_bounds, count_chunks
 from autotune.backends.shared import SharedNamespace
@@ -91,8 +92,7 @@ class _ThreadCall:
     def fail(self, exc: BaseException, start: int, stop: int) -> None:
         with self.lock:
             if self.failure is None:
-                if hasattr(exc, "add_note"):
-                    exc.add_note(f"[{where(exc, start, stop, 'in a thread')}]")
+                add_note(exc, f"[{where(exc, start, stop, 'in a thread')}]")
                 self.failure = exc
             self.cancelled = True
 
@@ -283,8 +283,7 @@ def run_inline(
                 structure, arrays = split_map_result(result, 0, n, None)
                 result = structure.build([a if a.flags.owndata else a.copy() for a in arrays])
         except BaseException as exc:
-            if hasattr(exc, "add_note"):
-                exc.add_note(f"[{where(exc, 0, n, 'in the calling process')}]")
+            add_note(exc, f"[{where(exc, 0, n, 'in the calling process')}]")
             raise
         finally:
             _LOCAL.in_kernel = False

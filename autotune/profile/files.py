@@ -5,7 +5,13 @@ an environment variable, so every file is read as hostile:
 
 - only regular files (checked with ``stat`` before opening, so a FIFO never
   blocks), at most :data:`MAX_PROFILE_BYTES`, strict UTF-8;
-- ``yaml.safe_load`` only: a ``!!python/...`` tag is refused, never executed;
+- PyYAML's safe loader only (libyaml's ``CSafeLoader`` where PyYAML has it
+  and it bounds nesting, else the pure-Python ``SafeLoader``; they read and
+  refuse the same documents, but for a tab between tokens, ``workers:<tab>2``,
+  which libyaml reads as the YAML spec allows and PyYAML's scanner refuses):
+  a ``!!python/...`` tag is refused, never executed; collections nested
+  deeper than :data:`MAX_YAML_DEPTH` and strings that are not Unicode text
+  (a lone surrogate such as ``"\\ud800"``, which libyaml refuses) are refused;
 - whatever goes wrong becomes a one-line :class:`~autotune.ProfileError`
   naming the file (the fields are checked by :mod:`autotune.profile.validate`).
 
@@ -19,6 +25,7 @@ with points missing (:func:`~autotune.profile.model.dump_yaml`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 import tempfile
@@ -29,10 +36,42 @@ import yaml
 from autotune._errors import ProfileError
 from autotune._util import one_line
 
-__all__ = ["MAX_PROFILE_BYTES", "read_yaml", "write_atomic"]
+__all__ = ["MAX_PROFILE_BYTES", "MAX_YAML_DEPTH", "read_yaml", "safe_loader", "write_atomic"]
 
 #: Larger files are refused unread: a real profile is a few KiB.
 MAX_PROFILE_BYTES = 1 << 20
+#: Deeper nesting of collections is refused, whichever loader parses.  A profile
+#: nests 5 deep (a Dask profile's cpu.worker_probes[i].caches); without a bound
+#: of our own the pure-Python loader refuses some hundreds of levels down (a
+#: RecursionError, sooner when called deep in a stack) and libyaml at 1000.
+MAX_YAML_DEPTH = 64
+
+
+@functools.cache
+def safe_loader() -> type:
+    """The loader profiles are read with: libyaml's where it is safe, else PyYAML's own.
+
+    ``yaml.CSafeLoader`` parses a profile about eight times faster than the
+    pure-Python ``yaml.SafeLoader`` (0.6 ms against 4.8 ms for the shipped
+    ``xeon-2vcpu-stream.yaml`` on the development VM) and constructs the same
+    safe types.  It is used only when its libyaml refuses deep nesting itself:
+    libyaml caps it at 1000 levels since 2024 (PyYAML's wheels bundle such a
+    libyaml); an older one (PyYAML built against a distribution's libyaml
+    0.2.5) composes any depth by C recursion, and there a profile of 100000
+    ``[`` ends the process with a segfault before any check of ours could run.
+    """
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is None:
+        return yaml.SafeLoader
+    depth = 1001  # composing this much is harmless even without the cap
+    probe = loader("[" * depth + "]" * depth)
+    try:
+        probe.get_single_node()
+    except yaml.YAMLError:
+        return loader  # refused: this libyaml bounds nesting
+    finally:
+        probe.dispose()
+    return yaml.SafeLoader
 
 
 def read_yaml(path: str | os.PathLike[str]) -> object:
@@ -71,27 +110,86 @@ def read_yaml(path: str | os.PathLike[str]) -> object:
     except UnicodeDecodeError as exc:
         raise ProfileError(name, f"is not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
-        return yaml.safe_load(text)
+        return _load(text)
     except yaml.MarkedYAMLError as exc:
         raise ProfileError(name, _yaml_problem(exc)) from None
-    except RecursionError:
-        raise ProfileError(name, "YAML nested too deeply") from None
+    except _Refused as exc:
+        raise ProfileError(name, str(exc)) from None
+    except RecursionError:  # the pure-Python composer, hundreds of levels past our bound
+        raise ProfileError(name, _TOO_DEEP) from None
     except Exception as exc:
-        # safe_load only parses, so whatever else it raises (a date such as
-        # 2026-02-30, an integer over Python's digit limit, ...) is a bad
-        # file, and the contract is a ProfileError, never a traceback.
+        # The safe loader only parses, so whatever else it raises (a date
+        # such as 2026-02-30, an integer over Python's digit limit, ...) is
+        # a bad file, and the contract is a ProfileError, never a traceback.
         raise ProfileError(name, f"unreadable YAML: {one_line(str(exc))}") from None
 
 
+_TOO_DEEP = f"YAML nested too deeply (more than {MAX_YAML_DEPTH} levels)"
+
+
+class _Refused(Exception):
+    """A composed document refused before anything is constructed (the problem)."""
+
+
+def _load(text: str) -> object:
+    """The document in ``text``, read with :func:`safe_loader`; its nodes are
+    checked between composing and constructing (:func:`_check_nodes`)."""
+    loader = safe_loader()(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, MAX_YAML_DEPTH, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(node: yaml.Node, levels: int, seen: set[int]) -> None:
+    """Refuse collections nested more than ``levels`` deep from ``node``, and lone surrogates.
+
+    Both loaders then read and refuse the same documents.  Depth is counted in
+    document order, as the loaders parse: an alias is the node its anchor made,
+    already counted where the anchor stands (a node that contains itself,
+    ``&a [*a]``, is one level).  A ``"\\ud800"`` escape is a syntax error to
+    libyaml, a one-character string to the pure-Python loader, and text that
+    cannot be printed or saved as UTF-8.
+    """
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        if not node.value.isascii():
+            try:
+                node.value.encode("utf-8")
+            except UnicodeEncodeError:
+                mark = node.start_mark
+                raise _Refused(
+                    f"YAML string at line {mark.line + 1}, column {mark.column + 1} is not "
+                    f"Unicode text (a lone surrogate escape)"
+                ) from None
+        return
+    if levels == 0:
+        raise _Refused(_TOO_DEEP)
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value
+    for child in children:
+        _check_nodes(child, levels - 1, seen)
+
+
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    if exc.problem == "exceeded maximum nesting depth":  # libyaml's own cap (1000)
+        return _TOO_DEEP
     where = ""
     mark = exc.problem_mark or exc.context_mark
     if mark is not None:
         where = f" at line {mark.line + 1}, column {mark.column + 1}"
     problem = exc.problem or exc.context or "invalid YAML"
     if isinstance(exc, yaml.constructor.ConstructorError):
-        # The only way safe_load meets a constructor it lacks is a tag such
-        # as !!python/object/apply: say plainly that it was refused.
+        # The only way a safe loader meets a constructor it lacks is a tag
+        # such as !!python/object/apply: say plainly that it was refused.
         return f"refused YAML tag{where}: {one_line(problem)} (profiles are plain YAML)"
     return f"YAML syntax error{where}: {one_line(problem)}"
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from autotune._errors import add_note
 from autotune.backends.rows import check_row_like, where
 from autotune.backends.schedule import chunk_bounds
 from autotune.backends.shared import SharedNamespace
@@ -130,8 +131,7 @@ def run_batch(
             assert structure is not None
             result = structure.build(rows)
     except Exception as exc:
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"[{where(exc, start, stop, 'on a Dask worker')}]")
+        add_note(exc, f"[{where(exc, start, stop, 'on a Dask worker')}]")
         raise
     return result, time.perf_counter() - began, get_worker().address
 

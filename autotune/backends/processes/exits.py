@@ -8,7 +8,7 @@ import pickle
 import signal
 from typing import Any
 
-from autotune._errors import RemoteError
+from autotune._errors import RemoteError, add_note, has_plain_message
 from autotune.backends.rows import ResultError, where
 
 __all__ = ["describe_exit", "fileno", "join_all", "rebuild_exception", "startup_failure"]
@@ -83,18 +83,10 @@ def rebuild_exception(msg: tuple) -> BaseException:
     # Put the worker's traceback into the message itself where the exception
     # is a plain one-string exception, so that it shows in logs that print
     # only str(exc); always chain it as the cause too (as concurrent.futures).
-    if (
-        len(exc.args) == 1
-        and isinstance(exc.args[0], str)
-        and type(exc).__str__
-        in (
-            BaseException.__str__,
-            Exception.__str__,
-        )
-    ):
+    if has_plain_message(exc):
         exc.args = (f"{exc.args[0]}\n\n[{place}]\nWorker traceback:\n{tb}",)
-    elif hasattr(exc, "add_note"):
-        exc.add_note(f"[{place}]")
+    else:
+        add_note(exc, f"[{place}]")
     exc.__cause__ = _RemoteTraceback(tb)
     return exc
 
