@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,6 +40,7 @@ from autotune.cpu.model import FALLBACK_L1D_BYTES
 from autotune.profile import Measurement, is_tie
 
 __all__ = [
+    "GRID_REPEATS",
     "KEPT_REPEATS",
     "MIN_CHUNK_BYTES",
     "NOISY",
@@ -56,6 +58,9 @@ __all__ = [
     "chunk_ladder",
     "pick_best",
     "pick_kept",
+    "planned_runs",
+    "run_auto",
+    "run_grid",
 ]
 
 #: A point whose runs spread more than this (relative) is re-measured.
@@ -302,3 +307,67 @@ def pick_kept(measurements: Iterable[Measurement]) -> Measurement:
         or [m for m in measured if m.repeats > 1]
         or measured
     )
+
+
+#: Timed runs per point in the grid (after one warm-up run).
+GRID_REPEATS = 3
+
+
+# -- the strategies --------------------------------------------------------------------
+def run_grid(
+    bench: Bench,
+    plan: dict[Lane, list[int]],
+    deadline: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Every point of ``plan`` on ``bench`` until ``clock()`` passes ``deadline``;
+    returns False when the budget ran out first."""
+    for lane, lengths in plan.items():
+        for c in lengths:
+            if clock() > deadline:
+                return False
+            bench.run(Point.of(lane, c), GRID_REPEATS, warmup=True)
+    return True
+
+
+def run_auto(
+    bench: Bench,
+    plan: dict[Lane, list[int]],
+    deadline: float,
+    mid_bytes: int,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """The engine's ``auto`` strategy, tie rounds included, run on ``bench`` as
+    fast as it can until ``clock()`` passes ``deadline``; False when the budget
+    ran out before successive halving was done."""
+    round_began: float | None = None
+    last_round = 0.0
+    for step in auto_requests(bench, plan, mid_bytes, ties=True):
+        if isinstance(step, Request):
+            bench.run(step.point, step.repeats, warmup=step.warmup)
+            continue
+        now = clock()
+        if step.round:
+            # One more tie round only if it fits, as long as the last one.
+            if round_began is not None:
+                last_round = now - round_began
+            if now + last_round > deadline:
+                return True
+            round_began = now
+        elif now > deadline:
+            return step.complete
+    return True
+
+
+def planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
+    """Timed runs (warm-ups included) a search of ``plan`` makes, before ties."""
+    points = sum(len(v) for v in plan.values())
+    if strategy == "grid":
+        return points * (GRID_REPEATS + 1)
+    screening = 3 * len(plan)  # a warm-up and two lengths per lane
+    # Every kept lane's coarse pass: at most every other rung and the end
+    # (assume all lanes are kept; the mid and longer lengths may be among them).
+    coarse = sum(len(v) // 2 + 1 for v in plan.values())
+    refine = 4
+    halving = 3 * 2 + 2 * 2 + 2 * 2  # the rounds, then the noise re-runs
+    return screening + coarse + refine + halving

@@ -64,12 +64,13 @@ from autotune.engine import (
     Bench,
     Lane,
     Point,
-    Request,
-    auto_requests,
     candidate_workers,
     chunk_ladder,
     pick_best,
     pick_kept,
+    planned_runs,
+    run_auto,
+    run_grid,
 )
 from autotune.profile import (
     Measurement,
@@ -84,18 +85,12 @@ from autotune.workload import Workload
 
 __all__ = [
     "SearchResult",
-    "planned_runs",
-    "run_auto",
-    "run_grid",
     "search",
     "candidate_workers",
     "chunk_ladder",
     "is_tie",
     "pick_best",
 ]
-
-#: Timed runs per point in the grid (after one warm-up run).
-GRID_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -225,66 +220,6 @@ def _measured_items(workload: Workload, budget: float, planned_runs: int, rate: 
     per_run = (budget * 0.66) / max(planned_runs, 1)
     m = int(rate * 1.5 * per_run)
     return max(min(workload.n, m), min(workload.n, 1000))
-
-
-# -- the strategies --------------------------------------------------------------------
-def run_grid(
-    bench: Bench,
-    plan: dict[Lane, list[int]],
-    deadline: float,
-    clock: Callable[[], float] = time.monotonic,
-) -> bool:
-    """Every point of ``plan`` on ``bench`` until ``clock()`` passes ``deadline``;
-    returns False when the budget ran out first."""
-    for lane, lengths in plan.items():
-        for c in lengths:
-            if clock() > deadline:
-                return False
-            bench.run(Point.of(lane, c), GRID_REPEATS, warmup=True)
-    return True
-
-
-def run_auto(
-    bench: Bench,
-    plan: dict[Lane, list[int]],
-    deadline: float,
-    mid_bytes: int,
-    clock: Callable[[], float] = time.monotonic,
-) -> bool:
-    """The engine's ``auto`` strategy, tie rounds included, run on ``bench`` as
-    fast as it can until ``clock()`` passes ``deadline``; False when the budget
-    ran out before successive halving was done."""
-    round_began: float | None = None
-    last_round = 0.0
-    for step in auto_requests(bench, plan, mid_bytes, ties=True):
-        if isinstance(step, Request):
-            bench.run(step.point, step.repeats, warmup=step.warmup)
-            continue
-        now = clock()
-        if step.round:
-            # One more tie round only if it fits, as long as the last one.
-            if round_began is not None:
-                last_round = now - round_began
-            if now + last_round > deadline:
-                return True
-            round_began = now
-        elif now > deadline:
-            return step.complete
-    return True
-
-
-def planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
-    """Timed runs (warm-ups included) a search of ``plan`` makes, before ties."""
-    points = sum(len(v) for v in plan.values())
-    if strategy == "grid":
-        return points * (GRID_REPEATS + 1)
-    screening = 3 * len(plan)  # a warm-up and two lengths per lane
-    # Every kept lane's coarse pass: at most every other rung and the end
-    # (assume all lanes are kept; the mid and longer lengths may be among them).
-    coarse = sum(len(v) // 2 + 1 for v in plan.values())
-    refine = 4
-    halving = 3 * 2 + 2 * 2 + 2 * 2  # the rounds, then the noise re-runs
-    return screening + coarse + refine + halving
 
 
 def check_search(

@@ -7,7 +7,7 @@ on one machine (``tests/data/landscapes/``) or by a formula
 - :class:`ReplayBench`, the search's bench (:class:`autotune.engine.Bench`):
   each timed run of a point cuts the call as ``autotune search`` does and
   files seconds drawn from the landscape; :func:`replay_search` runs
-  :func:`autotune.tuner.run_auto` on it with the plan the search would build
+  :func:`autotune.engine.run_auto` on it with the plan the search would build
   on the landscape's CPU and picks as the search picks;
 - :class:`ReplayPool`, a runner whose calls take what the landscape says
   (no kernel runs), under a real :class:`autotune.online.OnlineTuning` built
@@ -38,10 +38,17 @@ from autotune.backends.schedule import MEASURED, n_chunks, plan_chunks
 from autotune.backends.stats import Meter
 from autotune.cpu import CacheLevel, CpuInfo
 from autotune.cpu.model import FALLBACK_L2_BYTES
-from autotune.engine import Bench, Lane, Point, candidate_workers, chunk_ladder, pick_kept
+from autotune.engine import (
+    Bench,
+    Lane,
+    Point,
+    candidate_workers,
+    chunk_ladder,
+    pick_kept,
+    run_auto,
+)
 from autotune.online import OnlineTuning
 from autotune.settings import heuristic_settings
-from autotune.tuner import run_auto
 
 DATA = Path(__file__).parent / "data" / "landscapes"
 #: More chunks per worker than this: a recorded tail is a small part of the call.

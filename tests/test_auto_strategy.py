@@ -19,8 +19,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from autotune.engine import NOISY, SCREEN, TIE_REPEATS, Bench, Point
-from autotune.tuner import GRID_REPEATS, run_auto, run_grid
+from autotune.engine import (
+    GRID_REPEATS,
+    NOISY,
+    SCREEN,
+    TIE_REPEATS,
+    Bench,
+    Point,
+    run_auto,
+    run_grid,
+)
 
 #: The chunk ladder of every lane: powers of two, then the unchunked length.
 LADDER = [16, 32, 64, 128, 256, 512, 1024, 2048, 5000]
