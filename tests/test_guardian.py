@@ -57,6 +57,14 @@ def test_killpg_of_the_parent_and_its_workers_unlinks_the_segments():
         proc.stdout.close()
 
 
+def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Those of ``pids`` still running after ``timeout`` seconds (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(process_gone(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if not process_gone(p)]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_parent_leaves_no_segment_and_says_nothing(start_method, signum):
     """The parent alone is killed (``timeout`` sends SIGTERM): the guardian unlinks its
@@ -85,7 +93,8 @@ def test_a_killed_parent_leaves_no_segment_and_says_nothing(start_method, signum
     assert proc.returncode == -signum
     assert err == ""
     assert not list_segments(proc.pid)
-    assert all(process_gone(p) for p in workers)
+    # A process closes its files a moment before it is gone (a busy machine stretches it).
+    assert wait_gone(workers) == []
 
 
 WITHOUT_GUARDIAN = """
@@ -130,5 +139,5 @@ def test_without_a_guardian_the_resource_tracker_unlinks_the_segments(case):
             proc.kill()
             proc.communicate()
     assert not list_segments(proc.pid)
-    assert all(process_gone(p) for p in workers)
+    assert wait_gone(workers) == []
     assert "leaked shared_memory objects" in err  # the tracker's way of saying it did it
