@@ -114,6 +114,17 @@ def no_leaks():
     assert not left, f"child processes left running: {sorted(left)}"
 
 
+#: Test modules that leave threads running for the rest of the process: Dask's client starts
+#: process-wide threads (its offload executor, IO loops) that outlive every client and cluster.
+THREADS_LEFT_BEHIND = ("test_dask.py",)
+
+
+def pytest_collection_modifyitems(items):
+    """Run the modules that leave threads behind last, so that no test that forks
+    afterwards does it with their threads running (see ``no_fork_with_threads``)."""
+    items.sort(key=lambda item: item.path.name in THREADS_LEFT_BEHIND)
+
+
 #: What Python 3.12+ warns (DeprecationWarning) when this process forks while other threads
 #: run: the child may deadlock on a lock one of them held.
 FORK_WITH_THREADS = re.compile(r"This process \(pid=\d+\) is multi-threaded, use of \w+\(\)")
