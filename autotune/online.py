@@ -118,7 +118,8 @@ class OnlineTuning:
         # In this process a reduce runs the pool's chunks (the same bits); a
         # map, whose result does not depend on them, is one call of the
         # kernel: its own arrays, no copy, no bookkeeping.
-        chunk_len = self._fit(nominal, n, workers) if mode == "reduce" else n
+        fitted = self._fit(nominal, n, workers)
+        chunk_len = fitted if mode == "reduce" else n
         parts: list[Any] = []
         # Every slice of the call is cut here, checked: consecutive, within
         # [0, n), and all of it in the end (RangeError before a kernel runs).
@@ -128,8 +129,8 @@ class OnlineTuning:
             # what an item costs before anything is sent (the whole call when
             # it is tiny, else a sixteenth of it, at most a chunk: a probe of a
             # few items would time mostly its own overhead).
-            first = self._fit(nominal, n, workers)
-            start, stop = cut.take(n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(first, n // 16)))
+            probe = n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(fitted, n // 16))
+            start, stop = cut.take(probe)
             probe_chunk = stop if mode == "map" else min(stop, chunk_len)
             parts.append(
                 self._inline(kernel, learner, start, stop, probe_chunk, mode, combine, meter)
