@@ -205,6 +205,15 @@ BAD_FIELDS = [
     (("best", "repeats"), False, "best.repeats"),
     (("best", "backend"), "gpu", "best.backend must be one of"),
     (("best", "wrokers"), 2, "unknown field best.wrokers"),
+    (("best", "runs"), [], "best.runs must be a list of 1 to 1024 throughputs"),
+    (("best", "runs"), 5.0, "best.runs must be a list"),
+    (("best", "runs"), [1.0] * 1025, "best.runs must be a list"),
+    (("best", "runs"), [1.0, -2.0], "best.runs[1] must be a finite number > 0"),
+    (("best", "runs"), [1.0, "nan"], "best.runs[1]"),
+    (("exploring",), "yes", "exploring must be true or false"),
+    (("exploring",), 1, "exploring must be true or false"),
+    (("sessions",), 0, "sessions must be an integer >= 1"),
+    (("sessions",), True, "sessions"),
     (("best",), [1, 2], "best must be a mapping"),
     (("measurements",), {"a": 1}, "measurements must be a list"),
     (("measurements",), [1], "measurements[0] must be a mapping"),
@@ -538,6 +547,24 @@ def test_any_float_survives_safe_dump_and_safe_load(throughput, spread, chunk_le
     p = Profile("w", "measured", cpu_section(I3), m, throughput, (m,), "t", "0.1.0", item_bytes=64)
     text = yaml.safe_dump(p.to_dict(), sort_keys=False, default_flow_style=None)
     assert Profile.from_dict(yaml.safe_load(text)) == p
+
+
+def test_an_online_profiles_runs_and_state_survive_a_round_trip(tmp_path):
+    runs = (4.1e7, 3.9e7, 1e-300, 5e-324, 4.2e7)
+    m = Measurement(2, 4096, 32768, 4.1e7, repeats=5, spread=0.05, runs=runs)
+    p = Profile(
+        "k", "online", cpu_section(I3), m, None, (m,), "t", "0.1.0", exploring=True, sessions=7
+    )
+    q = Profile.load(p.save(tmp_path / "online.yaml"))
+    assert q == p and q.best.runs == runs and q.exploring and q.sessions == 7
+    # Not exploring, no sessions: the keys are left out, as in files written before them.
+    plain = Profile(
+        "k", "online", cpu_section(I3), Measurement(2, 4096, 32768, 4e7), None, (), "t", "0.1.0"
+    )
+    text = tmp_path / "plain.yaml"
+    plain.save(text)
+    assert "exploring" not in text.read_text() and "runs" not in text.read_text()
+    assert Profile.load(text) == plain
 
 
 def test_numpy_scalars_are_saved_as_plain_numbers(tmp_path):

@@ -76,6 +76,9 @@ class Measurement:
         Relative spread of those runs, e.g. ``(max - min) / median``.
     backend : str, optional
         Backend of this point, where it differs from the profile's.
+    runs : tuple of float
+        Online profiles only: the throughput of each of the point's latest
+        runs, oldest first (what a later process continues from).
     """
 
     workers: int
@@ -85,6 +88,7 @@ class Measurement:
     repeats: int = 1
     spread: float = 0.0
     backend: str | None = None
+    runs: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types for YAML/JSON; defaults (1 repeat, no spread) are left out."""
@@ -100,6 +104,8 @@ class Measurement:
             d["spread"] = _plain_float(self.spread)
         if self.backend is not None:
             d["backend"] = self.backend
+        if self.runs:
+            d["runs"] = [_plain_float(t) for t in self.runs]
         return d
 
 
@@ -143,6 +149,11 @@ class Profile:
     python : dict, optional
         The Python build measured on: ``{version: "3.11.7", gil: true}``.
         A threads profile is only used on a build with the same GIL setting.
+    exploring : bool
+        Online profiles only: the refinement had not settled yet; ``best`` is
+        the leader so far, and the next evaluator continues the exploration.
+    sessions : int, optional
+        Online profiles only: how many evaluators (processes) contributed.
     path : str, optional
         File it was loaded from; not written to YAML.
     """
@@ -160,6 +171,8 @@ class Profile:
     n: int | None = None
     backend: str = "processes"
     python: dict[str, Any] | None = None
+    exploring: bool = False
+    sessions: int | None = None
     path: str | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -210,6 +223,10 @@ class Profile:
             None if self.serial_throughput is None else _plain_float(self.serial_throughput)
         )
         d["measurements"] = [m.to_dict() for m in self.measurements]
+        if self.exploring:
+            d["exploring"] = True
+        if self.sessions is not None:
+            d["sessions"] = _plain(self.sessions)
         return d
 
     @classmethod

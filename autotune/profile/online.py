@@ -1,23 +1,35 @@
 """Profiles the evaluator learned while it worked (``source: online``).
 
-An evaluator that tuned itself (:mod:`autotune.adapt`) saves what it
-settled on here, so that the next process with the same kernel on the same
-CPU starts from it.  The file is a schema-1 profile like any other, found by
-the same lookup (``$AUTOTUNE_PROFILE_DIR`` first, then the user's config
-directory), matched to the CPU the same way; each measurement's
-``repeats`` is the number of calls it rests on.
+An evaluator that tunes itself (:mod:`autotune.adapt`) saves what it
+measured here, so that the next process with the same kernel on the same
+CPU goes on from it: settled, it starts settled; still exploring
+(``exploring: true``), it continues the exploration where the last one
+stopped.  A script that makes one evaluator and a few calls, run again and
+again, converges over its runs.  The file is a schema-1 profile like any
+other, found by the same lookup (``$AUTOTUNE_PROFILE_DIR`` first, then the
+user's config directory), matched to the CPU the same way; each
+measurement lists its latest :data:`STORED_RUNS` runs (``runs``, items per
+second), and ``repeats``, ``throughput`` and ``spread`` describe those.
 
-Writing follows :meth:`Profile.save`: atomic (a temporary file renamed over
-the old one), so processes that save the same profile at once never leave a
-torn file; a directory that cannot be written (a read-only home) is a
-warning, once per process and directory, never an error.
+Saving merges (:func:`save_learned`): under a lock on the directory, the
+file is read again and each point's runs made by this evaluator since it
+last saved are appended to the file's, the oldest dropped past
+:data:`STORED_RUNS` (so a machine that changed is followed); two processes
+that finish together both count.  Writing follows :meth:`Profile.save`:
+atomic (a temporary file renamed over the old one), never a torn file; a
+directory that cannot be written (a read-only home) is a warning, once per
+process and directory, never an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import statistics
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +42,24 @@ from autotune.profile.match import cpu_mismatch, cpu_section
 from autotune.profile.model import Measurement, Profile, python_build
 
 __all__ = [
+    "MAX_POINTS",
+    "STORED_RUNS",
+    "Learned",
     "file_slug",
     "kernel_name",
     "load_online",
     "online_dir",
     "online_path",
     "online_profile",
+    "save_learned",
     "save_online",
 ]
+
+#: Runs kept per point: the latest, so that older ones drop out as the
+#: machine or the data change.
+STORED_RUNS = 16
+#: Points kept per file (the fastest, the best always among them).
+MAX_POINTS = 48
 
 _WARNED: set[str] = set()
 
@@ -126,14 +148,151 @@ def save_online(profile: Profile, path: Path) -> bool:
         profile.save(path)
         return True
     except (OSError, ProfileError) as exc:
-        where = str(path.parent)
-        if where not in _WARNED:
-            _WARNED.add(where)
-            warnings.warn(
-                f"autotune could not save what it learned about {profile.workload!r} to "
-                f"{path}: {exc}; the next process will tune it again (set "
-                f"AUTOTUNE_PROFILE_DIR to a writable directory to keep it)",
-                ProfileWarning,
-                stacklevel=3,
-            )
-        return False
+        return _warn_unsaved(profile.workload, path, exc)
+
+
+def _warn_unsaved(workload: str, path: Path, exc: Exception) -> bool:
+    where = str(path.parent)
+    if where not in _WARNED:
+        _WARNED.add(where)
+        warnings.warn(
+            f"autotune could not save what it learned about {workload!r} to "
+            f"{path}: {exc}; the next process will tune it again (set "
+            f"AUTOTUNE_PROFILE_DIR to a writable directory to keep it)",
+            ProfileWarning,
+            stacklevel=4,
+        )
+    return False
+
+
+#: A point of an online profile: ``(workers, chunk_len)``.
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What an evaluator learned of one kernel, to be saved with :func:`save_learned`.
+
+    ``fresh``: the throughput (items per second) of each run this evaluator
+    made since it last saved, per point, oldest first; ``known``: every run
+    it knows of per point (those it started from included), written when
+    there is no file to merge with.  ``best`` is the point it settled on, or
+    its leader while ``exploring``; ``first``: this evaluator's first save
+    (it counts once in ``sessions``).
+    """
+
+    workload: str
+    backend: str
+    item_bytes: int
+    n: int
+    best: Key
+    exploring: bool
+    fresh: Mapping[Key, Sequence[float]]
+    known: Mapping[Key, Sequence[float]]
+    first: bool
+
+
+def save_learned(learned: Learned, cpu: CpuInfo, path: Path) -> bool:
+    """Merge ``learned`` into the online profile at ``path`` (or start one); False
+    when it could not be written (a warning says so, once per directory)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.parent):
+            saved = _mergeable(path, learned, cpu)
+            if saved is None:
+                runs = {k: list(v) for k, v in learned.known.items()}
+                sessions = 1
+            else:
+                runs = {
+                    (m.workers, m.chunk_len): list(m.runs or (m.throughput,))
+                    for m in saved.measurements
+                    if m.throughput
+                }
+                for key, fresh in learned.fresh.items():
+                    runs.setdefault(key, []).extend(fresh)
+                sessions = (saved.sessions or 1) + int(learned.first)
+            if not any(runs.values()):
+                return True  # nothing measured: nothing to keep
+            # Written before the lock is let go: the next save reads this one.
+            return save_online(_profile_of(learned, cpu, runs, sessions), path)
+    except OSError as exc:
+        return _warn_unsaved(learned.workload, path, exc)
+
+
+def _mergeable(path: Path, learned: Learned, cpu: CpuInfo) -> Profile | None:
+    """The profile at ``path`` if it is this kernel's on this CPU and backend."""
+    if not path.is_file():
+        return None
+    try:
+        found = Profile.load(path)
+    except ProfileError:
+        return None  # refused with a warning when it was loaded; replaced now
+    if (
+        found.source != "online"
+        or found.workload != learned.workload
+        or found.backend != learned.backend
+        or cpu_mismatch(found.cpu, cpu) is not None
+    ):
+        return None
+    return found
+
+
+def _profile_of(
+    learned: Learned, cpu: CpuInfo, runs: Mapping[Key, list[float]], sessions: int
+) -> Profile:
+    """The online profile of ``runs`` (each point's latest :data:`STORED_RUNS` kept)."""
+    points = {key: _measurement(key, r[-STORED_RUNS:], learned) for key, r in runs.items() if r}
+    best = points.get(learned.best) or max(points.values(), key=lambda m: m.throughput or 0.0)
+    kept = sorted(points.values(), key=lambda m: -(m.throughput or 0.0))[:MAX_POINTS]
+    if best not in kept:
+        kept[-1] = best
+    return Profile(
+        workload=learned.workload,
+        source="online",
+        cpu=cpu_section(cpu),
+        best=best,
+        serial_throughput=None,
+        measurements=tuple(sorted(kept, key=lambda m: (m.workers, m.chunk_len))),
+        created=utc_timestamp(),
+        autotune_version=__version__,
+        item_bytes=learned.item_bytes,
+        n=learned.n,
+        backend=learned.backend,
+        python=python_build(),
+        exploring=learned.exploring,
+        sessions=sessions,
+    )
+
+
+def _measurement(key: Key, runs: Sequence[float], learned: Learned) -> Measurement:
+    """A point's measurement from its runs: the median and spread of their seconds per item."""
+    seconds = [1.0 / t for t in runs]
+    med = statistics.median(seconds)
+    workers, chunk_len = key
+    return Measurement(
+        workers=workers,
+        chunk_len=chunk_len,
+        chunk_bytes=chunk_len * learned.item_bytes,
+        throughput=1.0 / med,
+        repeats=len(runs),
+        spread=(max(seconds) - min(seconds)) / med if len(runs) > 1 else 0.0,
+        backend=learned.backend,
+        runs=tuple(runs),
+    )
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (where the platform has ``flock``):
+    the read, merge and replace of one save are not interleaved with another's."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: saves are still atomic, merges may race
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

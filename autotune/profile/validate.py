@@ -53,9 +53,13 @@ _TOP_KEYS = {
     "best",
     "serial_throughput",
     "measurements",
+    "exploring",
+    "sessions",
 }
 _MEASUREMENT_KEYS = {"workers", "chunk_len", "chunk_bytes", "throughput", "repeats", "spread"}
-_MEASUREMENT_KEYS_OPTIONAL = {"repeats", "spread", "backend"}
+_MEASUREMENT_KEYS_OPTIONAL = {"repeats", "spread", "backend", "runs"}
+#: The most runs a measurement may list (an online profile keeps its latest 16).
+_MAX_RUNS = 1024
 
 
 def _show(value: object) -> str:
@@ -170,7 +174,23 @@ class Validator:
                 if d.get("backend") is None
                 else self.text(d["backend"], f"{name}.backend", choices=BACKENDS)
             ),
+            runs=self.runs(d.get("runs"), f"{name}.runs"),
         )
+
+    def runs(self, value: object, name: str) -> tuple[float, ...]:
+        """An online profile's latest runs of a point, items per second each."""
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not 0 < len(value) <= _MAX_RUNS:
+            raise self.fail(
+                f"{name} must be a list of 1 to {_MAX_RUNS} throughputs, got {_show(value)}"
+            )
+        return tuple(self.number(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+    def flag(self, value: object, name: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(f"{name} must be true or false, got {_show(value)}")
+        return value
 
     def cpu(self, value: object, name: str = "cpu") -> dict[str, Any]:
         d = self.mapping(value, name)
@@ -276,5 +296,7 @@ class Validator:
             n=self.opt_integer(d.get("n"), "n"),
             backend=self.text(d.get("backend", "processes"), "backend", choices=BACKENDS),
             python=None if d.get("python") is None else self.python_build(d["python"]),
+            exploring=self.flag(d.get("exploring", False), "exploring"),
+            sessions=self.opt_integer(d.get("sessions"), "sessions"),
             path=self.path,
         )
