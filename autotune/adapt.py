@@ -22,9 +22,14 @@ them while it works (``Evaluator(adapt=...)``):
   kernel, the kernel's time per item and the pool's time per call are known;
   a call with fewer items than the pool's time per call buys runs in the
   calling process, over the same chunks.
-- **Remembered**: a settled point is saved as a profile with
-  ``source: online`` (see :func:`save_online`), so the next process with the
-  same kernel on the same CPU starts settled.
+- **Remembered across processes**: what was measured is saved as a profile
+  with ``source: online`` (:func:`~autotune.profile.online.save_learned`:
+  on settling, every :data:`SAVE_EVERY` calls and when the evaluator
+  closes), each point with its latest runs.  The next process with the same
+  kernel on the same CPU starts settled where the last one settled, or, if
+  it had not, *replays* the saved runs: each run the engine asks for at a
+  point is taken from the saved ones while they last, so the exploration
+  goes on where it stopped and a short script converges over its runs.
 """
 
 from __future__ import annotations
@@ -32,10 +37,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from autotune.cpu import CpuInfo
 from autotune.engine import (
     NOISY,
     Checkpoint,
@@ -47,7 +51,7 @@ from autotune.engine import (
     pick_kept,
 )
 from autotune.profile import Profile
-from autotune.profile.online import online_profile
+from autotune.profile.online import STORED_RUNS, Learned
 
 __all__ = [
     "DRIFT",
@@ -68,8 +72,10 @@ RECHECK_MAX = 512
 #: Settled calls this much slower than the settled median, three in a row,
 #: mean the kernel's cost changed: explore again.
 DRIFT = 2 * NOISY
-#: Runs kept per point: the median of the recent ones is what counts.
-KEEP_RUNS = 64
+#: Runs kept per point: the median of the recent ones is what counts.  As
+#: many as an online profile keeps, so that the next process sees what this
+#: one saw.
+KEEP_RUNS = STORED_RUNS
 #: A long call while exploring is cut into this many slices (at most half
 #: of them probe other points, the rest runs at the best one found).
 PROBE_SLICES = 16
@@ -111,6 +117,14 @@ class Refiner:
         Bytes per item, to express chunk lengths in bytes.
     settled : Point, optional
         Start settled here (an online profile found for this kernel and CPU).
+    stored : mapping of Point to sequence of float, optional
+        Runs an earlier process made (items per second each, oldest first).
+        Settled, they are the tally's history; exploring, they are replayed:
+        a run the engine asks for at a point is taken from that point's
+        stored runs while they last (a warm-up is then not needed).
+
+    ``fresh`` holds the runs made here (seconds for ``tally.n`` items, per
+    point) until :meth:`take_fresh` hands them over to be saved.
     """
 
     def __init__(
@@ -119,13 +133,21 @@ class Refiner:
         mid_len: int,
         item_bytes: int,
         settled: Point | None = None,
+        stored: Mapping[Point, Sequence[float]] | None = None,
     ) -> None:
         self.plan = plan
         self.item_bytes = item_bytes
         self.mid_bytes = mid_len * item_bytes
         self.tally = Tally(1_000_000, item_bytes, label=True)
-        self.calls = 0  # runs recorded, over every point
+        self.calls = 0  # runs recorded here, over every point
         self.explorations = 0
+        self.fresh: dict[Point, list[float]] = {}
+        self._stored = {
+            point: deque(self.tally.n / t for t in runs) for point, runs in (stored or {}).items()
+        }
+        # Measured before: the kernel's first runs need no warm-up any more.
+        self._warmed = bool(self._stored)
+        self._warmup: tuple[Point, float] | None = None
         self._steps: Iterator[Request | Checkpoint] | None = None
         self._pending: _Pending | None = None
         self._recheck_every = RECHECK
@@ -134,6 +156,9 @@ class Refiner:
         self.best: Point
         if settled is not None:
             self.best, self.settled = settled, True
+            for point, runs in self._stored.items():
+                self.tally.times[point] = list(runs)[-KEEP_RUNS:]
+            self._stored.clear()
         else:
             self.best, self.settled = Point.of(next(iter(plan)), mid_len), False
             self._explore()
@@ -155,7 +180,7 @@ class Refiner:
                 self._settle()
                 return self.best
             if isinstance(step, Request):
-                self._pending = _Pending(step, step.repeats + int(step.warmup))
+                self._pending = self._replay(_Pending(step, step.repeats + int(step.warmup)))
         return self._pending.request.point
 
     def record(self, point: Point, seconds: float, items: int) -> None:
@@ -166,10 +191,18 @@ class Refiner:
             first = pending.left == request.repeats + int(request.warmup)
             pending.left -= 1
             if request.warmup and first:
-                return  # the warm-up: not recorded
+                # The warm-up: not recorded, but saved if it is all this
+                # process ran (a script of one call per run still progresses).
+                self._warmup = (point, seconds * self.tally.n / max(items, 1))
+                return
         self._add(point, seconds, items)
         if self.settled and point == self.best:
             self._watch(seconds / max(items, 1))
+
+    @property
+    def warmed_up(self) -> bool:
+        """Whether a warm-up run was made and not saved yet."""
+        return self._warmup is not None
 
     @property
     def exploring(self) -> bool:
@@ -185,13 +218,37 @@ class Refiner:
     def runs_at(self, point: Point) -> int:
         return len(self.tally.times.get(point, ()))
 
+    def take_fresh(self) -> dict[Point, list[float]]:
+        """The runs made here since the last call (seconds for ``tally.n`` items);
+        the warm-up run when it was the only one."""
+        fresh, self.fresh = self.fresh, {}
+        if not fresh and self._warmup is not None:
+            point, seconds = self._warmup
+            fresh = {point: [seconds]}
+        self._warmup = None
+        return fresh
+
     # -- inside -----------------------------------------------------------------
-    def _add(self, point: Point, seconds: float, items: int) -> None:
+    def _replay(self, pending: _Pending) -> _Pending:
+        """Take ``pending``'s runs from the stored ones of its point while they last."""
+        stored = self._stored.get(pending.request.point)
+        if pending.request.warmup and self._warmed:
+            pending.left -= 1
+        if not stored:
+            return pending
+        while pending.left and stored:
+            self._add(pending.request.point, stored.popleft(), self.tally.n, fresh=False)
+            pending.left -= 1
+        return pending
+
+    def _add(self, point: Point, seconds: float, items: int, fresh: bool = True) -> None:
         self.tally.add(point, seconds, items)
         runs = self.tally.times[point]
         if len(runs) > KEEP_RUNS:
             del runs[0]
-        self.calls += 1
+        if fresh:
+            self.fresh.setdefault(point, []).append(runs[-1])
+            self.calls += 1
 
     def _explore(self) -> None:
         self.settled = False
@@ -372,8 +429,9 @@ class Learner:
     ladder : list of int
         The search's chunk ladder for the first call's ``n``.
     item_bytes : int
-    settled : Profile, optional
-        An online profile of this kernel on this CPU: start settled on its best.
+    known : Profile, optional
+        This kernel's online profile on this CPU: settled, start settled on
+        its best; exploring, replay its runs (see :class:`Refiner`).
     """
 
     def __init__(
@@ -383,7 +441,7 @@ class Learner:
         mid_len: int,
         ladder: list[int],
         item_bytes: int,
-        settled: Profile | None = None,
+        known: Profile | None = None,
     ) -> None:
         self.name = name
         self.lane = lane
@@ -396,26 +454,24 @@ class Learner:
             # docs/design.md, "Evidence behind the heuristic"); from four on,
             # half of them is worth a lane: a guess, never measured above 2 cores.
             plan[(backend, workers // 2)] = plan[lane]
-        start = None
-        if settled is not None:
-            start = Point(backend, min(settled.workers, workers), settled.chunk_len)
-        self.refiner = Refiner(plan, mid_len, item_bytes, settled=start)
-        if settled is not None:
-            # What the profile measured stands in as one run per point, so a
-            # re-check has a runner-up to try.
-            for m in settled.measurements:
-                if m.throughput and m.workers <= workers:
-                    point = Point(backend, m.workers, m.chunk_len)
-                    self.refiner.tally.add(point, 1.0 / m.throughput, 1)
+        start, stored = None, {}
+        if known is not None:
+            for m in known.measurements:
+                if m.throughput and m.workers <= workers and m.backend in (None, backend):
+                    stored[Point(backend, m.workers, m.chunk_len)] = m.runs or (m.throughput,)
+            if not known.exploring:
+                start = Point(backend, min(known.workers, workers), known.chunk_len)
+        self.refiner = Refiner(plan, mid_len, item_bytes, settled=start, stored=stored)
         self.breakeven = BreakEven()
-        if settled is not None and settled.best.throughput:
-            # What an item cost at the settled point, as if every worker were
+        if known is not None and known.best.throughput:
+            # What an item cost at the best point, as if every worker were
             # busy the whole call (an upper bound, corrected by the first pool
             # call): enough to decide the first call without a probe.
-            per_item = settled.best.workers / settled.best.throughput
+            per_item = known.best.workers / known.best.throughput
             self.breakeven.kernel_time(1, per_item, inline=False)
         self.n = 0  # items of the latest call, for the profile
         self._saved_at: tuple[int, Point] | None = None
+        self._saves = 0
 
     # -- one call -------------------------------------------------------------
     def inline(self, n: int, overhead: float) -> bool:
@@ -487,26 +543,39 @@ class Learner:
         return leaders[0][0] if leaders else self.refiner.best
 
     # -- what to remember ---------------------------------------------------------
-    def profile_due(self) -> bool:
-        """Whether what was learned should be saved now (newly settled, moved, or aged)."""
-        if not self.refiner.settled or self.refiner.best not in self.refiner.tally.times:
+    def save_due(self, closing: bool = False) -> bool:
+        """Whether what was learned should be saved now: newly settled, moved or
+        aged by :data:`SAVE_EVERY` calls; and on ``closing``, any run not saved yet."""
+        refiner = self.refiner
+        if closing:
+            return bool(refiner.fresh) or refiner.warmed_up
+        if not refiner.settled or refiner.best not in refiner.tally.times:
             return False
-        if self._saved_at is None or self._saved_at[1] != self.refiner.best:
+        if self._saved_at is None or self._saved_at[1] != refiner.best:
             return True
-        return self.refiner.calls - self._saved_at[0] >= SAVE_EVERY
+        return refiner.calls - self._saved_at[0] >= SAVE_EVERY
 
-    def profile(self, cpu: CpuInfo) -> Profile:
-        """The online profile of what was learned (and remember that it was saved)."""
-        best = self.refiner.best
-        tally = self.refiner.tally
-        measured = [m for _, m in tally.measured()]
-        self._saved_at = (self.refiner.calls, best)
-        return online_profile(
-            self.name,
-            cpu,
-            tally.measurement(best),
-            sorted(measured, key=lambda m: (m.workers, m.chunk_len)),
-            backend=best.backend,
+    def learned(self) -> Learned:
+        """What to save (and remember that it was handed over)."""
+        refiner = self.refiner
+        best = refiner.best if refiner.settled else self.leader()
+        n = refiner.tally.n
+
+        def throughputs(runs: Mapping[Point, list[float]]) -> dict[tuple[int, int], list[float]]:
+            return {(p.workers, p.chunk_len): [n / s for s in r] for p, r in runs.items() if r}
+
+        self._saved_at = (refiner.calls, refiner.best)
+        self._saves += 1
+        fresh = throughputs(refiner.take_fresh())
+        known = throughputs(refiner.tally.times)
+        return Learned(
+            workload=self.name,
+            backend=self.lane[0],
             item_bytes=self.item_bytes,
             n=max(self.n, 1),
+            best=(best.workers, best.chunk_len),
+            exploring=refiner.exploring,
+            fresh=fresh,
+            known={**fresh, **known},  # a saved warm-up is in fresh only
+            first=self._saves == 1,
         )

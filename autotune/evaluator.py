@@ -205,7 +205,22 @@ class Evaluator:
         # the first call that pays for it (a loop of small calls never starts a
         # pool at all); closed by close() or, unclosed, by the finalizer.
         self._runner = _lazy_runner(settings, shared_dict, client, address)
-        self._finalizer = weakref.finalize(self, self._runner.close)
+        # Online refinement: what is known of each kernel, by name.
+        self._online: OnlineTuning | None = None
+        if settings.adapt:
+            assert settings.cpu is not None
+            self._online = OnlineTuning(
+                settings.cpu,
+                settings.backend,
+                self._runner.workers,
+                shared_dict,
+                settings.item_bytes,
+                settings.profile_name,
+                self._runner,
+            )
+        # What was learned is saved and the runner closed by close(), or by
+        # the finalizer when the evaluator is collected or the program exits.
+        self._finalizer = weakref.finalize(self, _close_parts, self._online, self._runner)
         if not settings.adapt:
             self._runner.start()  # a worker that cannot start is reported here
         self.workers: int = self._runner.workers
@@ -214,19 +229,6 @@ class Evaluator:
         self._last: _LastCall | None = None
         self._stats_built: CallStats | None = None
         self._warned = False  # the EfficiencyWarning is given once per evaluator
-        # Online refinement: what is known of each kernel, by name.
-        self._online: OnlineTuning | None = None
-        if settings.adapt:
-            assert settings.cpu is not None
-            self._online = OnlineTuning(
-                settings.cpu,
-                settings.backend,
-                self.workers,
-                shared_dict,
-                settings.item_bytes,
-                settings.profile_name,
-                self._runner,
-            )
 
     # -- public API -------------------------------------------------------
     def map(self, kernel: Callable[..., Any], n: int, *, progress: bool = False) -> Any:
@@ -296,8 +298,6 @@ class Evaluator:
         with self._lock:
             self._closed = True
             self._finalizer()
-            if self._online is not None:
-                self._online.close()  # the user's data goes with the pool
 
     def __enter__(self) -> Evaluator:
         return self
@@ -444,6 +444,15 @@ def _refuse_nesting() -> None:
             "level only"
         )
     check_not_bootstrapping()
+
+
+def _close_parts(online: OnlineTuning | None, runner: LazyRunner) -> None:
+    """Save what was learned and let the user's data go, then end the runner."""
+    try:
+        if online is not None:
+            online.close()
+    finally:
+        runner.close()
 
 
 def _lazy_runner(

@@ -10,6 +10,7 @@ hands it the call and its runner (started at the first call that runs on it).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -30,7 +31,7 @@ from autotune.backends.threads import Outputs, run_inline
 from autotune.cpu import CpuInfo
 from autotune.engine import Point, chunk_ladder
 from autotune.profile import heuristic_profile, item_bytes_of
-from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_online
+from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_learned
 from autotune.settings import check_memory
 
 __all__ = ["OnlineCall", "OnlineTuning", "Shifted", "join_parts"]
@@ -98,12 +99,18 @@ class OnlineTuning:
         self._runner = runner
         self._clock = clock
         self.learners: dict[str, Learner] = {}
+        self._pid = os.getpid()
         self.pool_cost = PoolCost(workers)
         self._outputs = Outputs()  # the last inline map output, reused when let go
         self._inline_shared: SharedNamespace | None = None
 
     def close(self) -> None:
-        """Let the data and the kept inline output go."""
+        """Save what was measured and not saved yet; let the data and the kept
+        inline output go.  Only the process that made the evaluator saves."""
+        if os.getpid() == self._pid:
+            for learner in self.learners.values():
+                self._remember(learner, closing=True)
+        self.learners = {}
         self._outputs.close()
         self._shared, self._inline_shared = {}, None
 
@@ -160,6 +167,8 @@ class OnlineTuning:
         learner.run_call(cut.left, mode, run)
         cut.check_complete()
         self._remember(learner)
+        # The call that settles runs at the settled point: not exploring.
+        exploring = learner.refiner.exploring
         return OnlineCall(_join(parts, mode, combine), chunk_len, False, exploring)
 
     def _inline(
@@ -246,15 +255,17 @@ class OnlineTuning:
             mid,
             ladder,
             item_bytes,
-            settled=load_online(name, self.cpu, self.backend),
+            known=load_online(name, self.cpu, self.backend),
         )
         self.learners[name] = learner
         return learner
 
-    def _remember(self, learner: Learner) -> None:
-        """Save what was learned once settled (and again when it moves or ages)."""
-        if learner.profile_due():
-            save_online(learner.profile(self.cpu), online_path(file_slug(learner.name), self.cpu))
+    def _remember(self, learner: Learner, closing: bool = False) -> None:
+        """Save what was learned once settled (and again when it moves or ages), and
+        when the evaluator closes whatever was measured since."""
+        if learner.save_due(closing):
+            path = online_path(file_slug(learner.name), self.cpu)
+            save_learned(learner.learned(), self.cpu, path)
 
     def _namespace(self) -> SharedNamespace:
         if self._inline_shared is None:

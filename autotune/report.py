@@ -311,11 +311,7 @@ def format_table(profile: Profile) -> str:
     title = f"{profile.workload}: {profile.source} profile, {brand} ({shape}"
     title += f", {sizes})" if sizes else ")"
     if profile.source == "online":
-        calls = sum(m.repeats for m in profile.measurements)
-        title += (
-            f"\nlearned by an evaluator while it worked: rests on {calls} calls "
-            f"({profile.best.repeats} at the best point)"
-        )
+        title += "\n" + _online_line(profile)
     body = render_table(
         profile.measurements,
         serial_throughput=profile.serial_throughput,
@@ -324,6 +320,27 @@ def format_table(profile: Profile) -> str:
         item_bytes=profile.item_bytes,
     )
     return f"{title}\n\n{body}"
+
+
+def _online_line(profile: Profile) -> str:
+    """What an online profile rests on: settled, or still exploring."""
+    calls = sum(m.repeats for m in profile.measurements)
+    over = "" if profile.sessions is None else f" over {_plural(profile.sessions, 'program run')}"
+    best = profile.best
+    if profile.exploring:
+        return (
+            f"exploring: {_plural(len(profile.measurements), 'point')} measured{over} "
+            f"({_plural(calls, 'call')}), best so far {best.workers} x {best.chunk_len} at "
+            f"{format_rate(best.throughput or 0.0)}, spread {best.spread:.0%}"
+        )
+    return (
+        f"learned by an evaluator while it worked: rests on {calls} calls{over} "
+        f"({best.repeats} at the best point)"
+    )
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _log_position(b: float, centers: list[int]) -> float | None:

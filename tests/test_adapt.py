@@ -166,3 +166,89 @@ def test_run_inline_gives_the_workers_bits():
         kernels.exp_sum, SharedNamespace({"x": x}), len(x), 3000, "reduce", operator.add, Meter(1)
     )
     assert inline == pooled  # the same chunks folded in the same order: the same bits
+
+
+# -- across processes: what one evaluator measured, the next continues ----------------
+def noisy(best: int, seed: int):
+    """``peaked(best)`` with a repeatable +-5% per run (ties and spreads are then real)."""
+    rng = np.random.default_rng(seed)
+    rate = peaked(best)
+    return lambda chunk_len: rate(chunk_len) * (1 + 0.05 * (2 * rng.random() - 1))
+
+
+NAME = "kernels:replayed"
+
+
+def learner_for(known=None):
+    from autotune.adapt import Learner
+
+    return Learner(NAME, LANE, 8000, LADDER, 8, known=known)
+
+
+@pytest.fixture
+def online_file(tmp_path, monkeypatch):
+    """Where this kernel's online profile goes (a fresh profile directory)."""
+    from autotune.cpu import probe
+    from autotune.profile.online import file_slug, online_path
+
+    monkeypatch.setenv("AUTOTUNE_PROFILE_DIR", str(tmp_path))
+    return online_path(file_slug(NAME), probe())
+
+
+@pytest.mark.parametrize("per_session", [1, 2, 3, 5])
+def test_an_exploration_cut_into_sessions_goes_on_where_it_stopped(online_file, per_session):
+    """Evaluators of a few runs each, one after another, each saving to the online profile
+    and the next loading it: they settle where one evaluator would, with the same runs."""
+    from autotune.cpu import probe
+    from autotune.profile.online import load_online, save_learned
+
+    cpu, path = probe(), online_file
+    whole = learner_for()
+    rate = noisy(32000, 1)
+    while True:
+        point = whole.refiner.next()
+        if whole.refiner.settled:
+            break
+        whole.refiner.record(point, N / rate(point.chunk_len), N)
+    one_process = whole.refiner.calls
+
+    rate = noisy(32000, 1)  # the same runs, in the same order
+    sessions = calls = 0
+    while True:
+        found = load_online(NAME, cpu, "processes") if path.is_file() else None
+        learner = learner_for(found)
+        if learner.refiner.settled:
+            break
+        for _ in range(per_session):
+            point = learner.refiner.next()
+            if learner.refiner.settled:
+                break
+            learner.refiner.record(point, N / rate(point.chunk_len), N)
+        sessions, calls = sessions + 1, calls + learner.refiner.calls
+        assert save_learned(learner.learned(), cpu, path)
+        assert sessions <= one_process + 2, "no progress from one session to the next"
+    assert learner.refiner.best == whole.refiner.best
+    # Each run made once, in one session or another (a session that made only the warm-up
+    # saved it, and it stands for the first run).
+    assert one_process - 1 <= calls <= one_process
+    saved = load_online(NAME, cpu, "processes")
+    assert saved is not None and not saved.exploring and saved.sessions == sessions
+
+
+def test_a_settled_profile_with_runs_keeps_its_best_and_history(online_file):
+    from autotune.cpu import probe
+    from autotune.profile.online import load_online, save_learned
+
+    cpu, path = probe(), online_file
+    first = learner_for()
+    drive(first.refiner, noisy(16000, 2), 60)
+    assert first.refiner.settled
+    assert save_learned(first.learned(), cpu, path)
+    found = load_online(NAME, cpu, "processes")
+    assert found is not None and not found.exploring
+    again = learner_for(found)
+    assert again.refiner.settled and again.refiner.best == first.refiner.best
+    best = again.refiner.best
+    # Its runs are the history the drift watch compares with (the latest, bounded).
+    assert again.refiner.tally.times[best] == pytest.approx(first.refiner.tally.times[best])
+    assert not again.refiner.fresh  # nothing made here yet: nothing to save

@@ -25,12 +25,19 @@ import pytest
 
 from autotune import Evaluator, Profile, ProfileWarning
 from autotune.adapt import TINY_S, BreakEven, PoolCost
+from autotune.backends.schedule import MEASURED, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.cpu import probe
 from autotune.engine import KEPT_REPEATS
 from autotune.online import PROBE_ITEMS
 from autotune.profile import Measurement
-from autotune.profile.online import file_slug, kernel_name, online_path, online_profile
+from autotune.profile.online import (
+    MAX_POINTS,
+    file_slug,
+    kernel_name,
+    online_path,
+    online_profile,
+)
 
 N = 200_000
 
@@ -85,8 +92,6 @@ def scripted_cost(monkeypatch):
 def settle(ev, kernel, n, calls=80):
     for _ in range(calls):
         ev.map(kernel, n)
-    learner = next(iter(ev._online.learners.values()))
-    return learner
 
 
 #: Map calls a refiner may take to settle: the engine's strategy asks for a bounded number
@@ -98,11 +103,11 @@ SETTLE_CALLS = 200
 def until_saved(ev, kernel, n, path):
     """Map calls until the evaluator has saved what it learned (it does on the call that
     settles): how many that takes follows from the engine's strategy, not from the load.
-    Returns the kernel's learner as it was when saved."""
-    for _ in range(SETTLE_CALLS):
+    Returns the profile saved and the number of calls made."""
+    for calls in range(1, SETTLE_CALLS + 1):
         ev.map(kernel, n)
         if path.is_file():
-            return next(iter(ev._online.learners.values()))
+            return Profile.load(path), calls
     pytest.fail(f"nothing saved to {path} after {SETTLE_CALLS} calls")
 
 
@@ -190,22 +195,25 @@ def test_what_was_learned_is_saved_and_found_by_the_next_evaluator(
     path = online_path(file_slug(kernel_name(kernels.heavy_map)), probe())
     assert path.parent == profile_dir
     with Evaluator(shared={"x": x}) as ev:
-        learner = until_saved(ev, kernels.heavy_map, N, path)
-        # Saved on the call that settled (later calls, on a busy machine, may find the
-        # kernel slower and explore again: what was saved is what counts here).
-        assert learner.refiner.settled
-        best, runs = learner.refiner.best, learner.refiner.calls
-    saved = Profile.load(path)
+        saved, calls = until_saved(ev, kernels.heavy_map, N, path)
+        # Saved on the call that settled: that call ran at the settled point.
+        assert not ev.stats.exploring
+        settled = (ev.stats.workers, ev.stats.chunk_len)
     assert saved.source == "online" and saved.workload == "kernels:heavy_map"
-    assert (saved.workers, saved.chunk_len) == (best.workers, best.chunk_len)
-    # Each point's repeats: the runs it rests on; the best was confirmed by several.
-    assert sum(m.repeats for m in saved.measurements) == runs, saved.measurements
-    assert saved.best.repeats >= KEPT_REPEATS, saved.best
+    assert not saved.exploring and saved.sessions == 1
+    best = saved.best
+    assert (best.workers, plan_chunks(N, best.workers, best.chunk_len, MEASURED).chunk_len) == (
+        settled
+    )
+    # Each point's repeats: its runs (the first call's inline probe and the warm-up are
+    # not runs); the best was confirmed by several.
+    assert sum(m.repeats for m in saved.measurements) < calls, saved.measurements
+    assert all(len(m.runs) == m.repeats for m in saved.measurements)
+    assert best.repeats >= KEPT_REPEATS, best
     with Evaluator(shared={"x": x}) as ev:
         ev.map(kernels.heavy_map, N)
-        learner = next(iter(ev._online.learners.values()))
-        found = learner.refiner
-        assert found.settled and found.best == best, (found.best, best)  # from its first call
+        assert not ev.stats.exploring and not ev.stats.inline  # settled from its first call
+        assert (ev.stats.workers, ev.stats.chunk_len) == settled
 
 
 def test_a_named_profile_is_saved_under_that_name(x, profile_dir, no_leaks, pool_only):
@@ -251,8 +259,13 @@ def test_a_measured_profile_is_used_as_is(x, profile_dir, no_leaks):
 
     with Evaluator(shared={"x": x}, profile=Profile.load(SHIPPED)) as ev:
         assert not ev.settings.adapt
-        ev.map(kernels.double, N)
-        assert ev._online is None  # nothing is learned: the profile is used as it is
+        chunks = set()
+        for _ in range(5):
+            ev.map(kernels.double, N)
+            assert not ev.stats.exploring
+            chunks.add(ev.stats.chunk_len)
+        assert len(chunks) == 1  # the profile's point, every call
+    assert not list(profile_dir.iterdir())  # nothing is learned: the profile is used as it is
 
 
 WRITER = textwrap.dedent(
@@ -337,4 +350,102 @@ def test_show_prints_an_online_profile_with_its_calls(x, profile_dir, pool_only,
     out = capsys.readouterr().out
     calls = sum(m.repeats for m in saved.measurements)
     assert out.startswith("kernels:heavy_map: online profile, ")
-    assert f"rests on {calls} calls ({saved.best.repeats} at the best point)" in out
+    if saved.exploring:  # settled, then found the kernel slower and explores again
+        assert f"exploring: {len(saved.measurements)} points measured over 1 program run" in out
+    else:
+        assert f"rests on {calls} calls over 1 program run ({saved.best.repeats} at the" in out
+
+
+def test_an_evaluator_closed_while_exploring_saves_what_it_measured(x, profile_dir, no_leaks):
+    """A script's two calls are not enough to settle: what they measured is saved when the
+    evaluator closes, and the next evaluator goes on from it (a run counts once)."""
+    path = online_path(file_slug(kernel_name(kernels.heavy_map)), probe())
+    expected = kernels.heavy_map(SharedNamespace({"x": x}), 0, N)
+    runs = []
+    for session in (1, 2, 3):
+        with Evaluator(shared={"x": x}) as ev:
+            for _ in range(2):
+                assert np.array_equal(ev.map(kernels.heavy_map, N), expected)
+        saved = Profile.load(path)
+        assert saved.sessions == session
+        runs.append(sum(m.repeats for m in saved.measurements))
+    assert saved.exploring or saved.best.repeats >= KEPT_REPEATS
+    assert runs[0] >= 1 and runs[0] < runs[1] < runs[2], runs  # every session added runs
+
+
+EXITS = textwrap.dedent(
+    """
+    import numpy as np, kernels
+    from autotune import Evaluator
+    ev = Evaluator(shared={"x": np.linspace(0.0, 1.0, %d)})
+    ev.map(kernels.heavy_map, %d)
+    ev.map(kernels.heavy_map, %d)
+    # no close(): the program just ends
+    """
+)
+
+
+def test_an_evaluator_never_closed_saves_when_the_program_exits(tmp_path, profile_dir):
+    script = tmp_path / "script.py"
+    script.write_text(EXITS % (N, N, N))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    saved = Profile.load(online_path(file_slug(kernel_name(kernels.heavy_map)), probe()))
+    assert saved.sessions == 1 and sum(m.repeats for m in saved.measurements) >= 1
+
+
+MERGER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from autotune.cpu import probe
+    from autotune.profile.online import Learned, save_learned
+    path, tag, saves = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    for i in range(saves):
+        run = {(tag, 1000 + i): [1000.0 * tag + i]}  # this process's i-th run, recognisable
+        learned = Learned("kernels:merged", "processes", 8, 100000, (tag, 1000), True,
+                          fresh=run, known=run, first=i == 0)
+        assert save_learned(learned, probe(), path)
+    """
+)
+
+
+def test_evaluators_saving_at_once_lose_no_run(tmp_path, profile_dir):
+    """Processes that save the same online profile at the same time: every run of every
+    process is in the file at the end, and every process counts as a session."""
+    writers, saves = 3, 15  # 45 points of one run each: within what a file keeps
+    assert writers * saves <= MAX_POINTS
+    path = online_path(file_slug("kernels:merged"), probe())
+    script = tmp_path / "merger.py"
+    script.write_text(MERGER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(path), str(tag), str(saves)], env=env)
+        for tag in range(1, writers + 1)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0] * writers
+    saved = Profile.load(path)
+    runs = sorted(run for m in saved.measurements for run in m.runs)
+    assert runs == sorted(1000.0 * tag + i for tag in range(1, writers + 1) for i in range(saves))
+    assert saved.sessions == writers and saved.exploring
+
+
+def test_show_prints_an_exploring_profile_as_exploring(profile_dir, capsys):
+    from autotune.cli import main
+    from autotune.profile.online import Learned, save_learned
+
+    path = online_path(file_slug("kernels:shown"), probe())
+    runs = {(2, 4096): [4.0e7, 4.2e7, 4.1e7], (2, 8192): [3.0e7], (1, 4096): [2.2e7]}
+    for _ in range(3):  # three programs, each saving the same runs once
+        learned = Learned(
+            "kernels:shown", "processes", 8, 100000, (2, 4096), True, runs, runs, first=True
+        )
+        assert save_learned(learned, probe(), path)
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # Three saves of the same runs: 5 runs each time, three program runs.
+    assert out[1] == (
+        "exploring: 3 points measured over 3 program runs (15 calls), best so far 2 x 4096 "
+        "at 41.0 M items/s, spread 5%"
+    ), out[1]
