@@ -329,7 +329,9 @@ class Evaluator:
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
         if n == 0:
-            self._last = _LastCall(Meter(self.workers), 0, mode, self.chunk_len, 0.0, False, False)
+            self._last = _LastCall(
+                Meter(self.workers), 0, mode, self.chunk_len, 0.0, False, False, False
+            )
             self._stats_built = None
             if mode == "map":
                 return np.empty((0,))
@@ -348,6 +350,7 @@ class Evaluator:
                 chunk_len = plan.chunk_len
                 if self.item_bytes is not None and self.backend != "dask":
                     check_memory(plan, self.item_bytes)
+            was_started = self._runner.started
             began = time.perf_counter()
             try:
                 if self._online is not None:
@@ -360,7 +363,9 @@ class Evaluator:
                 wall = time.perf_counter() - began
                 if bar is not None:
                     bar.close()
-                self._last = _LastCall(meter, n, mode, chunk_len, wall, inline, exploring)
+                self._last = _LastCall(
+                    meter, n, mode, chunk_len, wall, inline, exploring, not was_started
+                )
                 self._stats_built = None
                 self._busy = None
                 if self._runner.closed:
@@ -395,6 +400,8 @@ class Evaluator:
             return
         if last.exploring:
             return  # autotune's own trial settings: nothing for the user to change
+        if last.started_pool:
+            return  # the workers' start, not the call, kept them idle: judge the next call
         message = advice(self.stats) if self.stats is not None else None
         if message is not None:
             self._warned = True
@@ -427,6 +434,7 @@ class _LastCall:
     wall_s: float
     inline: bool
     exploring: bool
+    started_pool: bool  # the workers started during the call (an adapting evaluator's)
 
 
 def _progress_bar(n: int, mode: str) -> Any:

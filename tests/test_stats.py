@@ -151,6 +151,27 @@ def test_efficiency_warning_once_per_evaluator(monkeypatch, no_leaks):
         assert ev.stats.efficiency < 0.8
 
 
+def test_a_call_that_started_the_workers_is_not_judged(monkeypatch, tmp_path, no_leaks):
+    """An evaluator settled from its online profile starts its workers at its first call;
+    that call's idle workers were starting, not badly set: the warning waits for the next."""
+    from autotune.cpu import probe
+    from autotune.profile.online import Learned, file_slug, kernel_name, online_path, save_learned
+
+    monkeypatch.setattr(stats_module, "LONG_CALL_S", 0.25)
+    monkeypatch.setenv("AUTOTUNE_PROFILE_DIR", str(tmp_path))
+    name = kernel_name(kernels.sleep_first)
+    runs = {(2, 1): [20.0, 20.0, 20.0]}  # 20 items/s: every call pays for the pool
+    settled = Learned(name, "processes", 8, 16, (2, 1), False, runs, runs, first=True)
+    assert save_learned(settled, probe(), online_path(file_slug(name), probe()))
+    with Evaluator(shared={"delay": 0.3}) as ev:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert ev.reduce(kernels.sleep_first, 16) == 16.0
+        assert not ev.stats.inline and not ev.stats.exploring and ev.stats.efficiency < 0.8
+        with pytest.warns(EfficiencyWarning, match="one worker was busy"):
+            ev.reduce(kernels.sleep_first, 16)
+
+
 def make(**kw):
     base = dict(
         n=1_000_000,
@@ -172,6 +193,7 @@ def make(**kw):
 def test_advice_names_the_likely_cause():
     assert advice(make(efficiency=0.9)) is None
     assert advice(make(wall_s=0.5)) is None  # short calls are not judged
+    assert advice(make(retries=1, busy_s=(1.9, 0.1))) is None  # a replacement started
     assert "too few chunks" in advice(make(chunks=5))
     assert "one worker was busy 1.9 s" in advice(make(busy_s=(1.9, 0.1)))
     gil = advice(make(backend="threads", busy_s=(1.0, 1.0)))

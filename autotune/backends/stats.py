@@ -161,7 +161,8 @@ class CallStats:
 def advice(stats: CallStats) -> str | None:
     """One line on why a long call used its workers poorly, or None if it did not.
 
-    The first cause that the figures show, in this order: too few chunks to
+    A call that lost a worker is not judged (its wall time holds the
+    replacement's start).  The first cause that the figures show, in this order: too few chunks to
     share, one worker held back by slow chunks, a kernel holding the GIL on
     threads; else the workers waited between chunks with nothing standing
     out, which is what a memory-bound kernel saturating the bandwidth looks
@@ -169,6 +170,8 @@ def advice(stats: CallStats) -> str | None:
     """
     if stats.inline or stats.wall_s < LONG_CALL_S or stats.efficiency >= EFFICIENCY_FLOOR:
         return None
+    if stats.retries:
+        return None  # a lost worker and its replacement's start: not the settings' doing
     w, busy = stats.workers, stats.busy_s
     head = (
         f"autotune: this {stats.mode} of {stats.n} items kept its {w} workers busy "
