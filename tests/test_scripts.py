@@ -274,3 +274,16 @@ def test_bench_tail_tiny():
     planned = next(line for line in rows if "planned" in line)
     workers = int(re.search(r"items, (\d+) workers", done.stdout).group(1))
     assert int(planned.split()[1]) % workers == 0, done.stdout
+
+
+def test_bench_runs_smoke():
+    """A script run as separate processes with one profile directory: per-run ratios and
+    the online profile's state after each zero-config run."""
+    done = run_script("bench_runs.py", "--quick", "--runs", "2", "--only", "stream", timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert re.search(r"^stream: best fixed \d+ x \d+$", out, re.M), out
+    for row in ("process", "calls"):
+        assert re.search(rf"^  {row} +\d+\.\d\d +\d+\.\d\d$", out, re.M), out
+    # The first zero-config run saved what it measured: the second found a profile.
+    assert re.search(r"^  profile +[es] +[es]$", out, re.M), out
