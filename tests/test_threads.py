@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import threading
 
 import kernels
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from autotune import Evaluator
+from autotune.backends.shm import list_segments
 from autotune.workloads import stream_kernel
 
 
@@ -88,24 +90,26 @@ def test_map_output_reused_only_when_released(x):
 
 def test_released_map_output_is_reused(x):
     with Evaluator(2, 10_000, shared={"x": x}, backend="threads") as ev:
+        before = set(list_segments(os.getpid()))
         first = ev.map(kernels.double, len(x))
-        segment = ev._runner.start()._outputs._cache.name
-        assert segment is not None  # a 1.6 MB output lives in a kept segment
+        kept = set(list_segments(os.getpid())) - before
+        assert len(kept) == 1  # a 1.6 MB output lives in a kept segment
         del first
         again = ev.map(kernels.double, len(x))
-        # The same pages: none to fault in.
-        assert ev._runner.start()._outputs._cache.name == segment
+        # The same segment, the same pages: none to fault in, none made.
+        assert set(list_segments(os.getpid())) - before == kept
         assert np.array_equal(again, x * 2.0)
 
 
 def test_a_view_of_the_same_shape_keeps_the_output_from_reuse(x):
     """No reference counts are read: a view alone must keep its rows intact."""
     with Evaluator(2, 10_000, shared={"x": x}, backend="threads") as ev:
+        before = set(list_segments(os.getpid()))
         first = ev.map(kernels.double, len(x))
-        segment = ev._runner.start()._outputs._cache.name
+        kept = set(list_segments(os.getpid())) - before
         view = first[::2]
         del first
         second = ev.map(kernels.triple, len(x))
-        assert ev._runner.start()._outputs._cache.name != segment
+        assert set(list_segments(os.getpid())) - before - kept  # another segment
         assert np.array_equal(view, x[::2] * 2.0)
         assert np.array_equal(second, x * 3.0)
