@@ -206,18 +206,7 @@ class Evaluator:
         # pool at all); closed by close() or, unclosed, by the finalizer.
         self._runner = _lazy_runner(settings, shared_dict, client, address)
         # Online refinement: what is known of each kernel, by name.
-        self._online: OnlineTuning | None = None
-        if settings.adapt:
-            assert settings.cpu is not None
-            self._online = OnlineTuning(
-                settings.cpu,
-                settings.backend,
-                self._runner.workers,
-                shared_dict,
-                settings.item_bytes,
-                settings.profile_name,
-                self._runner,
-            )
+        self._online = _online_tuning(settings, shared_dict, self._runner)
         # What was learned is saved and the runner closed by close(), or by
         # the finalizer when the evaluator is collected or the program exits.
         self._finalizer = weakref.finalize(self, _close_parts, self._online, self._runner)
@@ -452,6 +441,24 @@ def _refuse_nesting() -> None:
             "level only"
         )
     check_not_bootstrapping()
+
+
+def _online_tuning(
+    settings: Settings, shared: dict[str, Any], runner: LazyRunner
+) -> OnlineTuning | None:
+    """The online state of an evaluator that adapts (None for one that does not)."""
+    if not settings.adapt:
+        return None
+    assert settings.cpu is not None
+    return OnlineTuning(
+        settings.cpu,
+        settings.backend,
+        runner.workers,
+        shared,
+        settings.item_bytes,
+        settings.profile_name,
+        runner,
+    )
 
 
 def _close_parts(online: OnlineTuning | None, runner: LazyRunner) -> None:
