@@ -18,16 +18,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from autotune._errors import RangeError, add_note
-from autotune.adapt import (
-    Learner,
-    PoolCost,
-    SliceRun,
-)
+from autotune.adapt import Learner, SliceRun
 from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import MEASURED, ChunkPlan, Cursor, OrderedFold, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
+from autotune.breakeven import PoolCost
 from autotune.cpu import CpuInfo
 from autotune.engine import Point, chunk_ladder
 from autotune.profile import heuristic_profile, item_bytes_of

@@ -15,13 +15,8 @@ import operator
 import numpy as np
 import pytest
 
-from autotune.adapt import (
-    RECHECK,
-    BreakEven,
-    PoolCost,
-    Refiner,
-    online_ladder,
-)
+from autotune.adapt import RECHECK, Refiner, online_ladder
+from autotune.breakeven import BreakEven, PoolCost
 from autotune.engine import Point
 from autotune.profile import infer_item_bytes
 from autotune.profile.online import kernel_name

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from autotune import Evaluator, Profile, ProfileWarning
-from autotune.adapt import TINY_S, BreakEven, PoolCost
 from autotune.backends.schedule import MEASURED, plan_chunks
 from autotune.backends.shared import SharedNamespace
+from autotune.breakeven import TINY_S, BreakEven, PoolCost
 from autotune.cpu import probe
 from autotune.engine import KEPT_REPEATS
 from autotune.online import PROBE_ITEMS
@@ -177,7 +177,7 @@ def test_a_kernel_slow_per_chunk_pays_for_the_pool_from_its_first_call(profile_d
 
 
 def test_a_kernel_error_inline_is_the_kernels(x, profile_dir, no_leaks, monkeypatch):
-    from autotune.adapt import BreakEven
+    from autotune.breakeven import BreakEven
 
     monkeypatch.setattr(BreakEven, "inline", lambda self, n, workers, overhead: True)
     with Evaluator(shared={"x": x}) as ev:

@@ -26,6 +26,7 @@ LAYERS = {
     "autotune.profile": 2,
     "autotune.backends": 3,
     "autotune.adapt": 4,
+    "autotune.breakeven": 4,
     "autotune.engine": 4,
     "autotune.evaluator": 4,
     "autotune.online": 4,
