@@ -139,7 +139,9 @@ class Refiner:
         self._stored = {
             point: deque(self.tally.n / t for t in runs) for point, runs in (stored or {}).items()
         }
-        # Measured before: the kernel's first runs need no warm-up any more.
+        # A warm-up only before the first run of a kernel never measured: the
+        # pool is then warm for every point (a later lane's screening, a new
+        # exploration), and runs saved by an earlier process need none.
         self._warmed = bool(self._stored)
         self._warmup: tuple[Point, float] | None = None
         self._steps: Iterator[Request | Checkpoint] | None = None
@@ -180,6 +182,7 @@ class Refiner:
     def record(self, point: Point, seconds: float, items: int) -> None:
         """What a run at ``point`` over ``items`` items took."""
         pending = self._pending
+        self._warmed = True  # one run warms the pool for every point after it
         if not self.settled and pending is not None and point == pending.request.point:
             request = pending.request
             first = pending.left == request.repeats + int(request.warmup)

@@ -356,7 +356,9 @@ def test_show_prints_an_online_profile_with_its_calls(x, profile_dir, pool_only,
         assert f"rests on {calls} calls over 1 program run ({saved.best.repeats} at the" in out
 
 
-def test_an_evaluator_closed_while_exploring_saves_what_it_measured(x, profile_dir, no_leaks):
+def test_an_evaluator_closed_while_exploring_saves_what_it_measured(
+    x, profile_dir, no_leaks, pool_only
+):
     """A script's two calls are not enough to settle: what they measured is saved when the
     evaluator closes, and the next evaluator goes on from it (a run counts once)."""
     path = online_path(file_slug(kernel_name(kernels.heavy_map)), probe())
@@ -387,7 +389,8 @@ EXITS = textwrap.dedent(
 
 def test_an_evaluator_never_closed_saves_when_the_program_exits(tmp_path, profile_dir):
     script = tmp_path / "script.py"
-    script.write_text(EXITS % (N, N, N))
+    big = 10 * N  # tens of ms of work per call: the pool pays, whatever the load
+    script.write_text(EXITS % (big, big, big))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
