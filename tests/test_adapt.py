@@ -247,3 +247,65 @@ def test_a_settled_profile_with_runs_keeps_its_best_and_history(online_file):
     # Its runs are the history the drift watch compares with (the latest, bounded).
     assert again.refiner.tally.times[best] == pytest.approx(first.refiner.tally.times[best])
     assert not again.refiner.fresh  # nothing made here yet: nothing to save
+
+
+# -- the documented figures, as behaviour (a change of any of them fails here) ---------------
+def test_the_online_ladder_spans_a_quarter_to_eight_times_the_heuristics_chunk():
+    assert online_ladder(LADDER, 8000) == [2000, 4000, 8000, 16000, 32000, 64000]
+
+
+def test_the_runner_up_is_first_rechecked_on_the_32nd_settled_call():
+    rate = peaked(16000)
+    refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
+    while not refiner.settled:
+        drive(refiner, rate, 1)
+    used = drive(refiner, rate, 40)
+    away = [i for i, p in enumerate(used) if p != refiner.best]
+    assert away and away[0] in (30, 31), away  # the call that settled may count as the first
+
+
+@pytest.mark.parametrize(("slower", "explores"), [(1.4, True), (1.2, False)])
+def test_settled_calls_a_third_slower_three_times_start_a_new_exploration(slower, explores):
+    rate = peaked(8000)
+    refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
+    drive(refiner, rate, 60)
+    assert refiner.settled and refiner.explorations == 1
+    drive(refiner, lambda c: rate(c) / slower, 3)
+    assert (refiner.explorations == 2) is explores
+
+
+def test_a_runner_up_takes_over_only_after_three_runs():
+    refiner = Refiner({LANE: LADDER}, 8000, 8, settled=Point.of(LANE, 16000))
+    best, other = Point.of(LANE, 16000), Point.of(LANE, 32000)
+    for _ in range(6):
+        refiner.record(best, N / 1e8, N)
+    for runs in (1, 2, 3):
+        refiner.record(other, N / 1.2e8, N)  # a re-check of the runner-up, faster
+        refiner.record(best, N / 1e8, N)
+        assert (refiner.best == other) is (runs == 3), runs
+
+
+def test_only_the_first_run_of_a_process_is_a_warm_up():
+    """On four workers the half lane is screened too: its first run is recorded (the pool
+    is warm), only the very first run of the kernel is not."""
+    half = ("processes", 1)
+    ladder = online_ladder(LADDER, 8000)
+    refiner = Refiner({LANE: ladder, half: ladder}, 8000, 8)
+    drive(refiner, peaked(8000), 4)  # warm-up, mid and 8x mid on LANE, mid on the half lane
+    assert refiner.calls == 3
+    assert refiner.runs_at(Point.of(half, 8000)) == 1
+
+
+def test_a_long_reduce_probes_with_slices_of_a_sixteenth():
+    from autotune.adapt import Learner, SliceRun
+
+    learner = Learner("kernels:sliced", LANE, 8000, LADDER, 8)
+    learner.breakeven.kernel_time(1000, 1e-3, inline=False)  # 1 us an item
+    sizes = []
+
+    def run(items, point, measured):
+        sizes.append(items)
+        return SliceRun(point, items, items * 1e-6, items * 2e-6, measured)
+
+    learner.run_call(1_600_000, "reduce", run)
+    assert sizes[0] == 100_000 and sum(sizes) == 1_600_000, sizes

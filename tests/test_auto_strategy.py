@@ -26,9 +26,11 @@ from autotune.engine import (
     TIE_REPEATS,
     Bench,
     Point,
+    pick_kept,
     run_auto,
     run_grid,
 )
+from autotune.profile import Measurement
 
 #: The chunk ladder of every lane: powers of two, then the unchunked length.
 LADDER = [16, 32, 64, 128, 256, 512, 1024, 2048, 5000]
@@ -349,3 +351,31 @@ def test_auto_screens_short_ladders_at_their_longest_length_too(clock):
         first = [c for c in bench.calls if c.lane == lane][:2]
         assert first == [Call(lane, 64, 1, True), Call(lane, 5000, 1, False)]
     assert bench.best() == (T2, 5000)
+
+
+# -- the documented figures, as behaviour (a change of any of them fails here) ---------------
+def test_a_lane_screening_below_four_fifths_of_the_best_is_dropped(clock):
+    top = 180.0
+    table = {
+        P2: [150, 170, top, 200, 175, 160, 140, 120, 100],
+        T2: [100, 110, 0.85 * top, 140, 150, 120, 150, 130, 120],  # kept: 0.85 of the top
+        P1: [900, 900, 0.75 * top, 900, 900, 0.75 * top, 900, 900, 900],  # dropped: 0.75
+    }
+    bench, _ = auto(table, clock)
+    assert [c.chunk_len for c in bench.calls if c.lane == P1] == list(SCREENED)
+    assert set(COARSE) <= set(bench.timed(T2))
+
+
+def test_the_best_rests_on_five_runs_and_every_leader_on_three(clock):
+    bench, _ = auto(OFF_SCREEN, clock)
+    runs = {point: len(times) for point, times in bench.times.items()}
+    best = max(bench.measured(), key=lambda pm: pm[1].throughput)[0]
+    assert runs[best] >= 5
+    assert sorted(runs.values(), reverse=True)[:3] >= [5, 5, 3]
+
+
+def test_a_point_timed_twice_does_not_beat_one_timed_three_times():
+    lucky = Measurement(2, 64, 512, 300.0, repeats=2)
+    sure = Measurement(2, 256, 2048, 200.0, repeats=3)
+    assert pick_kept([lucky, sure]) is sure
+    assert pick_kept([lucky, Measurement(2, 16, 128, 100.0)]) is lucky  # else two runs win
