@@ -381,22 +381,47 @@ def plot_heatmap(
         The file cannot be written.
     """
     require_matplotlib()
-    import numpy as np
     from matplotlib.figure import Figure
 
     rows, cols, cells = _grid(profile.measurements, profile.n)
-    grid = np.full((max(len(rows), 1), max(len(cols), 1)), np.nan)
-    for (w, c), value in cells.items():
-        grid[rows.index(w), cols.index(c)] = value / 1e6
-
     # The object-oriented API, not pyplot: no global backend or figure state
     # is touched in the caller's process.
     fig = Figure(figsize=(1.2 * len(cols) + 3.0, 0.6 * len(rows) + 2.4))
     ax = fig.add_subplot()
+    _draw_cells(fig, ax, rows, cols, cells, _best_key(profile.best, profile.n))
+    ax.set_xlabel(
+        "bytes per chunk" + (f" ({profile.item_bytes} B per item)" if profile.item_bytes else "")
+    )
+    ax.set_ylabel("workers")
+    caches = _caches(profile, cpu)
+    _mark_caches(ax, caches, [c for c in cols if isinstance(c, int)])
+    sizes = ", ".join(f"{k} {bytes_label(v)}" for k, v in caches.items() if v)
+    ax.set_title(f"{profile.workload} ({profile.source})" + (f"\n{sizes}" if sizes else ""))
+    fig.tight_layout()
+
+    target = Path(png_path)
+    _save_atomic(fig, target)
+    return target
+
+
+def _draw_cells(
+    fig: Any,
+    ax: Any,
+    rows: list[Row],
+    cols: list[int | str],
+    cells: dict[tuple[Row, int | str], float],
+    key: tuple[Row, int | str] | None,
+) -> None:
+    """The heatmap's image, its colour bar, each cell's M items/s (``*`` on ``key``,
+    the best) and the axes' tick labels."""
+    import numpy as np
+
+    grid = np.full((max(len(rows), 1), max(len(cols), 1)), np.nan)
+    for (w, c), value in cells.items():
+        grid[rows.index(w), cols.index(c)] = value / 1e6
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap="viridis")
     fig.colorbar(image, ax=ax, label="M items/s")
     top = max(cells.values(), default=0.0)
-    key = _best_key(profile.best, profile.n)
     for (w, c), value in cells.items():
         i, j = rows.index(w), cols.index(c)
         star = "*" if (w, c) == key else ""
@@ -414,13 +439,10 @@ def plot_heatmap(
     ax.set_xticklabels([c if isinstance(c, str) else bytes_label(c) for c in cols])
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([_row_label(r) for r in rows])
-    ax.set_xlabel(
-        "bytes per chunk" + (f" ({profile.item_bytes} B per item)" if profile.item_bytes else "")
-    )
-    ax.set_ylabel("workers")
 
-    sized = [c for c in cols if isinstance(c, int)]
-    caches = _caches(profile, cpu)
+
+def _mark_caches(ax: Any, caches: dict[str, int | None], sized: list[int]) -> None:
+    """A dashed red line, labelled, where each cache size falls on the chunk axis."""
     for name, size in caches.items():
         x = None if size is None else _log_position(size, sized)
         if x is not None:
@@ -436,13 +458,6 @@ def plot_heatmap(
                 # Readable over any cell colour.
                 bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
             )
-    sizes = ", ".join(f"{k} {bytes_label(v)}" for k, v in caches.items() if v)
-    ax.set_title(f"{profile.workload} ({profile.source})" + (f"\n{sizes}" if sizes else ""))
-    fig.tight_layout()
-
-    target = Path(png_path)
-    _save_atomic(fig, target)
-    return target
 
 
 def _save_atomic(fig: Any, target: Path) -> None:

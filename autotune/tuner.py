@@ -43,13 +43,14 @@ fastest median among the points timed at least 3 times.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,7 +299,25 @@ def search(
     budget, items = check_search(budget, strategy, items)
     if workload.n < 1:
         raise ValueError("the workload has no items (n = 0)")
-    if tuple(backends) == ("dask",):
+    chosen = tuple(backends)
+    _check_backends(chosen, client, cpus)
+    with _on_cpus(cpus):
+        return _search(
+            workload,
+            float(budget),
+            workers,
+            strategy,
+            chosen,
+            items,
+            progress,
+            client,
+            start_method,
+        )
+
+
+def _check_backends(backends: tuple[str, ...], client: Any, cpus: Iterable[int] | None) -> None:
+    """Both local backends or some of them, or ``("dask",)`` alone with a client."""
+    if backends == ("dask",):
         if client is None:
             raise ValueError("backends=('dask',) needs client=, a dask.distributed.Client")
         if cpus is not None:
@@ -313,31 +332,25 @@ def search(
         if client is not None:
             raise ValueError("client= is for backends=('dask',)")
 
-    saved_affinity = None
-    if cpus is not None:
-        wanted = set(cpus)
-        saved_affinity = os.sched_getaffinity(0)
-        if not wanted or not wanted <= saved_affinity:
-            raise ValueError(
-                f"cpus {sorted(wanted)} must be a non-empty subset of the usable CPUs "
-                f"{sorted(saved_affinity)}"
-            )
-        os.sched_setaffinity(0, wanted)  # workers inherit it
-    try:
-        return _search(
-            workload,
-            float(budget),
-            workers,
-            strategy,
-            tuple(backends),
-            items,
-            progress,
-            client,
-            start_method,
+
+@contextlib.contextmanager
+def _on_cpus(cpus: Iterable[int] | None) -> Iterator[None]:
+    """Run on ``cpus`` only (the workers inherit the affinity), restored afterwards."""
+    if cpus is None:
+        yield
+        return
+    wanted = set(cpus)
+    saved_affinity = os.sched_getaffinity(0)
+    if not wanted or not wanted <= saved_affinity:
+        raise ValueError(
+            f"cpus {sorted(wanted)} must be a non-empty subset of the usable CPUs "
+            f"{sorted(saved_affinity)}"
         )
+    os.sched_setaffinity(0, wanted)  # workers inherit it
+    try:
+        yield
     finally:
-        if saved_affinity is not None:
-            os.sched_setaffinity(0, saved_affinity)
+        os.sched_setaffinity(0, saved_affinity)
 
 
 def _search(
@@ -355,20 +368,10 @@ def _search(
     deadline = started + budget
     cpu, counts, cluster = _lanes_of(workers, client)
     item_bytes = item_bytes_of(workload.shared, workload.n, workload.item_bytes)
-
-    rate = _items_per_second(workload)
     lanes = [(b, w) for b in backends for w in counts]
-    rough = {lane: chunk_ladder(cpu, item_bytes, workload.n, lane[1]) for lane in lanes}
-    if items is not None:
-        n = min(int(items), workload.n)
-    else:
-        n = _measured_items(workload, budget, planned_runs(rough, strategy) + 4, rate)
-    plan = {lane: chunk_ladder(cpu, item_bytes, n, lane[1]) for lane in lanes}
+    n, plan = _sized_plan(workload, cpu, item_bytes, lanes, budget, items, strategy)
 
-    bar = None
-    if progress or (progress is None and sys.stderr.isatty()):
-        total = planned_runs(plan, strategy) + 3
-        bar = progress_bar(total, f"search {workload.name}", "run")
+    bar = _progress(progress, planned_runs(plan, strategy) + 3, workload.name)
     bench = _Bench(
         workload,
         n,
@@ -379,10 +382,7 @@ def _search(
         start_method=start_method,
     )
     try:
-        serial_s, serial_spread = _serial(workload, n, 3)
-        bench.runs += 3
-        if bar is not None:
-            bar.update(3)
+        serial = _time_serial(workload, bench)
         if strategy == "grid":
             complete = run_grid(bench, plan, deadline)
         else:
@@ -392,14 +392,6 @@ def _search(
         if bar is not None:
             bar.close()
 
-    serial = Measurement(
-        workers=1,
-        chunk_len=n,
-        chunk_bytes=n * item_bytes,
-        throughput=n / serial_s,
-        repeats=3,
-        spread=serial_spread,
-    )
     section = cluster.section if cluster is not None else cpu_section(cpu)
     profile = _profile_of(workload, bench, serial, section, backends, local=cluster is None)
     _warn_about(profile, serial, complete, budget, strategy, on_cluster=cluster is not None)
@@ -409,6 +401,50 @@ def _search(
         elapsed=time.monotonic() - started,
         runs=bench.runs,
         strategy=strategy,
+    )
+
+
+def _sized_plan(
+    workload: Workload,
+    cpu: CpuInfo,
+    item_bytes: int,
+    lanes: list[Lane],
+    budget: float,
+    items: int | None,
+    strategy: str,
+) -> tuple[int, dict[Lane, list[int]]]:
+    """Items per timed run (``items``, else sized from a quick serial estimate to fit
+    ``budget``) and each lane's chunk ladder for runs of that size."""
+    rate = _items_per_second(workload)
+    rough = {lane: chunk_ladder(cpu, item_bytes, workload.n, lane[1]) for lane in lanes}
+    if items is not None:
+        n = min(int(items), workload.n)
+    else:
+        n = _measured_items(workload, budget, planned_runs(rough, strategy) + 4, rate)
+    return n, {lane: chunk_ladder(cpu, item_bytes, n, lane[1]) for lane in lanes}
+
+
+def _progress(progress: bool | None, total: int, name: str) -> Any:
+    """A progress bar of ``total`` runs on stderr (by default when it is a terminal), or None."""
+    if progress or (progress is None and sys.stderr.isatty()):
+        return progress_bar(total, f"search {name}", "run")
+    return None
+
+
+def _time_serial(workload: Workload, bench: _Bench) -> Measurement:
+    """The serial baseline over ``bench.n`` items: 3 runs in this process, unchunked."""
+    n = bench.n
+    serial_s, serial_spread = _serial(workload, n, 3)
+    bench.runs += 3
+    if bench.progress is not None:
+        bench.progress.update(3)
+    return Measurement(
+        workers=1,
+        chunk_len=n,
+        chunk_bytes=n * bench.item_bytes,
+        throughput=n / serial_s,
+        repeats=3,
+        spread=serial_spread,
     )
 
 
