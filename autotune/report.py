@@ -188,6 +188,8 @@ def _confidence(measurements: list[Measurement], best: Measurement | None) -> li
     lines = ["", "kept points (timed >= 3 times; spread = (max - min) / median of the runs):"]
     for m in kept[:KEPT_SHOWN]:
         mark = "  * best" if best is not None and m == best else ""
+        if m.contended:
+            mark += f"  ({m.contended} run{'s' if m.contended != 1 else ''} contended)"
         lines.append(
             f"  {format_rate(m.throughput or 0.0):>16}  spread {m.spread:4.0%}  "
             f"{m.repeats:3d} runs  {_point(m)}{mark}"
@@ -323,7 +325,10 @@ def format_table(profile: Profile) -> str:
         n=profile.n,
         item_bytes=profile.item_bytes,
     )
-    return f"{title}\n\n{body}"
+    # What makes the verdict doubtful (Profile.doubts): said under the table,
+    # so that `search` and `show` both say it.
+    cautions = "".join(f"\ncaution: {doubt}" for doubt in profile.doubts)
+    return f"{title}\n\n{body}{cautions}"
 
 
 def _log_position(b: float, centers: list[int]) -> float | None:

@@ -60,6 +60,7 @@ from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import MEASURED, plan_chunks
 from autotune.backends.shared import SharedNamespace, check_names
 from autotune.cpu import CpuInfo, probe
+from autotune.cpu.contention import CpuMeter
 from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.engine import (
     Bench,
@@ -139,8 +140,9 @@ class _Bench(Bench):
         label: bool,
         client: Any = None,
         start_method: str | None = None,
+        meter: Any = None,
     ) -> None:
-        super().__init__(n, item_bytes, label)
+        super().__init__(n, item_bytes, label, meter)
         self.workload = workload
         self.client = client  # the Dask cluster of the "dask" lanes
         self.start_method = start_method  # of the "processes" lanes
@@ -168,16 +170,30 @@ class _Bench(Bench):
         combine = operator.add if mode == "reduce" else None
         # Cut as an evaluator given this point in a profile would cut it.
         plan = plan_chunks(self.n, point.workers, point.chunk_len, MEASURED)
-        for i in range(int(warmup) + repeats):
+
+        def once() -> float:
             t0 = time.perf_counter()
             result = runner.run(kernel, self.n, plan.chunk_len, mode, combine)
             elapsed = time.perf_counter() - t0
             del result  # lets the evaluator reuse its output memory
             self.runs += 1
-            if self.progress is not None:
-                self.progress.update(1)
-            if i >= int(warmup):
-                self.add(point, elapsed)
+            return elapsed
+
+        if warmup:
+            once()
+            self._advance()
+        for _ in range(repeats):
+            self.timed(point, once)  # re-timed while other processes held its CPUs
+            self._advance()
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def pids(self) -> list[int]:
+        # Every pool's workers, not only this lane's: the readings that span the
+        # whole search must count all of them as ours.
+        return [pid for runner in self.pools.values() for pid in getattr(runner, "pids", ())]
 
     def close(self) -> None:
         for runner in self.pools.values():
@@ -256,6 +272,7 @@ def search(
     progress: bool | None = None,
     client: Any = None,
     start_method: str | None = None,
+    meter: Any = None,
 ) -> SearchResult:
     """Find the best worker count and chunk length for ``workload`` on this CPU.
 
@@ -285,6 +302,15 @@ def search(
     start_method : {"fork", "spawn", "forkserver"}, optional
         How the ``"processes"`` backend starts its workers, as for
         :class:`autotune.Evaluator` (default ``"fork"`` where available).
+    meter : optional
+        What says how busy the machine was around each timed run: an object
+        with ``sample(pids)`` returning an
+        :class:`~autotune.cpu.contention.CpuSample` or None (default: a
+        :class:`~autotune.cpu.contention.CpuMeter` reading ``/proc``).  A run
+        during which other processes held CPUs it needed is re-timed (see
+        :meth:`autotune.engine.Bench.timed`), and the profile records how busy
+        the machine was (``Profile.contention``).  Never used on Dask, whose
+        CPUs are not this machine's.
 
     Returns
     -------
@@ -312,6 +338,7 @@ def search(
             progress,
             client,
             start_method,
+            meter,
         )
 
 
@@ -363,6 +390,7 @@ def _search(
     progress: bool | None,
     client: Any = None,
     start_method: str | None = None,
+    meter: Any = None,
 ) -> SearchResult:
     started = time.monotonic()
     deadline = started + budget
@@ -380,6 +408,8 @@ def _search(
         label=len(backends) > 1,
         client=client,
         start_method=start_method,
+        # A cluster's CPUs are not this machine's: nothing to meter there.
+        meter=None if cluster is not None else meter or CpuMeter(),
     )
     try:
         serial = _time_serial(workload, bench)
@@ -502,6 +532,7 @@ def _profile_of(
         n=n,
         backend=best.backend or backends[0],
         python=python_build(),
+        contention=bench.contention(),
     )
 
 

@@ -1,17 +1,26 @@
 """Measurements that know the machine was busy.
 
-The CPU meter (``autotune.cpu.contention``) on fixture ``/proc`` trees, and
-what counts as contended.
+The CPU meter (``autotune.cpu.contention``) on fixture ``/proc`` trees; what
+counts as contended; a bench re-timing contended runs and marking what stays
+contended; a search given a scripted meter (the documented seam:
+``search(meter=...)``, ``Bench(meter=...)``), so contention is injected, never
+made by loading the machine; the profile recording it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from autotune.cpu.contention import Contention, CpuMeter, CpuSample, contention_between
+from autotune import Profile, Workload, search
+from autotune.cpu import probe
+from autotune.cpu.contention import SHARE, Contention, CpuMeter, CpuSample, contention_between
+from autotune.engine import RETIMES, Bench, Point
+from autotune.profile import Measurement, heuristic_profile, python_build
 
 
 # -- what counts as contended (pure) ---------------------------------------------------------
@@ -101,3 +110,164 @@ def test_meter_reads_this_machine():
     first, last = meter.sample([os.getpid()]), meter.sample([os.getpid()])
     load = contention_between(first, last)
     assert load is not None and load.cpus == len(os.sched_getaffinity(0)) and load.others >= 0
+
+
+# -- re-timing on a bench -------------------------------------------------------------------
+class ScriptedMeter:
+    """A /proc that says, around run k, that other processes held ``loads[k]`` CPUs
+    (the last entry repeats); between runs, nothing.  Each run takes 1 s of its clock."""
+
+    def __init__(self, loads, cpus):
+        self.loads = list(loads)
+        self.cpus = frozenset(range(cpus))
+        self.wall = self.busy = 0.0
+        self.runs = 0
+        self.inside = False
+
+    def sample(self, pids=()):
+        if self.inside:  # the end of a run
+            self.busy += self.loads[min(self.runs, len(self.loads) - 1)]
+            self.runs += 1
+        self.wall += 1.0 if self.inside else 0.5
+        self.inside = not self.inside
+        return CpuSample(self.wall, self.busy, 0.0, self.cpus)
+
+
+class ListBench(Bench):
+    """Every attempt of a run takes the next of ``seconds``."""
+
+    def __init__(self, seconds, meter=None):
+        super().__init__(n=1000, item_bytes=8, label=False, meter=meter)
+        self.seconds = list(seconds)
+        self.attempts = 0
+
+    def once(self):
+        self.attempts += 1
+        return self.seconds.pop(0)
+
+    def run(self, point, repeats, warmup=False):
+        for _ in range(repeats):
+            self.timed(point, self.once)
+
+
+TWO = Point("processes", 2, 100)
+
+
+def test_a_contended_run_is_retimed_and_the_clean_one_kept():
+    bench = ListBench([9.0, 1.0], ScriptedMeter([1.0, 0.0], cpus=2))
+    bench.run(TWO, 1)
+    assert bench.attempts == 2 and bench.retimed == 1
+    m = bench.measurement(TWO)
+    assert m.throughput == 1000 / 1.0 and m.contended == 0 and m.repeats == 1
+
+
+def test_contention_that_persists_is_kept_and_marked():
+    # Every attempt contended; the second least (others held 1.5, 2.0, then 1.2 CPUs).
+    bench = ListBench([3.0, 4.0, 2.5], ScriptedMeter([1.5, 2.0, 1.2], cpus=2))
+    bench.run(TWO, 1)
+    assert bench.attempts == RETIMES + 1 == 3
+    m = bench.measurement(TWO)
+    assert m.throughput == 1000 / 2.5 and m.contended == 1
+    summary = bench.contention()
+    assert summary is not None
+    assert (summary["cpus"], summary["runs"], summary["contended"]) == (2, 1, 1)
+    # 4.7 CPU-seconds of others over 3 runs of 1 s and the gaps between them.
+    assert summary["others"] == pytest.approx(4.7 / 4.0, abs=1e-3)
+
+
+def test_a_busy_machine_leaves_a_one_worker_run_alone():
+    one = Point("processes", 1, 100)
+    bench = ListBench([2.0], ScriptedMeter([1.0], cpus=2))  # one CPU of two taken
+    bench.run(one, 1)
+    assert bench.attempts == 1 and bench.measurement(one).contended == 0
+
+
+def test_without_a_meter_nothing_is_judged():
+    bench = ListBench([1.0, 2.0])
+    bench.run(TWO, 2)
+    assert bench.attempts == 2 and bench.contention() is None
+    assert bench.measurement(TWO).repeats == 2
+
+
+# -- a search given a scripted meter --------------------------------------------------------
+def square(shared, start, stop):
+    return shared.x[start:stop] ** 2
+
+
+def small_workload():
+    x = np.random.default_rng(0).random(100_000)
+    return Workload("square", len(x), square, shared={"x": x}, mode="map", item_bytes=16)
+
+
+def test_a_search_on_a_busy_machine_retimes_marks_and_says_so(tmp_path):
+    # Other processes hold the one CPU the meter knows of during every run.
+    meter = ScriptedMeter([1.0], cpus=1)
+    result = search(small_workload(), budget=1.0, workers=[1], backends=("processes",), meter=meter)
+    profile = result.profile
+    busy = profile.contention
+    assert busy is not None and busy["cpus"] == 1 and busy["others"] > SHARE
+    assert busy["contended"] == busy["runs"] > 0
+    assert meter.runs == busy["runs"] * (RETIMES + 1)  # each run made three times
+    timed = [m for m in profile.measurements if m.chunk_len < profile.n]
+    assert timed and all(m.contended == m.repeats for m in timed)
+    assert any("other processes held" in doubt for doubt in profile.doubts)
+    assert "caution: other processes held" in result.table()
+    assert "runs contended" in result.table()  # the kept points are marked
+    assert Profile.load(profile.save(tmp_path / "busy.yaml")) == profile
+
+
+def test_a_search_on_a_quiet_machine_records_it_and_raises_no_doubt():
+    meter = ScriptedMeter([0.0], cpus=1)
+    profile = search(
+        small_workload(), budget=1.0, workers=[1], backends=("processes",), meter=meter
+    ).profile
+    assert profile.contention is not None
+    assert profile.contention["others"] == 0.0 and profile.contention["contended"] == 0
+    assert all(m.contended == 0 for m in profile.measurements)
+    assert not any("other processes" in doubt for doubt in profile.doubts)
+
+
+# -- the profile and the evaluator ----------------------------------------------------------
+def profile_with(workers=1, throughput=1e6, serial=5e5, contention=None):
+    """A threads profile for this CPU (threads: nothing to start) with one point."""
+    base = heuristic_profile(probe(), "knn", 16)
+    best = Measurement(workers, 3000, 3000 * 16, throughput, repeats=3, spread=0.02)
+    return dataclasses.replace(
+        base,
+        source="measured",
+        best=best,
+        serial_throughput=serial,
+        measurements=(best,),
+        backend="threads",
+        python=python_build(),
+        n=100_000,
+        contention=contention,
+    )
+
+
+BUSY = {"others": 0.97, "cpus": 2, "runs": 40, "contended": 12}
+QUIET = {"others": 0.01, "cpus": 2, "runs": 40, "contended": 0}
+
+
+def test_doubts_name_a_busy_machine_and_a_best_slower_than_serial():
+    assert profile_with(contention=QUIET).doubts == []
+    assert profile_with().doubts == []  # an old file: nothing recorded, nothing said
+    (busy,) = profile_with(contention=BUSY).doubts
+    assert busy == (
+        "other processes held 0.97 of its 2 CPUs on average while it was measured; "
+        "12 of its 40 runs were still contended after re-timing"
+    )
+    # Held more than a tenth of the CPUs although every run came out clean on re-timing.
+    (held,) = profile_with(contention={**QUIET, "others": 0.5}).doubts
+    assert held.endswith("while it was measured")
+    (slow,) = profile_with(throughput=4e5).doubts
+    assert slow == "its best (1 x 3000, threads) ran 0.80x serial: no point beat one process"
+
+
+def test_show_prints_the_doubts_of_a_saved_profile(tmp_path, capsys):
+    from autotune.cli import main
+
+    path = profile_with(contention=BUSY).save(tmp_path / "knn.yaml")
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "caution: other processes held 0.97 of its 2 CPUs" in out
