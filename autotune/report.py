@@ -213,6 +213,44 @@ def _confidence(measurements: list[Measurement], best: Measurement | None) -> li
     return lines
 
 
+def _above_best(
+    measurements: list[Measurement],
+    best: Measurement | None,
+    n: int | None,
+    scale: float,
+    top: float,
+) -> list[str]:
+    """Why the table shows a figure above the starred best, if it does.
+
+    The best is picked among the points confirmed by :data:`KEPT_REPEATS`
+    runs (:func:`autotune.engine.pick_kept`): a point the table shows higher
+    was timed fewer times (a search cut short by its budget, a screening run)
+    and may have been lucky.  Each such point is named with its runs.
+    """
+    if best is None or not best.throughput:
+        return []
+    higher = sorted(
+        (m for m in measurements if m != best and (m.throughput or 0.0) > best.throughput),
+        key=lambda m: -(m.throughput or 0.0),
+    )
+    if not higher:
+        return []
+    named = ", ".join(
+        f"{_number((m.throughput or 0.0) / scale, top)} at {_row_label(_row(m))} x "
+        f"{UNCHUNKED if is_unchunked(m, n) else bytes_label(m.chunk_bytes)} "
+        f"({m.repeats} run{'s' if m.repeats != 1 else ''})"
+        for m in higher[:KEPT_SHOWN]
+    )
+    more = f" and {len(higher) - KEPT_SHOWN} more" if len(higher) > KEPT_SHOWN else ""
+    why = (
+        f"; the best is picked among points timed >= {KEPT_REPEATS} times, "
+        f"a point timed fewer times may have been lucky"
+        if best.repeats >= KEPT_REPEATS and all(m.repeats < KEPT_REPEATS for m in higher)
+        else ""
+    )
+    return [f"(above the * best, not picked: {named}{more}{why})"]
+
+
 def render_table(
     measurements: Iterable[Measurement],
     *,
@@ -268,6 +306,7 @@ def render_table(
         star = "; * best" if key in cells else ""
         threads = "; 'thr': threads backend" if any(r[0] for r in rows) else ""
         lines.append(f"({_unit(prefix)}; columns: bytes per chunk{per_item}{star}{threads})")
+        lines.extend(_above_best(measurements, best, n, scale, top))
     else:
         lines.append("(no measurements)")
     lines.append("")

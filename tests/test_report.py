@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import SHIPPED
 
+from autotune.engine import pick_kept
 from autotune.profile import Measurement, Profile
 from autotune.report import (
     PLOT_HINT,
@@ -106,6 +107,29 @@ def test_a_best_beyond_the_spread_is_not_called_a_tie():
     ]
     lines = render_table(ms, best=ms[0]).splitlines()
     assert lines[-1] == "best leads the runner-up beyond their spread (runner-up 0.80x)"
+
+
+def test_a_figure_above_the_starred_best_is_explained():
+    """The issue's table starred 4.06 while "2 thr" showed 4.27: the best is picked
+    among the points timed >= 3 times (pick_kept), and the threads point had been
+    timed once (screened, then the budget ran out).  The table now says so."""
+    ms = [
+        Measurement(1, 4096, 65536, 4.06e6, repeats=5, spread=0.03, backend="processes"),
+        Measurement(2, 4096, 65536, 3.90e6, repeats=3, spread=0.05, backend="processes"),
+        Measurement(2, 4096, 65536, 4.27e6, repeats=1, backend="threads"),
+    ]
+    best = pick_kept(ms)
+    assert best == ms[0]
+    lines = render_table(ms, serial_throughput=4.1e6, best=best).splitlines()
+    assert lines[1].split() == ["1", "4.06*"] and lines[3].split() == ["2", "thr", "4.27"]
+    assert lines[5] == (
+        "(above the * best, not picked: 4.27 at 2 thr x 64Ki (1 run); the best is picked "
+        "among points timed >= 3 times, a point timed fewer times may have been lucky)"
+    )
+    # Nothing above the best: no such line.
+    assert not any(
+        "above the * best" in line for line in render_table(ms[:2], best=best).split("\n")
+    )
 
 
 def test_a_profile_in_doubt_says_why_under_its_table():
