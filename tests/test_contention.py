@@ -4,19 +4,21 @@ The CPU meter (``autotune.cpu.contention``) on fixture ``/proc`` trees; what
 counts as contended; a bench re-timing contended runs and marking what stays
 contended; a search given a scripted meter (the documented seam:
 ``search(meter=...)``, ``Bench(meter=...)``), so contention is injected, never
-made by loading the machine; the profile recording it.
+made by loading the machine; the profile recording it; and the evaluator
+warning before it adopts a doubtful 1-worker verdict.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from autotune import Profile, Workload, search
+from autotune import Evaluator, Profile, ProfileWarning, Workload, search
 from autotune.cpu import probe
 from autotune.cpu.contention import SHARE, Contention, CpuMeter, CpuSample, contention_between
 from autotune.engine import RETIMES, Bench, Point
@@ -262,6 +264,40 @@ def test_doubts_name_a_busy_machine_and_a_best_slower_than_serial():
     assert held.endswith("while it was measured")
     (slow,) = profile_with(throughput=4e5).doubts
     assert slow == "its best (1 x 3000, threads) ran 0.80x serial: no point beat one process"
+
+
+@pytest.mark.parametrize(
+    ("profile", "fragment"),
+    [
+        (profile_with(contention=BUSY), "other processes held 0.97 of its 2 CPUs"),
+        (profile_with(throughput=4e5), "ran 0.80x serial"),
+    ],
+)
+def test_the_evaluator_warns_before_adopting_a_doubtful_one_worker_verdict(profile, fragment):
+    with pytest.warns(ProfileWarning, match="says 1 worker, but") as record:
+        ev = Evaluator(profile=profile)
+    with ev:
+        assert ev.workers == 1  # warned, and adopted
+    assert fragment in str(record[0].message)
+    assert record[0].filename == __file__  # pointed at the line that made the Evaluator
+
+
+def test_no_warning_for_a_sound_verdict_or_workers_given():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for profile, workers in [
+            (profile_with(contention=QUIET), None),  # measured on a quiet machine
+            (profile_with(workers=2, contention=BUSY), None),  # not a 1-worker verdict
+            (profile_with(contention=BUSY), 1),  # the user's own choice
+        ]:
+            with Evaluator(workers, profile=profile) as ev:
+                assert ev.workers == profile.workers
+
+
+def test_a_doubtful_file_is_named_in_the_warning(tmp_path):
+    path = profile_with(contention=BUSY).save(tmp_path / "knn.yaml")
+    with pytest.warns(ProfileWarning, match="knn.yaml"):
+        Evaluator(profile=str(path)).close()
 
 
 def test_show_prints_the_doubts_of_a_saved_profile(tmp_path, capsys):
