@@ -39,6 +39,11 @@ phases 0-3 fit two thirds of ``budget`` seconds and the rest goes to ties:
 on a slow kernel the measured range is a prefix of the workload's ``n``
 items (throughput is items per second, so it compares).  The pick is the
 fastest median among the points timed at least 3 times.
+
+Every timed run is metered (:mod:`autotune.cpu.contention`): one during
+which other processes took CPUs it needed is re-timed, and what stays
+contended is kept but marked; the profile records how busy the machine was
+(docs/design.md, "Measurements that know the machine was busy").
 """
 
 from __future__ import annotations
