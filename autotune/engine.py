@@ -217,6 +217,7 @@ class Bench(Tally):
         self.last: CpuSample | None = None  # after the latest one
         self.metered = 0  # runs kept with a reading of the meter
         self.retimed = 0  # runs made again because they were contended
+        self.persistent = False  # the last run stayed contended through its re-times
 
     def run(self, point: Point, repeats: int, warmup: bool = False) -> None:
         raise NotImplementedError
@@ -233,13 +234,17 @@ class Bench(Tally):
         (:meth:`~autotune.cpu.contention.Contention.contended`) is made again, up
         to :data:`RETIMES` times; if every attempt was contended, the least
         contended one is kept and counted as contended (the point is marked).
+        Contention that outlasted a run's re-times is not a burst: the runs after
+        it are not re-timed (only marked) until one comes out clean, so a steady
+        load does not spend the budget three times over for nothing.
         """
         if self.meter is None:
             seconds = once()
             self.add(point, seconds)
             return seconds
+        retimes = 0 if self.persistent else RETIMES
         attempts: list[tuple[float, float]] = []  # (share taken by others, seconds)
-        for attempt in range(RETIMES + 1):
+        for attempt in range(retimes + 1):
             before = self.meter.sample(self.pids())
             seconds = once()
             after = self.meter.sample(self.pids())
@@ -248,13 +253,15 @@ class Bench(Tally):
             load = contention_between(before, after)
             if load is None or not load.contended(point.workers):
                 self.metered += load is not None
+                self.persistent = False
                 self.add(point, seconds)
                 return seconds
             attempts.append((load.taken(point.workers), seconds))
-            if attempt < RETIMES:
+            if attempt < retimes:
                 self.retimed += 1
         _, seconds = min(attempts)
         self.metered += 1
+        self.persistent = True
         self.add(point, seconds, contended=True)
         return seconds
 

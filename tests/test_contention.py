@@ -177,6 +177,20 @@ def test_contention_that_persists_is_kept_and_marked():
     assert summary["others"] == pytest.approx(4.7 / 4.0, abs=1e-3)
 
 
+def test_contention_that_persisted_is_not_retimed_again_until_a_run_is_clean():
+    # Run 1: three contended attempts.  Run 2: one attempt, kept and marked.
+    # Run 3: clean.  Run 4: contended, so re-timed again (and clean the second time).
+    loads = [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    bench = ListBench([5.0, 6.0, 7.0, 8.0, 1.0, 9.0, 2.0], ScriptedMeter(loads, cpus=2))
+    bench.run(TWO, 2)
+    assert bench.attempts == RETIMES + 2 and bench.measurement(TWO).contended == 2
+    bench.run(TWO, 2)
+    assert bench.attempts == RETIMES + 5 and bench.retimed == RETIMES + 1
+    m = bench.measurement(TWO)
+    assert m.repeats == 4 and m.contended == 2
+    assert sorted(bench.times[TWO]) == [1.0, 2.0, 5.0, 8.0]
+
+
 def test_a_busy_machine_leaves_a_one_worker_run_alone():
     one = Point("processes", 1, 100)
     bench = ListBench([2.0], ScriptedMeter([1.0], cpus=2))  # one CPU of two taken
@@ -209,7 +223,8 @@ def test_a_search_on_a_busy_machine_retimes_marks_and_says_so(tmp_path):
     busy = profile.contention
     assert busy is not None and busy["cpus"] == 1 and busy["others"] > SHARE
     assert busy["contended"] == busy["runs"] > 0
-    assert meter.runs == busy["runs"] * (RETIMES + 1)  # each run made three times
+    # The first run is made three times; the load persists, so the others once each.
+    assert meter.runs == busy["runs"] + RETIMES
     timed = [m for m in profile.measurements if m.chunk_len < profile.n]
     assert timed and all(m.contended == m.repeats for m in timed)
     assert any("other processes held" in doubt for doubt in profile.doubts)
