@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from autotune.cpu import CpuInfo
-from autotune.cpu.contention import CpuSample, contention_between
+from autotune.cpu.contention import CpuSample, CpuSampler, contention_between
 from autotune.cpu.model import FALLBACK_L1D_BYTES
 from autotune.profile import Measurement, is_tie
 
@@ -79,9 +79,9 @@ TIE_REPEATS = 1000
 #: At most this many points (the best and those tied with it) per tie round.
 TIE_POINTS = 3
 #: A run contended by other processes is made again at most this many times;
-#: then the least contended attempt is kept, and marked.  Two: a burst of
-#: another job (a test, a build step) is usually over by then, and a steady
-#: load (a busy loop) costs the search three runs instead of one per run.
+#: then the least contended attempt is kept, and marked.  Two: enough to step
+#: past a burst of another job (a test, a build step); a steady load (a busy
+#: loop) is re-timed only once, not on every run (:meth:`Bench.timed`).
 RETIMES = 2
 
 Lane = tuple[str, int]  # (backend, workers)
@@ -204,13 +204,15 @@ class Bench(Tally):
 
     Parameters
     ----------
-    meter : CpuMeter-like, optional
-        Something with ``sample(pids) -> CpuSample | None``
+    meter : CpuSampler, optional
+        What is read around every timed run
         (:class:`autotune.cpu.contention.CpuMeter`, or a scripted one in
-        tests): read around every timed run.  None: nothing is metered.
+        tests).  None: nothing is metered.
     """
 
-    def __init__(self, n: int, item_bytes: int, label: bool, meter: Any = None) -> None:
+    def __init__(
+        self, n: int, item_bytes: int, label: bool, meter: CpuSampler | None = None
+    ) -> None:
         super().__init__(n, item_bytes, label)
         self.meter = meter
         self.first: CpuSample | None = None  # before the first metered run

@@ -65,7 +65,7 @@ from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import MEASURED, plan_chunks
 from autotune.backends.shared import SharedNamespace, check_names
 from autotune.cpu import CpuInfo, probe
-from autotune.cpu.contention import CpuMeter
+from autotune.cpu.contention import CpuMeter, CpuSampler
 from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.engine import (
     Bench,
@@ -145,7 +145,7 @@ class _Bench(Bench):
         label: bool,
         client: Any = None,
         start_method: str | None = None,
-        meter: Any = None,
+        meter: CpuSampler | None = None,
     ) -> None:
         super().__init__(n, item_bytes, label, meter)
         self.workload = workload
@@ -277,7 +277,7 @@ def search(
     progress: bool | None = None,
     client: Any = None,
     start_method: str | None = None,
-    meter: Any = None,
+    meter: CpuSampler | None = None,
 ) -> SearchResult:
     """Find the best worker count and chunk length for ``workload`` on this CPU.
 
@@ -307,11 +307,11 @@ def search(
     start_method : {"fork", "spawn", "forkserver"}, optional
         How the ``"processes"`` backend starts its workers, as for
         :class:`autotune.Evaluator` (default ``"fork"`` where available).
-    meter : optional
-        What says how busy the machine was around each timed run: an object
-        with ``sample(pids)`` returning an
-        :class:`~autotune.cpu.contention.CpuSample` or None (default: a
-        :class:`~autotune.cpu.contention.CpuMeter` reading ``/proc``).  A run
+    meter : CpuSampler, optional
+        What says how busy the machine was around each timed run
+        (:class:`~autotune.cpu.contention.CpuSampler`: ``sample(pids)``
+        returning a :class:`~autotune.cpu.contention.CpuSample` or None;
+        default: a :class:`~autotune.cpu.contention.CpuMeter` reading ``/proc``).  A run
         during which other processes held CPUs it needed is re-timed (see
         :meth:`autotune.engine.Bench.timed`), and the profile records how busy
         the machine was (``Profile.contention``).  Never used on Dask, whose
@@ -395,7 +395,7 @@ def _search(
     progress: bool | None,
     client: Any = None,
     start_method: str | None = None,
-    meter: Any = None,
+    meter: CpuSampler | None = None,
 ) -> SearchResult:
     started = time.monotonic()
     deadline = started + budget

@@ -28,8 +28,9 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["SHARE", "Contention", "CpuMeter", "CpuSample", "contention_between"]
+__all__ = ["SHARE", "Contention", "CpuMeter", "CpuSample", "CpuSampler", "contention_between"]
 
 #: Others taking more than this fraction of the CPUs a run needed make it
 #: contended; the same bar the benchmark scripts use for "the machine was
@@ -125,6 +126,13 @@ def contention_between(first: CpuSample | None, last: CpuSample | None) -> Conte
     return Contention(
         wall=wall, others=max(0.0, others), cpus=len(last.cpus), resolution=resolution
     )
+
+
+class CpuSampler(Protocol):
+    """What a bench reads around each timed run: :class:`CpuMeter`, or a scripted
+    one that makes contention in tests without loading the machine."""
+
+    def sample(self, pids: Iterable[int] = ()) -> CpuSample | None: ...
 
 
 class CpuMeter:
