@@ -12,10 +12,14 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from autotune._util import BACKENDS, STRATEGIES
 from autotune._version import __version__
+
+if TYPE_CHECKING:
+    from autotune.tuner import SearchResult
+    from autotune.workload import Workload
 
 __all__ = ["EXIT_STDOUT_CLOSED", "main", "UsageError"]
 
@@ -84,15 +88,19 @@ def _check_writable(path: str, flag: str) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     """Measure workers x chunk length for a workload, print the table, write a profile."""
-    import json
-    import os
-    import warnings
+    budget, items = _search_numbers(args)
+    backend = _search_backend(args)
+    cpus, workers = _search_lanes(args, dask=backend == "dask")
+    _check_search_outputs(args)
+    workload = _search_workload(args.workload)
+    result = _run_search(args, workload, budget, items, workers, cpus, backend)
+    _report_search(args, result)
+    return 0
 
-    from autotune.cpu import probe
-    from autotune.profile import LOCAL_BACKENDS, user_profile_dir
-    from autotune.report import PlotUnavailable, plot_heatmap, require_matplotlib
-    from autotune.tuner import check_search, search
-    from autotune.workloads import get_workload
+
+def _search_numbers(args: argparse.Namespace) -> tuple[float, int | None]:
+    """``--budget`` and ``--items``, checked as :func:`autotune.search` checks them."""
+    from autotune.tuner import check_search
 
     try:
         budget = float(args.budget)
@@ -104,11 +112,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
             raise UsageError(f"--items must be a positive integer, got {args.items!r}")
         items = int(args.items)
     try:  # the same checks as search() itself, before the workload is loaded
-        budget, items = check_search(budget, args.strategy, items, name=lambda arg: f"--{arg}")
+        return check_search(budget, args.strategy, items, name=lambda arg: f"--{arg}")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _search_backend(args: argparse.Namespace) -> str | None:
+    """The one backend to search (None: both local ones), with ``--scheduler`` checked."""
     # --scheduler means the dask backend; it must be the only one searched.
-    backend = args.backend or ("dask" if args.scheduler else None)
+    backend: str | None = args.backend or ("dask" if args.scheduler else None)
     dask = backend == "dask"
     if dask and not args.scheduler:
         raise UsageError("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
@@ -116,6 +128,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise UsageError(f"--scheduler is for --backend dask, not --backend {backend}")
     if dask and args.cpus is not None:
         raise UsageError("--cpus restricts local CPUs; it does not apply to --backend dask")
+    return backend
+
+
+def _search_lanes(
+    args: argparse.Namespace, dask: bool
+) -> tuple[list[int] | None, list[int] | None]:
+    """``--cpus`` and ``--workers``, checked against the usable CPUs (or, on Dask,
+    as tasks in flight)."""
+    import os
+
+    from autotune.cpu import probe
+
     usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     cpus = _int_list(args.cpus, "--cpus") if args.cpus is not None else None
     if cpus is not None and usable is not None and not set(cpus) <= set(usable):
@@ -128,6 +152,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
         limit = len(cpus) if cpus else (probe().usable_cpus or os.cpu_count() or 1)
         if workers is not None and (workers[0] < 1 or workers[-1] > limit):
             raise UsageError(f"--workers {args.workers!r} must be between 1 and {limit}")
+    return cpus, workers
+
+
+def _check_search_outputs(args: argparse.Namespace) -> None:
+    """``--out`` and ``--plot`` can be written (and matplotlib is there for ``--plot``)."""
+    from autotune.report import PlotUnavailable, require_matplotlib
+
     if args.out is not None:
         _check_writable(args.out, "--out")
     if args.plot is not None:
@@ -137,17 +168,43 @@ def _cmd_search(args: argparse.Namespace) -> int:
             require_matplotlib()
         except PlotUnavailable as exc:
             raise UsageError(str(exc)) from None
-    if ":" in args.workload:
+
+
+def _search_workload(name: str) -> Workload:
+    """The workload ``--workload`` names: a built-in one or ``MODULE:CALLABLE``."""
+    import os
+
+    from autotune.workloads import get_workload
+
+    if ":" in name:
         # MODULE is found from the current directory too, as `python -m` does
         # (the `autotune` script's own directory is what sys.path starts with).
         here = os.getcwd()
         if "" not in sys.path and here not in sys.path:
             sys.path.insert(0, here)
     try:
-        workload = get_workload(args.workload)
+        return get_workload(name)
     except (ValueError, TypeError) as exc:
         raise UsageError(" ".join(str(exc).split())) from None
 
+
+def _run_search(
+    args: argparse.Namespace,
+    workload: Workload,
+    budget: float,
+    items: int | None,
+    workers: list[int] | None,
+    cpus: list[int] | None,
+    backend: str | None,
+) -> SearchResult:
+    """Run the search (connecting to ``--scheduler`` for Dask); its warnings go to
+    stderr as ``autotune search: warning: ...``."""
+    import warnings
+
+    from autotune.profile import LOCAL_BACKENDS
+    from autotune.tuner import search
+
+    dask = backend == "dask"
     client = None
     if dask:
         from autotune.backends.dask.runner import connect
@@ -180,6 +237,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
             client.close()
     for w in caught:
         print(f"autotune search: warning: {w.message}", file=sys.stderr)
+    return result
+
+
+def _report_search(args: argparse.Namespace, result: SearchResult) -> None:
+    """Write the profile (``--out``, else the user's profile directory), print the
+    table or the JSON, and draw ``--plot``."""
+    import json
+
+    from autotune.profile import user_profile_dir
+    from autotune.report import plot_heatmap
+
     profile = result.profile
     if args.out is not None:
         out = args.out
@@ -199,7 +267,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
             plot_heatmap(profile, args.plot)
         except OSError as exc:
             raise UsageError(f"cannot write {args.plot}: {exc.strerror or exc}") from None
-    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

@@ -33,9 +33,10 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from autotune.cpu import CpuInfo
+from autotune.cpu.contention import CpuSample, CpuSampler, contention_between
 from autotune.cpu.model import FALLBACK_L1D_BYTES
 from autotune.profile import Measurement, is_tie
 
@@ -44,6 +45,7 @@ __all__ = [
     "KEPT_REPEATS",
     "MIN_CHUNK_BYTES",
     "NOISY",
+    "RETIMES",
     "SCREEN",
     "TIE_POINTS",
     "TIE_REPEATS",
@@ -76,6 +78,11 @@ KEPT_REPEATS = 3
 TIE_REPEATS = 1000
 #: At most this many points (the best and those tied with it) per tie round.
 TIE_POINTS = 3
+#: A run contended by other processes is made again at most this many times;
+#: then the least contended attempt is kept, and marked.  Two: enough to step
+#: past a burst of another job (a test, a build step); a steady load (a busy
+#: loop) is re-timed only once, not on every run (:meth:`Bench.timed`).
+RETIMES = 2
 
 Lane = tuple[str, int]  # (backend, workers)
 
@@ -156,10 +163,15 @@ class Tally:
         self.item_bytes = item_bytes
         self.label = label  # record the backend in each measurement
         self.times: dict[Point, list[float]] = {}
+        self.contended: dict[Point, int] = {}  # runs timed under contention, per point
 
-    def add(self, point: Point, seconds: float, items: int | None = None) -> None:
+    def add(
+        self, point: Point, seconds: float, items: int | None = None, contended: bool = False
+    ) -> None:
         scale = 1.0 if items is None or items == self.n else self.n / items
         self.times.setdefault(point, []).append(seconds * scale)
+        if contended:
+            self.contended[point] = self.contended.get(point, 0) + 1
 
     def measurement(self, point: Point) -> Measurement:
         times = self.times[point]
@@ -172,6 +184,7 @@ class Tally:
             repeats=len(times),
             spread=(max(times) - min(times)) / med if len(times) > 1 else 0.0,
             backend=point.backend if self.label else None,
+            contended=self.contended.get(point, 0),
         )
 
     def measured(self) -> list[tuple[Point, Measurement]]:
@@ -185,11 +198,87 @@ class Bench(Tally):
     r"""A :class:`Tally` that times points itself: the search's, or a scripted one.
 
     ``run`` makes ``repeats`` timed runs of ``point`` (after one warm-up run
-    that is not recorded when ``warmup``) and :meth:`~Tally.add`\ s them.
+    that is not recorded when ``warmup``) and :meth:`~Tally.add`\ s them,
+    each through :meth:`timed` where the bench can say how busy the machine
+    was.
+
+    Parameters
+    ----------
+    meter : CpuSampler, optional
+        What is read around every timed run
+        (:class:`autotune.cpu.contention.CpuMeter`, or a scripted one in
+        tests).  None: nothing is metered.
     """
+
+    def __init__(
+        self, n: int, item_bytes: int, label: bool, meter: CpuSampler | None = None
+    ) -> None:
+        super().__init__(n, item_bytes, label)
+        self.meter = meter
+        self.first: CpuSample | None = None  # before the first metered run
+        self.last: CpuSample | None = None  # after the latest one
+        self.metered = 0  # runs kept with a reading of the meter
+        self.retimed = 0  # runs made again because they were contended
+        self.persistent = False  # the last run stayed contended through its re-times
 
     def run(self, point: Point, repeats: int, warmup: bool = False) -> None:
         raise NotImplementedError
+
+    def pids(self) -> Sequence[int]:
+        """The bench's worker processes: their CPU time is ours, not others'."""
+        return ()
+
+    def timed(self, point: Point, once: Callable[[], float]) -> float:
+        """Make one timed run of ``point`` with ``once`` (it returns the seconds)
+        and add it; return the seconds kept.
+
+        A run during which other processes took CPUs it needed
+        (:meth:`~autotune.cpu.contention.Contention.contended`) is made again, up
+        to :data:`RETIMES` times; if every attempt was contended, the least
+        contended one is kept and counted as contended (the point is marked).
+        Contention that outlasted a run's re-times is not a burst: the runs after
+        it are not re-timed (only marked) until one comes out clean, so a steady
+        load does not spend the budget three times over for nothing.
+        """
+        if self.meter is None:
+            seconds = once()
+            self.add(point, seconds)
+            return seconds
+        retimes = 0 if self.persistent else RETIMES
+        attempts: list[tuple[float, float]] = []  # (share taken by others, seconds)
+        for attempt in range(retimes + 1):
+            before = self.meter.sample(self.pids())
+            seconds = once()
+            after = self.meter.sample(self.pids())
+            self.first = self.first or before
+            self.last = after or self.last
+            load = contention_between(before, after)
+            if load is None or not load.contended(point.workers):
+                self.metered += load is not None
+                self.persistent = False
+                self.add(point, seconds)
+                return seconds
+            attempts.append((load.taken(point.workers), seconds))
+            if attempt < retimes:
+                self.retimed += 1
+        _, seconds = min(attempts)
+        self.metered += 1
+        self.persistent = True
+        self.add(point, seconds, contended=True)
+        return seconds
+
+    def contention(self) -> dict[str, Any] | None:
+        """How busy the machine was over the metered runs, as a profile records it
+        (``{others, cpus, runs, contended}``); None where nothing was metered."""
+        load = contention_between(self.first, self.last)
+        if load is None or not self.metered:
+            return None
+        return {
+            "others": round(load.held, 3),
+            "cpus": load.cpus,
+            "runs": self.metered,
+            "contended": sum(self.contended.values()),
+        }
 
 
 # -- which runs next -------------------------------------------------------------------

@@ -188,6 +188,8 @@ def _confidence(measurements: list[Measurement], best: Measurement | None) -> li
     lines = ["", "kept points (timed >= 3 times; spread = (max - min) / median of the runs):"]
     for m in kept[:KEPT_SHOWN]:
         mark = "  * best" if best is not None and m == best else ""
+        if m.contended:
+            mark += f"  ({m.contended} run{'s' if m.contended != 1 else ''} contended)"
         lines.append(
             f"  {format_rate(m.throughput or 0.0):>16}  spread {m.spread:4.0%}  "
             f"{m.repeats:3d} runs  {_point(m)}{mark}"
@@ -209,6 +211,44 @@ def _confidence(measurements: list[Measurement], best: Measurement | None) -> li
                     f"best leads the runner-up beyond their spread (runner-up {ratio:.2f}x)"
                 )
     return lines
+
+
+def _above_best(
+    measurements: list[Measurement],
+    best: Measurement | None,
+    n: int | None,
+    scale: float,
+    top: float,
+) -> list[str]:
+    """Why the table shows a figure above the starred best, if it does.
+
+    The best is picked among the points confirmed by :data:`KEPT_REPEATS`
+    runs (:func:`autotune.engine.pick_kept`): a point the table shows higher
+    was timed fewer times (a search cut short by its budget, a screening run)
+    and may have been lucky.  Each such point is named with its runs.
+    """
+    if best is None or not best.throughput:
+        return []
+    higher = sorted(
+        (m for m in measurements if m != best and (m.throughput or 0.0) > best.throughput),
+        key=lambda m: -(m.throughput or 0.0),
+    )
+    if not higher:
+        return []
+    named = ", ".join(
+        f"{_number((m.throughput or 0.0) / scale, top)} at {_row_label(_row(m))} x "
+        f"{UNCHUNKED if is_unchunked(m, n) else bytes_label(m.chunk_bytes)} "
+        f"({m.repeats} run{'s' if m.repeats != 1 else ''})"
+        for m in higher[:KEPT_SHOWN]
+    )
+    more = f" and {len(higher) - KEPT_SHOWN} more" if len(higher) > KEPT_SHOWN else ""
+    why = (
+        f"; the best is picked among points timed >= {KEPT_REPEATS} times, "
+        f"a point timed fewer times may have been lucky"
+        if best.repeats >= KEPT_REPEATS and all(m.repeats < KEPT_REPEATS for m in higher)
+        else ""
+    )
+    return [f"(above the * best, not picked: {named}{more}{why})"]
 
 
 def render_table(
@@ -266,6 +306,7 @@ def render_table(
         star = "; * best" if key in cells else ""
         threads = "; 'thr': threads backend" if any(r[0] for r in rows) else ""
         lines.append(f"({_unit(prefix)}; columns: bytes per chunk{per_item}{star}{threads})")
+        lines.extend(_above_best(measurements, best, n, scale, top))
     else:
         lines.append("(no measurements)")
     lines.append("")
@@ -319,7 +360,10 @@ def format_table(profile: Profile) -> str:
         n=profile.n,
         item_bytes=profile.item_bytes,
     )
-    return f"{title}\n\n{body}"
+    # What makes the verdict doubtful (Profile.doubts): said under the table,
+    # so that `search` and `show` both say it.
+    cautions = "".join(f"\ncaution: {doubt}" for doubt in profile.doubts)
+    return f"{title}\n\n{body}{cautions}"
 
 
 def _online_line(profile: Profile) -> str:
@@ -398,22 +442,47 @@ def plot_heatmap(
         The file cannot be written.
     """
     require_matplotlib()
-    import numpy as np
     from matplotlib.figure import Figure
 
     rows, cols, cells = _grid(profile.measurements, profile.n)
-    grid = np.full((max(len(rows), 1), max(len(cols), 1)), np.nan)
-    for (w, c), value in cells.items():
-        grid[rows.index(w), cols.index(c)] = value / 1e6
-
     # The object-oriented API, not pyplot: no global backend or figure state
     # is touched in the caller's process.
     fig = Figure(figsize=(1.2 * len(cols) + 3.0, 0.6 * len(rows) + 2.4))
     ax = fig.add_subplot()
+    _draw_cells(fig, ax, rows, cols, cells, _best_key(profile.best, profile.n))
+    ax.set_xlabel(
+        "bytes per chunk" + (f" ({profile.item_bytes} B per item)" if profile.item_bytes else "")
+    )
+    ax.set_ylabel("workers")
+    caches = _caches(profile, cpu)
+    _mark_caches(ax, caches, [c for c in cols if isinstance(c, int)])
+    sizes = ", ".join(f"{k} {bytes_label(v)}" for k, v in caches.items() if v)
+    ax.set_title(f"{profile.workload} ({profile.source})" + (f"\n{sizes}" if sizes else ""))
+    fig.tight_layout()
+
+    target = Path(png_path)
+    _save_atomic(fig, target)
+    return target
+
+
+def _draw_cells(
+    fig: Any,
+    ax: Any,
+    rows: list[Row],
+    cols: list[int | str],
+    cells: dict[tuple[Row, int | str], float],
+    key: tuple[Row, int | str] | None,
+) -> None:
+    """The heatmap's image, its colour bar, each cell's M items/s (``*`` on ``key``,
+    the best) and the axes' tick labels."""
+    import numpy as np
+
+    grid = np.full((max(len(rows), 1), max(len(cols), 1)), np.nan)
+    for (w, c), value in cells.items():
+        grid[rows.index(w), cols.index(c)] = value / 1e6
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap="viridis")
     fig.colorbar(image, ax=ax, label="M items/s")
     top = max(cells.values(), default=0.0)
-    key = _best_key(profile.best, profile.n)
     for (w, c), value in cells.items():
         i, j = rows.index(w), cols.index(c)
         star = "*" if (w, c) == key else ""
@@ -431,13 +500,10 @@ def plot_heatmap(
     ax.set_xticklabels([c if isinstance(c, str) else bytes_label(c) for c in cols])
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([_row_label(r) for r in rows])
-    ax.set_xlabel(
-        "bytes per chunk" + (f" ({profile.item_bytes} B per item)" if profile.item_bytes else "")
-    )
-    ax.set_ylabel("workers")
 
-    sized = [c for c in cols if isinstance(c, int)]
-    caches = _caches(profile, cpu)
+
+def _mark_caches(ax: Any, caches: dict[str, int | None], sized: list[int]) -> None:
+    """A dashed red line, labelled, where each cache size falls on the chunk axis."""
     for name, size in caches.items():
         x = None if size is None else _log_position(size, sized)
         if x is not None:
@@ -453,13 +519,6 @@ def plot_heatmap(
                 # Readable over any cell colour.
                 bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
             )
-    sizes = ", ".join(f"{k} {bytes_label(v)}" for k, v in caches.items() if v)
-    ax.set_title(f"{profile.workload} ({profile.source})" + (f"\n{sizes}" if sizes else ""))
-    fig.tight_layout()
-
-    target = Path(png_path)
-    _save_atomic(fig, target)
-    return target
 
 
 def _save_atomic(fig: Any, target: Path) -> None:

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from autotune._errors import ProfileWarning
 from autotune._util import BACKENDS, check_int, positive_int
 from autotune.backends.dask.cluster import load_cluster_profile
 from autotune.backends.schedule import EXACT, GUESSED, MEASURED, ChunkPlan
@@ -107,9 +108,25 @@ def settings_from(
     profile: Profile, workers: int | None, chunk_len: int | None, backend: str | None
 ) -> tuple[int | None, int | None, str | None, bool]:
     """Workers, chunk length and backend from a profile where not given, and whether
-    the profile is only the heuristic (then the evaluator chunks as with no profile)."""
+    the profile is only the heuristic (then the evaluator chunks as with no profile).
+
+    Taking 1 worker from a profile whose verdict is in doubt
+    (:attr:`~autotune.profile.Profile.doubts`: measured while other processes
+    held CPUs, or its best slower than serial) gives a ``ProfileWarning``.
+    """
     if profile.source == "heuristic" and profile.backend != "dask":
         return workers, chunk_len, backend, True
+    if workers is None and profile.workers == 1 and profile.doubts:
+        # One worker is the verdict most easily faked by a busy machine (the
+        # other workers' CPUs were taken) and the costliest to adopt: say why
+        # it is in doubt before running every call at serial speed.
+        warnings.warn(
+            f"profile {profile.path or profile.workload!r} says 1 worker, but "
+            f"{'; and '.join(profile.doubts)}; more workers may be faster on a quiet "
+            f"machine: search again there (autotune search), or pass workers=",
+            ProfileWarning,
+            stacklevel=4,  # the user's line that made the Evaluator
+        )
     return (
         workers or profile.workers,
         chunk_len or profile.chunk_len,

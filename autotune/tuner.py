@@ -39,17 +39,23 @@ phases 0-3 fit two thirds of ``budget`` seconds and the rest goes to ties:
 on a slow kernel the measured range is a prefix of the workload's ``n``
 items (throughput is items per second, so it compares).  The pick is the
 fastest median among the points timed at least 3 times.
+
+Every timed run is metered (:mod:`autotune.cpu.contention`): one during
+which other processes took CPUs it needed is re-timed, and what stays
+contended is kept but marked; the profile records how busy the machine was
+(docs/design.md, "Measurements that know the machine was busy").
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +65,7 @@ from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import MEASURED, plan_chunks
 from autotune.backends.shared import SharedNamespace, check_names
 from autotune.cpu import CpuInfo, probe
+from autotune.cpu.contention import CpuMeter, CpuSampler
 from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.engine import (
     Bench,
@@ -138,8 +145,9 @@ class _Bench(Bench):
         label: bool,
         client: Any = None,
         start_method: str | None = None,
+        meter: CpuSampler | None = None,
     ) -> None:
-        super().__init__(n, item_bytes, label)
+        super().__init__(n, item_bytes, label, meter)
         self.workload = workload
         self.client = client  # the Dask cluster of the "dask" lanes
         self.start_method = start_method  # of the "processes" lanes
@@ -167,16 +175,30 @@ class _Bench(Bench):
         combine = operator.add if mode == "reduce" else None
         # Cut as an evaluator given this point in a profile would cut it.
         plan = plan_chunks(self.n, point.workers, point.chunk_len, MEASURED)
-        for i in range(int(warmup) + repeats):
+
+        def once() -> float:
             t0 = time.perf_counter()
             result = runner.run(kernel, self.n, plan.chunk_len, mode, combine)
             elapsed = time.perf_counter() - t0
             del result  # lets the evaluator reuse its output memory
             self.runs += 1
-            if self.progress is not None:
-                self.progress.update(1)
-            if i >= int(warmup):
-                self.add(point, elapsed)
+            return elapsed
+
+        if warmup:
+            once()
+            self._advance()
+        for _ in range(repeats):
+            self.timed(point, once)  # re-timed while other processes held its CPUs
+            self._advance()
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def pids(self) -> list[int]:
+        # Every pool's workers, not only this lane's: the readings that span the
+        # whole search must count all of them as ours.
+        return [pid for runner in self.pools.values() for pid in getattr(runner, "pids", ())]
 
     def close(self) -> None:
         for runner in self.pools.values():
@@ -255,6 +277,7 @@ def search(
     progress: bool | None = None,
     client: Any = None,
     start_method: str | None = None,
+    meter: CpuSampler | None = None,
 ) -> SearchResult:
     """Find the best worker count and chunk length for ``workload`` on this CPU.
 
@@ -284,6 +307,15 @@ def search(
     start_method : {"fork", "spawn", "forkserver"}, optional
         How the ``"processes"`` backend starts its workers, as for
         :class:`autotune.Evaluator` (default ``"fork"`` where available).
+    meter : CpuSampler, optional
+        What says how busy the machine was around each timed run
+        (:class:`~autotune.cpu.contention.CpuSampler`: ``sample(pids)``
+        returning a :class:`~autotune.cpu.contention.CpuSample` or None;
+        default: a :class:`~autotune.cpu.contention.CpuMeter` reading ``/proc``).  A run
+        during which other processes held CPUs it needed is re-timed (see
+        :meth:`autotune.engine.Bench.timed`), and the profile records how busy
+        the machine was (``Profile.contention``).  Never used on Dask, whose
+        CPUs are not this machine's.
 
     Returns
     -------
@@ -298,7 +330,26 @@ def search(
     budget, items = check_search(budget, strategy, items)
     if workload.n < 1:
         raise ValueError("the workload has no items (n = 0)")
-    if tuple(backends) == ("dask",):
+    chosen = tuple(backends)
+    _check_backends(chosen, client, cpus)
+    with _on_cpus(cpus):
+        return _search(
+            workload,
+            float(budget),
+            workers,
+            strategy,
+            chosen,
+            items,
+            progress,
+            client,
+            start_method,
+            meter,
+        )
+
+
+def _check_backends(backends: tuple[str, ...], client: Any, cpus: Iterable[int] | None) -> None:
+    """Both local backends or some of them, or ``("dask",)`` alone with a client."""
+    if backends == ("dask",):
         if client is None:
             raise ValueError("backends=('dask',) needs client=, a dask.distributed.Client")
         if cpus is not None:
@@ -313,31 +364,25 @@ def search(
         if client is not None:
             raise ValueError("client= is for backends=('dask',)")
 
-    saved_affinity = None
-    if cpus is not None:
-        wanted = set(cpus)
-        saved_affinity = os.sched_getaffinity(0)
-        if not wanted or not wanted <= saved_affinity:
-            raise ValueError(
-                f"cpus {sorted(wanted)} must be a non-empty subset of the usable CPUs "
-                f"{sorted(saved_affinity)}"
-            )
-        os.sched_setaffinity(0, wanted)  # workers inherit it
-    try:
-        return _search(
-            workload,
-            float(budget),
-            workers,
-            strategy,
-            tuple(backends),
-            items,
-            progress,
-            client,
-            start_method,
+
+@contextlib.contextmanager
+def _on_cpus(cpus: Iterable[int] | None) -> Iterator[None]:
+    """Run on ``cpus`` only (the workers inherit the affinity), restored afterwards."""
+    if cpus is None:
+        yield
+        return
+    wanted = set(cpus)
+    saved_affinity = os.sched_getaffinity(0)
+    if not wanted or not wanted <= saved_affinity:
+        raise ValueError(
+            f"cpus {sorted(wanted)} must be a non-empty subset of the usable CPUs "
+            f"{sorted(saved_affinity)}"
         )
+    os.sched_setaffinity(0, wanted)  # workers inherit it
+    try:
+        yield
     finally:
-        if saved_affinity is not None:
-            os.sched_setaffinity(0, saved_affinity)
+        os.sched_setaffinity(0, saved_affinity)
 
 
 def _search(
@@ -350,25 +395,16 @@ def _search(
     progress: bool | None,
     client: Any = None,
     start_method: str | None = None,
+    meter: CpuSampler | None = None,
 ) -> SearchResult:
     started = time.monotonic()
     deadline = started + budget
     cpu, counts, cluster = _lanes_of(workers, client)
     item_bytes = item_bytes_of(workload.shared, workload.n, workload.item_bytes)
-
-    rate = _items_per_second(workload)
     lanes = [(b, w) for b in backends for w in counts]
-    rough = {lane: chunk_ladder(cpu, item_bytes, workload.n, lane[1]) for lane in lanes}
-    if items is not None:
-        n = min(int(items), workload.n)
-    else:
-        n = _measured_items(workload, budget, planned_runs(rough, strategy) + 4, rate)
-    plan = {lane: chunk_ladder(cpu, item_bytes, n, lane[1]) for lane in lanes}
+    n, plan = _sized_plan(workload, cpu, item_bytes, lanes, budget, items, strategy)
 
-    bar = None
-    if progress or (progress is None and sys.stderr.isatty()):
-        total = planned_runs(plan, strategy) + 3
-        bar = progress_bar(total, f"search {workload.name}", "run")
+    bar = _progress(progress, planned_runs(plan, strategy) + 3, workload.name)
     bench = _Bench(
         workload,
         n,
@@ -377,12 +413,11 @@ def _search(
         label=len(backends) > 1,
         client=client,
         start_method=start_method,
+        # A cluster's CPUs are not this machine's: nothing to meter there.
+        meter=None if cluster is not None else meter or CpuMeter(),
     )
     try:
-        serial_s, serial_spread = _serial(workload, n, 3)
-        bench.runs += 3
-        if bar is not None:
-            bar.update(3)
+        serial = _time_serial(workload, bench)
         if strategy == "grid":
             complete = run_grid(bench, plan, deadline)
         else:
@@ -392,14 +427,6 @@ def _search(
         if bar is not None:
             bar.close()
 
-    serial = Measurement(
-        workers=1,
-        chunk_len=n,
-        chunk_bytes=n * item_bytes,
-        throughput=n / serial_s,
-        repeats=3,
-        spread=serial_spread,
-    )
     section = cluster.section if cluster is not None else cpu_section(cpu)
     profile = _profile_of(workload, bench, serial, section, backends, local=cluster is None)
     _warn_about(profile, serial, complete, budget, strategy, on_cluster=cluster is not None)
@@ -409,6 +436,50 @@ def _search(
         elapsed=time.monotonic() - started,
         runs=bench.runs,
         strategy=strategy,
+    )
+
+
+def _sized_plan(
+    workload: Workload,
+    cpu: CpuInfo,
+    item_bytes: int,
+    lanes: list[Lane],
+    budget: float,
+    items: int | None,
+    strategy: str,
+) -> tuple[int, dict[Lane, list[int]]]:
+    """Items per timed run (``items``, else sized from a quick serial estimate to fit
+    ``budget``) and each lane's chunk ladder for runs of that size."""
+    rate = _items_per_second(workload)
+    rough = {lane: chunk_ladder(cpu, item_bytes, workload.n, lane[1]) for lane in lanes}
+    if items is not None:
+        n = min(int(items), workload.n)
+    else:
+        n = _measured_items(workload, budget, planned_runs(rough, strategy) + 4, rate)
+    return n, {lane: chunk_ladder(cpu, item_bytes, n, lane[1]) for lane in lanes}
+
+
+def _progress(progress: bool | None, total: int, name: str) -> Any:
+    """A progress bar of ``total`` runs on stderr (by default when it is a terminal), or None."""
+    if progress or (progress is None and sys.stderr.isatty()):
+        return progress_bar(total, f"search {name}", "run")
+    return None
+
+
+def _time_serial(workload: Workload, bench: _Bench) -> Measurement:
+    """The serial baseline over ``bench.n`` items: 3 runs in this process, unchunked."""
+    n = bench.n
+    serial_s, serial_spread = _serial(workload, n, 3)
+    bench.runs += 3
+    if bench.progress is not None:
+        bench.progress.update(3)
+    return Measurement(
+        workers=1,
+        chunk_len=n,
+        chunk_bytes=n * bench.item_bytes,
+        throughput=n / serial_s,
+        repeats=3,
+        spread=serial_spread,
     )
 
 
@@ -466,6 +537,7 @@ def _profile_of(
         n=n,
         backend=best.backend or backends[0],
         python=python_build(),
+        contention=bench.contention(),
     )
 
 

@@ -244,6 +244,37 @@ BAD_FIELDS = [
     (("cpu", "caches", "l2"), -1, "cpu.caches.l2 must be an integer >= 1"),
     (("cpu", "caches", "l2"), 2.5, "cpu.caches.l2"),
     (("cpu", "extra"), {"nested": 1}, "cpu.extra must be a number or a string"),
+    # How busy the machine was while a search measured (optional; see test_contention.py).
+    (("best", "contended"), 2, "best.contended must be an integer from 0 to 1, got 2"),
+    (("best", "contended"), True, "best.contended"),
+    (("best", "contended"), -1, "best.contended must be an integer >= 0"),
+    (("contention",), [1], "contention must be a mapping"),
+    (("contention",), {"others": 1.0, "cpus": 2, "runs": 5}, "missing field contention.contended"),
+    (
+        ("contention",),
+        {"others": 1.0, "cpus": 2, "runs": 5, "contended": 0, "load": 3},
+        "unknown field contention.load",
+    ),
+    (
+        ("contention",),
+        {"others": -0.5, "cpus": 2, "runs": 5, "contended": 0},
+        "contention.others must be a finite number >= 0",
+    ),
+    (
+        ("contention",),
+        {"others": float("nan"), "cpus": 2, "runs": 5, "contended": 0},
+        "contention.others",
+    ),
+    (
+        ("contention",),
+        {"others": 0.5, "cpus": 0, "runs": 5, "contended": 0},
+        "contention.cpus must be an integer >= 1",
+    ),
+    (
+        ("contention",),
+        {"others": 0.5, "cpus": 2, "runs": 5, "contended": 6},
+        "contention.contended must be an integer from 0 to 5, got 6",
+    ),
 ]
 
 

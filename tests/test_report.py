@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import SHIPPED
 
+from autotune.engine import pick_kept
 from autotune.profile import Measurement, Profile
 from autotune.report import (
     PLOT_HINT,
@@ -106,6 +107,53 @@ def test_a_best_beyond_the_spread_is_not_called_a_tie():
     ]
     lines = render_table(ms, best=ms[0]).splitlines()
     assert lines[-1] == "best leads the runner-up beyond their spread (runner-up 0.80x)"
+
+
+def test_a_figure_above_the_starred_best_is_explained():
+    """The issue's table starred 4.06 while "2 thr" showed 4.27: the best is picked
+    among the points timed >= 3 times (pick_kept), and the threads point had been
+    timed once (screened, then the budget ran out).  The table now says so."""
+    ms = [
+        Measurement(1, 4096, 65536, 4.06e6, repeats=5, spread=0.03, backend="processes"),
+        Measurement(2, 4096, 65536, 3.90e6, repeats=3, spread=0.05, backend="processes"),
+        Measurement(2, 4096, 65536, 4.27e6, repeats=1, backend="threads"),
+    ]
+    best = pick_kept(ms)
+    assert best == ms[0]
+    lines = render_table(ms, serial_throughput=4.1e6, best=best).splitlines()
+    assert lines[1].split() == ["1", "4.06*"] and lines[3].split() == ["2", "thr", "4.27"]
+    assert lines[5] == (
+        "(above the * best, not picked: 4.27 at 2 thr x 64Ki (1 run); the best is picked "
+        "among points timed >= 3 times, a point timed fewer times may have been lucky)"
+    )
+    # Nothing above the best: no such line.
+    assert not any(
+        "above the * best" in line for line in render_table(ms[:2], best=best).split("\n")
+    )
+
+
+def test_a_profile_in_doubt_says_why_under_its_table():
+    best = Measurement(1, 4096, 65536, 4.06e6, repeats=5, spread=0.03, contended=2)
+    profile = Profile(
+        workload="spline",
+        source="measured",
+        cpu={"logical_cpus": 2, "physical_cores": 2, "caches": {"l1d": 1, "l2": 2, "l3": 3}},
+        best=best,
+        serial_throughput=4.8e6,
+        measurements=(best, Measurement(2, 4096, 65536, 3.9e6, repeats=3, contended=3)),
+        created="2026-12-04T22:00:00Z",
+        autotune_version="0.1.0",
+        n=100_000,
+        contention={"others": 0.97, "cpus": 2, "runs": 30, "contended": 5},
+    )
+    lines = format_table(profile).splitlines()
+    assert any(line.endswith("* best  (2 runs contended)") for line in lines)
+    assert any(line.endswith("chunk_len 4096 (65536 bytes)  (3 runs contended)") for line in lines)
+    assert lines[-2:] == [
+        "caution: its best (1 x 4096) ran 0.85x serial: no point beat one process",
+        "caution: other processes held 0.97 of its 2 CPUs on average while it was measured; "
+        "5 of its 30 runs were still contended after re-timing",
+    ]
 
 
 def test_table_of_an_unmeasured_heuristic_pick():

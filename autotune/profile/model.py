@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from autotune.cpu.contention import SHARE
 from autotune.profile.files import read_yaml, write_atomic
 from autotune.profile.validate import SCHEMA, Validator
 
@@ -79,6 +80,10 @@ class Measurement:
     runs : tuple of float
         Online profiles only: the throughput of each of the point's latest
         runs, oldest first (what a later process continues from).
+    contended : int
+        How many of the ``repeats`` runs were timed while other processes
+        held CPUs the point needed, even after re-timing (0: none, or not
+        known).  Such a point is kept, but marked.
     """
 
     workers: int
@@ -89,6 +94,7 @@ class Measurement:
     spread: float = 0.0
     backend: str | None = None
     runs: tuple[float, ...] = ()
+    contended: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types for YAML/JSON; defaults (1 repeat, no spread) are left out."""
@@ -106,6 +112,8 @@ class Measurement:
             d["backend"] = self.backend
         if self.runs:
             d["runs"] = [_plain_float(t) for t in self.runs]
+        if self.contended:
+            d["contended"] = _plain(self.contended)
         return d
 
 
@@ -154,6 +162,12 @@ class Profile:
         the leader so far, and the next evaluator continues the exploration.
     sessions : int, optional
         Online profiles only: how many evaluators (processes) contributed.
+    contention : dict, optional
+        How busy the machine was while a search measured:
+        ``{others, cpus, runs, contended}``, the CPUs other processes held on
+        average, the CPUs the search could use, the runs metered and those
+        still contended after re-timing (:attr:`doubts` reads it).  None where
+        nothing was metered.
     path : str, optional
         File it was loaded from; not written to YAML.
     """
@@ -173,6 +187,7 @@ class Profile:
     python: dict[str, Any] | None = None
     exploring: bool = False
     sessions: int | None = None
+    contention: dict[str, Any] | None = None
     path: str | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -197,6 +212,33 @@ class Profile:
             return None
         return self.best.throughput / self.serial_throughput
 
+    @property
+    def doubts(self) -> list[str]:
+        """Why this profile's best may not hold on a quiet machine, one phrase each
+        (empty: no reason known): its best slower than serial, or other processes
+        holding CPUs while it was measured."""
+        found = []
+        speedup = self.speedup
+        if speedup is not None and speedup < 1.0:
+            found.append(
+                f"its best ({_point_words(self.best, self.backend)}) ran {speedup:.2f}x serial: "
+                f"no point beat one process"
+            )
+        busy = self.contention
+        if busy is not None:
+            held, cpus, contended = busy["others"], busy["cpus"], busy["contended"]
+            if contended or held > SHARE * cpus:
+                runs = (
+                    f"; {contended} of its {busy['runs']} runs were still contended after re-timing"
+                    if contended
+                    else ""
+                )
+                found.append(
+                    f"other processes held {held:.2f} of its {cpus} CPU{'s' if cpus != 1 else ''} "
+                    f"on average while it was measured{runs}"
+                )
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         """The YAML document, as plain types (``path`` is not part of it)."""
         d: dict[str, Any] = {
@@ -213,6 +255,8 @@ class Profile:
             d["n"] = _plain(self.n)
         if self.python is not None:
             d["python"] = dict(self.python)
+        if self.contention is not None:
+            d["contention"] = {k: _plain(v) for k, v in self.contention.items()}
         caches = self.cpu.get("caches") or {}
         d["cpu"] = {
             **{k: _plain(v) for k, v in self.cpu.items() if k != "caches"},
@@ -360,6 +404,12 @@ def _plain_float(value: Any) -> Any:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def _point_words(m: Measurement, backend: str) -> str:
+    """``2 x 4096`` (workers x chunk length), ``, threads`` on the threads backend."""
+    threads = (m.backend or backend) == "threads"
+    return f"{m.workers} x {m.chunk_len}" + (", threads" if threads else "")
 
 
 def is_tie(best: Measurement, other: Measurement) -> bool:

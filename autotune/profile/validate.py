@@ -55,11 +55,13 @@ _TOP_KEYS = {
     "measurements",
     "exploring",
     "sessions",
+    "contention",
 }
 _MEASUREMENT_KEYS = {"workers", "chunk_len", "chunk_bytes", "throughput", "repeats", "spread"}
-_MEASUREMENT_KEYS_OPTIONAL = {"repeats", "spread", "backend", "runs"}
+_MEASUREMENT_KEYS_OPTIONAL = {"repeats", "spread", "backend", "runs", "contended"}
 #: The most runs a measurement may list (an online profile keeps its latest 16).
 _MAX_RUNS = 1024
+_CONTENTION_KEYS = ("others", "cpus", "runs", "contended")
 
 
 def _show(value: object) -> str:
@@ -157,17 +159,19 @@ class Validator:
                 f"{name}.chunk_bytes must be chunk_len x item_bytes ({chunk_len} x {item_bytes}"
                 f" = {chunk_len * item_bytes}) within one item, got {chunk_bytes}"
             )
+        # The heuristic's pick is a rule, not a measurement: no throughput.
+        throughput = (
+            None
+            if not measured and d["throughput"] is None
+            else self.number(d["throughput"], f"{name}.throughput")
+        )
+        repeats = self.integer(d.get("repeats", 1), f"{name}.repeats", hi=_MAX_REPEATS)
         return dict(
             workers=workers,
             chunk_len=chunk_len,
             chunk_bytes=chunk_bytes,
-            # The heuristic's pick is a rule, not a measurement: no throughput.
-            throughput=(
-                None
-                if not measured and d["throughput"] is None
-                else self.number(d["throughput"], f"{name}.throughput")
-            ),
-            repeats=self.integer(d.get("repeats", 1), f"{name}.repeats", hi=_MAX_REPEATS),
+            throughput=throughput,
+            repeats=repeats,
             spread=self.number(d.get("spread", 0.0), f"{name}.spread", positive=False),
             backend=(
                 None
@@ -175,6 +179,8 @@ class Validator:
                 else self.text(d["backend"], f"{name}.backend", choices=BACKENDS)
             ),
             runs=self.runs(d.get("runs"), f"{name}.runs"),
+            # Runs of the point timed under contention: at most all of them.
+            contended=self.integer(d.get("contended", 0), f"{name}.contended", lo=0, hi=repeats),
         )
 
     def runs(self, value: object, name: str) -> tuple[float, ...]:
@@ -234,6 +240,18 @@ class Validator:
                 raise self.fail(f"{name}.caches keys must be strings, got {_show(key)}")
             out["caches"][key] = self.opt_integer(v, f"{name}.caches.{key}")
         return out
+
+    def contention(self, value: object) -> dict[str, Any]:
+        """``{others, cpus, runs, contended}``: how busy the machine was during a search."""
+        d = self.mapping(value, "contention")
+        self.keys(d, "contention.", set(_CONTENTION_KEYS), _CONTENTION_KEYS)
+        runs = self.integer(d["runs"], "contention.runs", lo=0)
+        return {
+            "others": self.number(d["others"], "contention.others", positive=False),
+            "cpus": self.integer(d["cpus"], "contention.cpus", hi=_MAX_WORKERS),
+            "runs": runs,
+            "contended": self.integer(d["contended"], "contention.contended", lo=0, hi=runs),
+        }
 
     def python_build(self, value: object) -> dict[str, Any]:
         d = self.mapping(value, "python")
@@ -298,5 +316,6 @@ class Validator:
             python=None if d.get("python") is None else self.python_build(d["python"]),
             exploring=self.flag(d.get("exploring", False), "exploring"),
             sessions=self.opt_integer(d.get("sessions"), "sessions"),
+            contention=None if d.get("contention") is None else self.contention(d["contention"]),
             path=self.path,
         )
