@@ -26,7 +26,8 @@ from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
 from autotune.breakeven import PoolCost
 from autotune.cpu import CpuInfo
-from autotune.engine import Point, chunk_ladder
+from autotune.cpu.contention import CpuMeter, CpuSampler, contention_between
+from autotune.engine import RETIMES, Point, chunk_ladder
 from autotune.profile import heuristic_profile, item_bytes_of
 from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_learned
 from autotune.settings import check_memory
@@ -70,6 +71,13 @@ class OnlineTuning:
         on it (that start is timed apart from the call).
     clock : callable, optional
         Seconds, for timing runs (``time.perf_counter``; tests script it).
+    meter : CpuSampler, optional
+        How much CPU other processes took during a run
+        (:class:`~autotune.cpu.contention.CpuMeter`; tests script it).  While
+        a kernel is explored, a run during which others took more than a
+        tenth of the CPUs it needed is not counted (its point is asked for
+        again), up to :data:`~autotune.engine.RETIMES` runs in a row: a steady
+        load is then measured as it is, until a run comes out clean.
 
     Every item of a call is run exactly once, by one of its slices: a first
     call's timed probe is part of the result (a map's probe rows are joined
@@ -86,6 +94,7 @@ class OnlineTuning:
         profile_name: str | None,
         runner: LazyRunner,
         clock: Callable[[], float] = time.perf_counter,
+        meter: CpuSampler | None = None,
     ) -> None:
         self.cpu = cpu
         self.backend = backend
@@ -95,6 +104,8 @@ class OnlineTuning:
         self._shared = shared
         self._runner = runner
         self._clock = clock
+        self._meter = CpuMeter() if meter is None else meter
+        self._contended: dict[str, int] = {}  # runs in a row not counted, per kernel
         self.learners: dict[str, Learner] = {}
         self._pid = os.getpid()
         self.pool_cost = PoolCost(workers)
@@ -157,8 +168,12 @@ class OnlineTuning:
             if self.item_bytes is not None and self.backend != "dask":
                 check_memory(plan, self.item_bytes, stacklevel=7)  # the user's map/reduce line
             chunk_len = plan.chunk_len
+            judged = measured and learner.refiner.exploring
+            before = self._meter.sample(self._runner.pids) if judged else None
             part, wall, busy = self._on_pool(kernel, start, stop, plan, mode, combine, meter)
             parts.append(part)
+            if judged and self._busy_machine(learner.name, before, plan.workers):
+                measured = False  # the machine did not give the run its CPUs: ask again
             return SliceRun(point, items, wall, busy, measured)
 
         learner.run_call(cut.left, mode, run)
@@ -235,6 +250,20 @@ class OnlineTuning:
         busy = sum(meter.busy.values()) - busy
         self.pool_cost.pool_call(wall, busy, plan.workers)
         return part, wall, busy
+
+    def _busy_machine(self, name: str, before: Any, workers: int) -> bool:
+        """Whether to leave out the run just made: others took the CPUs it needed,
+        and fewer than :data:`~autotune.engine.RETIMES` runs in a row were left out.
+        After that the load is steady: its runs count until one comes out clean."""
+        found = contention_between(before, self._meter.sample(self._runner.pids))
+        if found is None or not found.contended(workers):
+            self._contended[name] = 0
+            return False
+        left_out = self._contended.get(name, 0)
+        if left_out >= RETIMES:
+            return False  # a steady load: measured as it is
+        self._contended[name] = left_out + 1
+        return True
 
     def _learner(self, kernel: Callable[..., Any], n: int) -> Learner:
         """What is known of this kernel; on its first call, from an online profile or afresh."""

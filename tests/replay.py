@@ -343,6 +343,14 @@ class ReplayPool:
         pass
 
 
+class QuietMachine:
+    """A CPU meter for replays: nothing is known of other processes (the landscape's
+    noise is the recorded one; the machine running the test must not add its own)."""
+
+    def sample(self, pids=()):
+        return None
+
+
 class ReplayKernel:
     """The kernel as the calling process runs it (the refinement's first-call probe,
     inline calls): a range of ``k`` items takes the landscape's one-worker seconds
@@ -397,6 +405,7 @@ def replay_online(landscape: Landscape, seed: int, calls: int) -> OnlineReplay:
         name,
         LazyRunner(lambda: pool, workers),
         clock,
+        meter=QuietMachine(),
     )
     kernel = ReplayKernel(landscape, clock, rng)
     ends: list[float] = []

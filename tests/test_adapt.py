@@ -309,3 +309,52 @@ def test_a_long_reduce_probes_with_slices_of_a_sixteenth():
 
     learner.run_call(1_600_000, "reduce", run)
     assert sizes[0] == 100_000 and sum(sizes) == 1_600_000, sizes
+
+
+class BusyFor:
+    """A CPU meter whose machine is busy (others hold every CPU) for the first ``runs`` runs."""
+
+    def __init__(self, runs: int) -> None:
+        self.runs, self.samples = runs, 0
+
+    def sample(self, pids=()):
+        from autotune.cpu.contention import CpuSample
+
+        self.samples += 1
+        run = (self.samples - 1) // 2  # two samples a run: before and after
+        held = 2.0 if run < self.runs else 0.0  # CPUs others held through the run
+        end = self.samples % 2 == 0
+        return CpuSample(wall=float(end), busy=held * end, ours=0.0, cpus=frozenset({0, 1}))
+
+
+@pytest.mark.parametrize(("busy", "counted"), [(0, 6), (1, 5), (2, 4), (5, 4)])
+def test_runs_on_a_busy_machine_are_asked_for_again_a_few_times(busy, counted):
+    """While exploring, a run during which others held the CPUs is not counted (its point is
+    run again), at most two in a row: under a steady load, what is measured is kept."""
+    import random
+
+    from replay import Clock, ReplayKernel, ReplayPool, recorded  # noqa: F401
+
+    from autotune.backends.runners import LazyRunner
+    from autotune.backends.stats import Meter
+    from autotune.cpu import probe
+    from autotune.online import OnlineTuning
+
+    landscape = recorded("stream")
+    clock, rng = Clock(), random.Random(0)
+    pool = ReplayPool(landscape, 2, clock, rng)
+    tuning = OnlineTuning(
+        probe(),
+        "processes",
+        2,
+        {},
+        8,
+        f"busy-{busy}",
+        LazyRunner(lambda: pool, 2),
+        clock,
+        meter=BusyFor(busy),
+    )
+    kernel = ReplayKernel(landscape, clock, rng)
+    for _ in range(7):  # the first call's pool run is the warm-up
+        tuning.call(kernel, landscape.n, "map", None, Meter(2))
+    assert tuning.learners[f"busy-{busy}"].refiner.calls == counted
