@@ -23,6 +23,7 @@ import kernels
 import numpy as np
 import pytest
 
+import autotune.online
 from autotune import Evaluator, Profile, ProfileWarning
 from autotune.backends.schedule import MEASURED, plan_chunks
 from autotune.backends.shared import SharedNamespace
@@ -67,6 +68,15 @@ def pool_only(monkeypatch):
     """Every call on the pool: what settles must not hang on the machine's load,
     which moves the break-even (tested on its own above)."""
     monkeypatch.setattr(BreakEven, "inline", lambda self, n, workers, overhead: False)
+
+
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    """Every run counts: what other processes do to the CPUs is not looked at (a test that
+    counts runs must not depend on the machine's load)."""
+    from replay import QuietMachine
+
+    monkeypatch.setattr(autotune.online, "CpuMeter", QuietMachine)
 
 
 #: What every kernel is timed at under ``scripted_cost``: 1 us an item.
@@ -357,7 +367,7 @@ def test_show_prints_an_online_profile_with_its_calls(x, profile_dir, pool_only,
 
 
 def test_an_evaluator_closed_while_exploring_saves_what_it_measured(
-    x, profile_dir, no_leaks, pool_only
+    x, profile_dir, no_leaks, pool_only, quiet_machine
 ):
     """A script's two calls are not enough to settle: what they measured is saved when the
     evaluator closes, and the next evaluator goes on from it (a run counts once)."""
