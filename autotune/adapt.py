@@ -143,7 +143,10 @@ class Refiner:
         # pool is then warm for every point (a later lane's screening, a new
         # exploration), and runs saved by an earlier process need none.
         self._warmed = bool(self._stored)
-        self._warmup: tuple[Point, float] | None = None
+        # A run not counted here (a warm-up, a run on a busy machine), saved
+        # if it is all this process ran: a script of one or two calls per run
+        # still progresses.
+        self._fallback: tuple[Point, float] | None = None
         self._steps: Iterator[Request | Checkpoint] | None = None
         self._pending: _Pending | None = None
         self._recheck_every = RECHECK
@@ -188,18 +191,31 @@ class Refiner:
             first = pending.left == request.repeats + int(request.warmup)
             pending.left -= 1
             if request.warmup and first:
-                # The warm-up: not recorded, but saved if it is all this
-                # process ran (a script of one call per run still progresses).
-                self._warmup = (point, seconds * self.tally.n / max(items, 1))
+                self.keep_if_alone(point, seconds, items)  # the warm-up
                 return
         self._add(point, seconds, items)
         if self.settled and point == self.best:
             self._watch(seconds / max(items, 1))
 
+    def keep_if_alone(self, point: Point, seconds: float, items: int) -> None:
+        """A run that is not counted, to be saved if no counted one is made."""
+        self._fallback = (point, seconds * self.tally.n / max(items, 1))
+
     @property
-    def warmed_up(self) -> bool:
-        """Whether a warm-up run was made and not saved yet."""
-        return self._warmup is not None
+    def warming_up(self) -> bool:
+        """Whether the next run is the kernel's warm-up (not counted in any case)."""
+        pending = self._pending
+        return (
+            not self.settled
+            and pending is not None
+            and pending.request.warmup
+            and pending.left == pending.request.repeats + 1
+        )
+
+    @property
+    def kept_if_alone(self) -> bool:
+        """Whether a run is waiting to be saved if no counted one is made."""
+        return self._fallback is not None
 
     @property
     def exploring(self) -> bool:
@@ -219,10 +235,10 @@ class Refiner:
         """The runs made here since the last call (seconds for ``tally.n`` items);
         the warm-up run when it was the only one."""
         fresh, self.fresh = self.fresh, {}
-        if not fresh and self._warmup is not None:
-            point, seconds = self._warmup
+        if not fresh and self._fallback is not None:
+            point, seconds = self._fallback
             fresh = {point: [seconds]}
-        self._warmup = None
+        self._fallback = None
         return fresh
 
     # -- inside -----------------------------------------------------------------
@@ -302,7 +318,8 @@ class SliceRun:
 
     ``items`` items at ``point``: ``wall`` seconds, ``busy`` seconds of
     kernel work summed over the workers; ``measured``: whether the refiner
-    counts it (the rest of a probing call is not).
+    counts it (the rest of a probing call is not); ``contended``: it was
+    meant to count, but other processes held the CPUs it needed.
     """
 
     point: Point
@@ -310,6 +327,7 @@ class SliceRun:
     wall: float
     busy: float
     measured: bool = True
+    contended: bool = False
 
 
 class Learner:
@@ -430,6 +448,8 @@ class Learner:
     def _learn(self, run: SliceRun) -> None:
         if run.measured:
             self.refiner.record(run.point, run.wall, run.items)
+        elif run.contended:
+            self.refiner.keep_if_alone(run.point, run.wall, run.items)
         self.breakeven.kernel_time(run.items, run.busy, inline=False)
 
     def leader(self) -> Point:
@@ -445,7 +465,7 @@ class Learner:
         aged by :data:`SAVE_EVERY` calls; and on ``closing``, any run not saved yet."""
         refiner = self.refiner
         if closing:
-            return bool(refiner.fresh) or refiner.warmed_up
+            return bool(refiner.fresh) or refiner.kept_if_alone
         if not refiner.settled or refiner.best not in refiner.tally.times:
             return False
         if self._saved_at is None or self._saved_at[1] != refiner.best:

@@ -168,12 +168,14 @@ class OnlineTuning:
             if self.item_bytes is not None and self.backend != "dask":
                 check_memory(plan, self.item_bytes, stacklevel=7)  # the user's map/reduce line
             chunk_len = plan.chunk_len
-            judged = measured and learner.refiner.exploring
+            refiner = learner.refiner
+            judged = measured and refiner.exploring and not refiner.warming_up
             before = self._meter.sample(self._runner.pids) if judged else None
             part, wall, busy = self._on_pool(kernel, start, stop, plan, mode, combine, meter)
             parts.append(part)
             if judged and self._busy_machine(learner.name, before, plan.workers):
-                measured = False  # the machine did not give the run its CPUs: ask again
+                # The machine did not give the run its CPUs: ask for the point again.
+                return SliceRun(point, items, wall, busy, measured=False, contended=True)
             return SliceRun(point, items, wall, busy, measured)
 
         learner.run_call(cut.left, mode, run)

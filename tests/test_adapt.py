@@ -358,3 +358,37 @@ def test_runs_on_a_busy_machine_are_asked_for_again_a_few_times(busy, counted):
     for _ in range(7):  # the first call's pool run is the warm-up
         tuning.call(kernel, landscape.n, "map", None, Meter(2))
     assert tuning.learners[f"busy-{busy}"].refiner.calls == counted
+
+
+def test_a_script_whose_only_run_was_left_out_still_saves_it():
+    """Two calls on a busy machine: the warm-up and a run that is not counted.  That run is
+    what this process measured: it is saved (a short script on a busy machine progresses)."""
+    import random
+
+    from replay import Clock, ReplayKernel, ReplayPool, recorded
+
+    from autotune.backends.runners import LazyRunner
+    from autotune.backends.stats import Meter
+    from autotune.cpu import probe
+    from autotune.online import OnlineTuning
+
+    landscape = recorded("stream")
+    clock, rng = Clock(), random.Random(0)
+    pool = ReplayPool(landscape, 2, clock, rng)
+    tuning = OnlineTuning(
+        probe(),
+        "processes",
+        2,
+        {},
+        8,
+        "left-out",
+        LazyRunner(lambda: pool, 2),
+        clock,
+        meter=BusyFor(10),
+    )
+    kernel = ReplayKernel(landscape, clock, rng)
+    for _ in range(2):
+        tuning.call(kernel, landscape.n, "map", None, Meter(2))
+    learner = tuning.learners["left-out"]
+    assert learner.refiner.calls == 0 and learner.save_due(closing=True)
+    assert sum(len(runs) for runs in learner.learned().fresh.values()) == 1
