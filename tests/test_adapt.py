@@ -327,42 +327,9 @@ class BusyFor:
         return CpuSample(wall=float(end), busy=held * end, ours=0.0, cpus=frozenset({0, 1}))
 
 
-@pytest.mark.parametrize(("busy", "counted"), [(0, 6), (1, 5), (2, 4), (5, 4)])
-def test_runs_on_a_busy_machine_are_asked_for_again_a_few_times(busy, counted):
-    """While exploring, a run during which others held the CPUs is not counted (its point is
-    run again), at most two in a row: under a steady load, what is measured is kept."""
-    import random
-
-    from replay import Clock, ReplayKernel, ReplayPool, recorded  # noqa: F401
-
-    from autotune.backends.runners import LazyRunner
-    from autotune.backends.stats import Meter
-    from autotune.cpu import probe
-    from autotune.online import OnlineTuning
-
-    landscape = recorded("stream")
-    clock, rng = Clock(), random.Random(0)
-    pool = ReplayPool(landscape, 2, clock, rng)
-    tuning = OnlineTuning(
-        probe(),
-        "processes",
-        2,
-        {},
-        8,
-        f"busy-{busy}",
-        LazyRunner(lambda: pool, 2),
-        clock,
-        meter=BusyFor(busy),
-    )
-    kernel = ReplayKernel(landscape, clock, rng)
-    for _ in range(7):  # the first call's pool run is the warm-up
-        tuning.call(kernel, landscape.n, "map", None, Meter(2))
-    assert tuning.learners[f"busy-{busy}"].refiner.calls == counted
-
-
-def test_a_script_whose_only_run_was_left_out_still_saves_it():
-    """Two calls on a busy machine: the warm-up and a run that is not counted.  That run is
-    what this process measured: it is saved (a short script on a busy machine progresses)."""
+def busy_tuning(name: str, busy_runs: int):
+    """An adapting evaluator's online state on the stream landscape (2 workers), whose
+    machine is busy for its first ``busy_runs`` metered runs; and a call of it."""
     import random
 
     from replay import Clock, ReplayKernel, ReplayPool, recorded
@@ -375,20 +342,30 @@ def test_a_script_whose_only_run_was_left_out_still_saves_it():
     landscape = recorded("stream")
     clock, rng = Clock(), random.Random(0)
     pool = ReplayPool(landscape, 2, clock, rng)
+    runner = LazyRunner(lambda: pool, 2)
     tuning = OnlineTuning(
-        probe(),
-        "processes",
-        2,
-        {},
-        8,
-        "left-out",
-        LazyRunner(lambda: pool, 2),
-        clock,
-        meter=BusyFor(10),
+        probe(), "processes", 2, {}, 8, name, runner, clock, meter=BusyFor(busy_runs)
     )
     kernel = ReplayKernel(landscape, clock, rng)
+    return tuning, lambda: tuning.call(kernel, landscape.n, "map", None, Meter(2))
+
+
+@pytest.mark.parametrize(("busy", "counted"), [(0, 6), (1, 5), (2, 4), (5, 4)])
+def test_runs_on_a_busy_machine_are_asked_for_again_a_few_times(busy, counted):
+    """While exploring, a run during which others held the CPUs is not counted (its point is
+    run again), at most two in a row: under a steady load, what is measured is kept."""
+    tuning, call = busy_tuning(f"busy-{busy}", busy)
+    for _ in range(7):  # the first call's pool run is the warm-up
+        call()
+    assert tuning.learners[f"busy-{busy}"].refiner.calls == counted
+
+
+def test_a_script_whose_only_run_was_left_out_still_saves_it():
+    """Two calls on a busy machine: the warm-up and a run that is not counted.  That run is
+    what this process measured: it is saved (a short script on a busy machine progresses)."""
+    tuning, call = busy_tuning("left-out", 10)
     for _ in range(2):
-        tuning.call(kernel, landscape.n, "map", None, Meter(2))
+        call()
     learner = tuning.learners["left-out"]
     assert learner.refiner.calls == 0 and learner.save_due(closing=True)
     assert sum(len(runs) for runs in learner.learned().fresh.values()) == 1
