@@ -18,8 +18,15 @@ from pathlib import Path
 
 import pytest
 
+import autotune
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 TINY_SPLINE = ["--points", "2000", "--splines", "2", "--quick", "--repeats", "1"]
+
+
+def usable_cpus() -> int:
+    """Every contender's workers in the scripts, unless ``--workers`` says otherwise."""
+    return autotune.probe().usable_cpus or 1
 
 
 def run_script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -96,6 +103,7 @@ def test_bench_peers_tiny():
     assert all(re.search(r"\bOK\b", line) for line in rows), out
     for title in ("1. spline", "2. stream", "3. wide", "4. loop", "Targets"):
         assert title in out
+    assert f"\n{usable_cpus()} workers for every peer (the usable CPUs;" in out, out
 
 
 def test_bench_peers_json():
@@ -115,6 +123,7 @@ def test_bench_peers_json():
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert set(report["workloads"]) == {"stream", "loop"}
+    assert report["workers"] == usable_cpus() and report["workers_from"].startswith("the usable")
     for case in report["workloads"].values():
         for row in case["results"]:
             assert row.get("agrees") or "skipped" in row, row
@@ -167,6 +176,9 @@ def test_bench_evaluator_quick():
         r"\d+\.\d\dx$",
     )
     rows_of(out, [f"{who} {m}" for m in methods for who in ("autotune", "Pool")], r"\d+\.\d ms")
+    workers = usable_cpus()
+    assert out.startswith(f"{workers} workers for every contender (the usable CPUs;"), out
+    assert f"1. Per-chunk overhead, empty kernel, {workers} workers," in out
 
 
 def test_bench_tuner_quick():
@@ -200,9 +212,10 @@ def test_bench_backends_quick():
     out = done.stdout
     sections = dict(re.findall(r"^(\w+) \(n=\d+\).*\n((?:  .*\n?)+)", out, re.M))
     assert set(sections) == {"stream", "spline", "ndimage"}, out
+    threads = usable_cpus()  # what the script gives the executor
     contenders = [
         "serial",
-        "ThreadPoolExecutor(2), 8 chunks",
+        f"ThreadPoolExecutor({threads}), {4 * threads} chunks",
         "autotune processes (tuned)",
         "autotune threads (tuned)",
     ]
@@ -222,11 +235,13 @@ def test_bench_dask_quick():
     out = done.stdout
     sections = dict(re.findall(r"^(\w+) \(n=\d+\).*\n((?:  .*\n?)+)", out, re.M))
     assert set(sections) == {"stream", "spline"}, out
+    workers = usable_cpus()  # the cluster's, four blocks or tasks each
+    assert f"LocalCluster(processes=True, n_workers={workers}," in out, out
     contenders = [
         "serial (this process)",
-        "dask.array, 8 blocks",
+        f"dask.array, {4 * workers} blocks",
         "dask.array, chunks='auto'",
-        "client.map, scattered, 8 tasks",
+        f"client.map, scattered, {4 * workers} tasks",
         "autotune dask, heuristic",
         "autotune dask, tuned",
     ]
@@ -274,3 +289,36 @@ def test_bench_tail_tiny():
     planned = next(line for line in rows if "planned" in line)
     workers = int(re.search(r"items, (\d+) workers", done.stdout).group(1))
     assert int(planned.split()[1]) % workers == 0, done.stdout
+
+
+def many_cores(cores: int) -> autotune.CpuInfo:
+    """A probe's answer for a machine of ``cores`` cores, 1 thread each, 2 MiB L2 per core."""
+    from autotune.cpu import CacheLevel, CpuInfo
+
+    return CpuInfo(
+        brand="x86-64, many cores",
+        logical_cpus=cores,
+        physical_cores=cores,
+        threads_per_core=1,
+        usable_cpus=cores,
+        cpu_quota=None,
+        caches=(
+            CacheLevel(1, "data", 48 << 10, 1, cores),
+            CacheLevel(2, "unified", 2 << 20, 1, cores),
+        ),
+    )
+
+
+def test_bench_adapt_grid_stays_bounded_on_many_cores(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_adapt
+
+    per_count = len(bench_adapt.CHUNK_BYTES) + 1  # and unchunked
+    two = bench_adapt.grid_points(many_cores(2), 1 << 22, 8)
+    assert sorted({w for w, _ in two}) == [1, 2]  # every count, as on the 2-core VM
+    wide = bench_adapt.grid_points(many_cores(64), 1 << 22, 8)
+    counts = sorted({w for w, _ in wide})
+    assert counts == [1, 2, 4, 8, 16, 32, 64]  # not 64 counts
+    assert len(wide) <= len(counts) * per_count
+    for workers, chunk_len in wide:
+        assert 1 <= chunk_len <= -(-(1 << 22) // workers)
