@@ -7,6 +7,7 @@ import pytest
 
 from autotune.cpu import CacheLevel, CpuInfo, probe
 from autotune.engine import Request, Tally, auto_requests, chunk_ladder
+from autotune.tuner import search
 from autotune.workloads import (
     CHUNKS_PER_WORKER,
     ITEM_BYTES,
@@ -85,3 +86,11 @@ def test_short_runs_are_a_note_that_says_what_would_measure_them():
     assert "(131072 items)" in note and f"--items {needed} and a larger --budget" in note
     [note] = short_runs(cpu, 16, 16, 38_240, 1_000_000)
     assert note.endswith("the workload has only 1000000: a larger one would")
+
+
+def test_a_search_with_short_runs_ends_its_table_with_the_note():
+    workload = stream(n=20_000)  # fewer items than any worker count needs here
+    result = search(workload, budget=1.0, workers=[1], backends=("processes",), progress=False)
+    assert result.notes == short_runs(probe(), 32, 1, result.profile.n or 0, 20_000)
+    assert len(result.notes) == 1
+    assert result.table().endswith(f"\nnote: {result.notes[0]}")
