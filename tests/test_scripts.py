@@ -322,3 +322,50 @@ def test_bench_adapt_grid_stays_bounded_on_many_cores(monkeypatch):
     assert len(wide) <= len(counts) * per_count
     for workers, chunk_len in wide:
         assert 1 <= chunk_len <= -(-(1 << 22) // workers)
+
+
+@pytest.mark.slow
+def test_bench_manycore_quick_prints_every_part_and_writes_a_landscape(tmp_path):
+    from replay import Landscape
+
+    path = tmp_path / "landscape.json"
+    done = run_script(
+        "bench_manycore.py",
+        *("--quick", "--budget", "5", "--splines", "2", "--landscape", str(path)),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    workers = usable_cpus()
+    assert f"1. Per-chunk overhead, empty kernel, {workers} workers," in out, out
+    us = r"\d+\.\d\d us +\d+\.\d{3}x"
+    rows_of(out, ["autotune Evaluator.reduce(chunk_len=1)", "Pool.imap(chunksize=1)"], us)
+    assert f"; {workers} workers for every contender" in out, out
+    # The zero-config calls one by one: a ratio and a setting for each of the 8 quick calls.
+    calls = re.search(
+        r"the setting each call ran\n +((?:\d+\.\d\d ?){8})\n +(.*)\(\* exploring\)", out
+    )
+    assert calls, out
+    assert all(re.fullmatch(r"inline|\d+x\d+\*?", s) for s in calls.group(2).split()), out
+    ours = ["serial", "Pool over ranges of 7812", "autotune zero-config, after its calls"]
+    ours.append("autotune, its search's pick")
+    rows_of(out, ours, r"\d+\.\d{3} s +\d+\.\d\dx serial +\d+\.\d\d vs Pool$")
+    peers = {
+        "mpire over ranges of 7812": "mpire",
+        "Pool, one task per spline": "multiprocessing",
+        "joblib, one task per spline": "joblib",
+        "mpire, one task per spline": "mpire",
+    }
+    for name, module in peers.items():
+        ran = re.search(rf"^ +{re.escape(name)} +\d+\.\d{{3}} s .* vs Pool$", out, re.M)
+        assert bool(ran) == installed(module), out
+    assert "MISMATCH" not in out
+    for kernel in ("tail", "loop", "wide"):
+        row = rf"^ +{kernel} +\d+ +\d+ x \d+ +\d+ +\d+\.\d\d +\d+\.\d\d +[+-]\d+\.\d%$"
+        assert re.search(row, out, re.M), out
+        # The grid, as a landscape the replay tests can read: 3 timed calls a point.
+        landscape = Landscape.load(path, kernel)
+        assert landscape.cpu.logical_cpus == autotune.probe().logical_cpus
+        assert landscape.points and all(len(s) == 3 for s in landscape.points.values())
+        assert {w for w, _ in landscape.points} <= set(range(1, workers + 1))
+    assert f"landscape written to {path}" in out
