@@ -57,6 +57,9 @@ def test_reproduce_seed_tiny():
     assert "MISMATCH" not in out
     assert "autotune row: " in out
     assert "published (Intel i3-3227U, from the seed)" in out
+    # The seed's process counts on purpose, whatever this machine has, and it says so.
+    here = f"this machine has {usable_cpus()} usable CPUs"
+    assert f"Process counts: the seed's (1-3), on purpose, beside the i3's table; {here}" in out
     assert re.search(r"^3 +(\d+\.\d\d +){5}\|", out, re.M), out  # the measured table's last row
 
 
