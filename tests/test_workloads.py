@@ -85,7 +85,7 @@ def test_short_runs_are_a_note_that_says_what_would_measure_them():
     assert note.startswith("runs of 38240 items gave 16 workers fewer than 3 chunks each")
     assert "(131072 items)" in note and f"--items {needed} and a larger --budget" in note
     [note] = short_runs(cpu, 16, 16, 38_240, 1_000_000)
-    assert note.endswith("the workload has only 1000000: a larger one would")
+    assert note.endswith("the workload has only 1000000 items: a larger one would measure them")
 
 
 def test_a_search_with_short_runs_ends_its_table_with_the_note():

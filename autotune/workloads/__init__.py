@@ -80,7 +80,7 @@ def short_runs(cpu: CpuInfo, item_bytes: int, workers: int, n: int, total: int) 
     how = (
         f"--items {needed} and a larger --budget would measure them"
         if total >= needed
-        else f"the workload has only {total}: a larger one would"
+        else f"the workload has only {total} items: a larger one would measure them"
     )
     return (
         f"runs of {n} items gave {workers} workers fewer than {CHUNKS_PER_WORKER} chunks "
