@@ -89,6 +89,7 @@ from autotune.profile import (
 )
 from autotune.settings import default_start_method
 from autotune.workload import Workload
+from autotune.workloads import short_runs
 
 __all__ = [
     "SearchResult",
@@ -115,6 +116,10 @@ class SearchResult:
     runs : int
         Timed runs of the kernel (warm-ups included).
     strategy : str
+    notes : tuple of str
+        What the search could not measure as it should, one line each (runs too short
+        for every worker to get several chunks of the longest length); ``table`` ends
+        with them.
     """
 
     profile: Profile
@@ -122,14 +127,17 @@ class SearchResult:
     elapsed: float
     runs: int
     strategy: str
+    notes: tuple[str, ...] = ()
 
     def table(self) -> str:
-        """The seed-style table, the serial baseline and the best point."""
+        """The seed-style table, the serial baseline and the best point, then the notes
+        (what the search could not measure)."""
         from autotune.report import backend_reason, format_table
 
         reason = backend_reason(self.profile)
         text = format_table(self.profile)
-        return f"{text}\nbackend {self.profile.backend}: {reason}" if reason else text
+        text = f"{text}\nbackend {self.profile.backend}: {reason}" if reason else text
+        return "\n".join([text, *(f"note: {note}" for note in self.notes)])
 
 
 # -- the measuring engine ------------------------------------------------------------
@@ -436,6 +444,9 @@ def _search(
         elapsed=time.monotonic() - started,
         runs=bench.runs,
         strategy=strategy,
+        notes=()
+        if cluster is not None
+        else short_runs(cpu, item_bytes, max(counts), n, workload.n),
     )
 
 

@@ -6,13 +6,22 @@ this folder is on ``sys.path``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CpuWitness", "NOISY", "agrees", "contention_note", "time_interleaved"]
+__all__ = [
+    "CpuWitness",
+    "NOISY",
+    "agrees",
+    "contention_note",
+    "time_interleaved",
+    "usable_cpus",
+    "workers_for_all",
+]
 
 #: Above this fraction of the machine's CPU taken by others, a run is flagged as noisy.
 NOISY = 0.10
@@ -62,6 +71,22 @@ class CpuWitness:
         wall = time.perf_counter() - wall0
         others = (self._machine_busy() - busy0) - (self._ours() - ours0)
         return max(0.0, others / (wall * (self.psutil.cpu_count() or 1)))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: the probe's ``usable_cpus`` (online CPUs narrowed by
+    the affinity mask, then by a cgroup quota), what autotune's own heuristic caps at."""
+    import autotune
+
+    return autotune.probe().usable_cpus or os.cpu_count() or 1
+
+
+def workers_for_all(given: int | None) -> tuple[int, str]:
+    """Workers every contender gets, and a phrase that says where the count came from:
+    ``--workers`` when given, else every usable CPU (never an assumed 2)."""
+    if given is not None:
+        return given, "--workers"
+    return usable_cpus(), "the usable CPUs; --workers N to change"
 
 
 def contention_note(fraction: float | None) -> str:

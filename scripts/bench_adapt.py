@@ -7,7 +7,9 @@ bytes per item a 16-byte assumption gets wrong by 64x):
 
 1. a grid of fixed settings (workers x chunk bytes from 16 KiB to 16 MiB and
    unchunked), each timed 3 times with ``adapt=False``: the best one is the
-   reference;
+   reference.  The worker counts are the search's (``candidate_workers``):
+   every count up to 4 usable CPUs, then powers of two, the physical cores
+   and every usable CPU, so the grid stays bounded on 64 cores (7 counts);
 2. ``Evaluator(shared=...)`` and nothing else, in a fresh profile directory,
    called 30 times; every call is followed by one call of the best fixed
    setting, so each ratio (best fixed seconds / zero-config seconds) is
@@ -49,6 +51,8 @@ import numpy as np
 from _bench_common import CpuWitness, contention_note
 
 import autotune
+from autotune.cpu import CpuInfo
+from autotune.engine import candidate_workers
 from autotune.workloads import ndimage_kernel, spline_data, spline_kernel, stream_kernel
 
 HERE = Path(__file__).resolve()
@@ -106,19 +110,28 @@ def call(ev: autotune.Evaluator, kernel: Callable[..., Any], n: int, mode: str) 
 
 
 # -- the grid -----------------------------------------------------------------
+def grid_points(cpu: CpuInfo, n: int, item_bytes: int) -> list[tuple[int, int]]:
+    """The grid's (workers, chunk_len): the search's worker counts for ``cpu`` x chunk
+    bytes from CHUNK_BYTES, and unchunked.  No length is longer than unchunked (fewer
+    chunks than workers would only time fewer workers again)."""
+    points = []
+    for workers in candidate_workers(cpu):
+        unchunked = -(-n // workers)
+        lengths = sorted({max(1, min(unchunked, b // item_bytes)) for b in CHUNK_BYTES})
+        lengths.append(unchunked)
+        points += [(workers, chunk_len) for chunk_len in dict.fromkeys(lengths)]
+    return points
+
+
 def grid_best(kernel, shared, n, mode, item_bytes, repeats) -> tuple[tuple[int, int], float]:
     """The fastest fixed (workers, chunk_len), and its median seconds."""
-    usable = len(os.sched_getaffinity(0))
     best: tuple[tuple[int, int], float] | None = None
-    for workers in range(1, usable + 1):
-        lengths = sorted({max(1, min(n, b // item_bytes)) for b in CHUNK_BYTES})
-        lengths.append(-(-n // workers))  # unchunked
-        for chunk_len in dict.fromkeys(lengths):
-            with autotune.Evaluator(workers, chunk_len, shared=shared, adapt=False) as ev:
-                call(ev, kernel, n, mode)  # warm-up
-                med = statistics.median(call(ev, kernel, n, mode) for _ in range(repeats))
-            if best is None or med < best[1]:
-                best = ((workers, chunk_len), med)
+    for workers, chunk_len in grid_points(autotune.probe(), n, item_bytes):
+        with autotune.Evaluator(workers, chunk_len, shared=shared, adapt=False) as ev:
+            call(ev, kernel, n, mode)  # warm-up
+            med = statistics.median(call(ev, kernel, n, mode) for _ in range(repeats))
+        if best is None or med < best[1]:
+            best = ((workers, chunk_len), med)
     assert best is not None
     return best
 

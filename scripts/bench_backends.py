@@ -4,8 +4,8 @@ For each workload (stream: numpy ufuncs, release the GIL; spline:
 ``RectBivariateSpline.ev``, holds it; ndimage: scipy.ndimage row filters):
 
 * serial: the kernel over the whole range in this process;
-* ``ThreadPoolExecutor(2)`` with the chunking a user would pick (8 chunks:
-  four per thread), results joined;
+* ``ThreadPoolExecutor(W)`` with the chunking a user would pick (four chunks
+  per thread), results joined; ``W`` is every usable CPU;
 * autotune, each backend tuned on its own (``search(..., backends=(b,))``),
   then timed head to head with the others (interleaved runs, medians);
 * what ``autotune search`` picks when it searches both.
@@ -24,7 +24,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from _bench_common import time_interleaved  # this folder is sys.path[0]
+from _bench_common import time_interleaved, usable_cpus  # this folder is sys.path[0]
 
 from autotune import Evaluator
 from autotune.backends.shared import SharedNamespace
@@ -63,8 +63,9 @@ def bench(workload, budget: float, repeats: int) -> dict:
     def serial():
         return workload.kernel(ns, 0, n)
 
-    step = -(-n // 8)
-    executor = ThreadPoolExecutor(2)
+    threads = usable_cpus()
+    step = -(-n // (4 * threads))
+    executor = ThreadPoolExecutor(threads)
 
     def tpe():
         futures = [
@@ -80,7 +81,7 @@ def bench(workload, budget: float, repeats: int) -> dict:
             tuned[backend] = (r.profile.workers, r.profile.chunk_len)
         both = search(workload, budget=budget, items=n, progress=False).profile
     pools = {b: Evaluator(w, c, shared=workload.shared, backend=b) for b, (w, c) in tuned.items()}
-    runners = {"serial": serial, "ThreadPoolExecutor(2), 8 chunks": tpe}
+    runners = {"serial": serial, f"ThreadPoolExecutor({threads}), {4 * threads} chunks": tpe}
     for b, ev in pools.items():
         call = ev.map if workload.mode == "map" else ev.reduce
         runners[f"autotune {b} (tuned)"] = lambda call=call: call(workload.kernel, n)

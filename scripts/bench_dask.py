@@ -1,16 +1,17 @@
-"""autotune's dask backend against the Dask code a user would write, on a 2-worker LocalCluster.
+"""autotune's dask backend against the Dask code a user would write, on a local Dask cluster.
 
-One ``LocalCluster(processes=True, n_workers=2, threads_per_worker=1)``, two
+One ``LocalCluster(processes=True, n_workers=W, threads_per_worker=1)`` (``W``:
+every usable CPU unless ``--workers`` says otherwise; printed), two
 workloads (stream: a memory-bound numpy map; spline: the seed's
 RectBivariateSpline sum, a reduce), timed in one run (interleaved repeats,
 medians; every result checked against the serial one):
 
 * serial: the kernel over the whole range in this process;
 * ``dask.array``: ``da.from_array`` of the inputs and ``map_blocks`` with
-  the kernel, 8 blocks (4 per worker), and with Dask's default ``"auto"``
+  the kernel, 4 blocks per worker, and with Dask's default ``"auto"``
   chunks; the inputs travel with the graph on every call, as in such code;
 * ``client.map`` over ``(start, stop)`` ranges of data scattered once (what
-  the Dask docs recommend for big inputs), 8 tasks;
+  the Dask docs recommend for big inputs), 4 tasks per worker;
 * autotune's dask backend with the heuristic chunk, and tuned by
   ``search(..., backends=("dask",), client=client)``; its data is scattered
   once per evaluator (the setup time is printed apart).
@@ -32,13 +33,13 @@ import time
 import warnings
 
 import numpy as np
-from _bench_common import time_interleaved  # this folder is sys.path[0]
+from _bench_common import time_interleaved, workers_for_all  # this folder is sys.path[0]
 
 from autotune import Evaluator, search
 from autotune.backends.shared import SharedNamespace
 from autotune.workloads import spline, spline_kernel, stream, stream_kernel
 
-BLOCKS = 8  # what a user picks: four per worker
+BLOCKS_PER_WORKER = 4  # what a user picks
 
 
 def sizes(quick: bool) -> dict:
@@ -89,8 +90,8 @@ def range_task(kernel, shared, start, stop):
     return kernel(SharedNamespace(shared), start, stop)
 
 
-def client_map_runner(client, workload, data):
-    starts, stops = zip(*ranges(workload.n, BLOCKS), strict=True)
+def client_map_runner(client, workload, data, blocks):
+    starts, stops = zip(*ranges(workload.n, blocks), strict=True)
     kernels = [workload.kernel] * len(starts)
 
     def run():
@@ -101,7 +102,7 @@ def client_map_runner(client, workload, data):
     return run
 
 
-def bench(client, workload, budget: float, repeats: int) -> dict:
+def bench(client, workload, budget: float, repeats: int, blocks: int) -> dict:
     n = workload.n
     ns = SharedNamespace(dict(workload.shared))
     expected = workload.kernel(ns, 0, n)
@@ -123,12 +124,14 @@ def bench(client, workload, budget: float, repeats: int) -> dict:
         call = ev.map if workload.mode == "map" else ev.reduce
         return lambda: call(workload.kernel, n)
 
-    block = -(-n // BLOCKS)
+    block = -(-n // blocks)
     runners = {
         "serial (this process)": lambda: workload.kernel(ns, 0, n),
-        f"dask.array, {BLOCKS} blocks": dask_array_runner(client, workload, block),
+        f"dask.array, {blocks} blocks": dask_array_runner(client, workload, block),
         "dask.array, chunks='auto'": dask_array_runner(client, workload, "auto"),
-        f"client.map, scattered, {BLOCKS} tasks": client_map_runner(client, workload, scattered),
+        f"client.map, scattered, {blocks} tasks": client_map_runner(
+            client, workload, scattered, blocks
+        ),
         f"autotune dask, heuristic ({plain.chunk_len})": autotune_runner(plain),
         "autotune dask, tuned": autotune_runner(tuned),
     }
@@ -155,7 +158,11 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--budget", type=float, default=None, help="seconds per search")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="Dask workers (the usable CPUs)")
     args = parser.parse_args()
+    workers, workers_from = workers_for_all(args.workers)
+    if workers < 1:
+        parser.error("--workers must be >= 1")
     try:
         import distributed
     except ImportError:
@@ -166,7 +173,7 @@ def main() -> int:
 
     cluster = distributed.LocalCluster(
         processes=True,
-        n_workers=2,
+        n_workers=workers,
         threads_per_worker=1,
         dashboard_address=":0",
         silence_logs=logging.ERROR,
@@ -175,13 +182,17 @@ def main() -> int:
     try:
         with distributed.Client(cluster, set_as_default=False) as client:
             for make in sizes(args.quick).values():
-                results.append(bench(client, make(), budget, repeats))
+                blocks = BLOCKS_PER_WORKER * workers
+                results.append(bench(client, make(), budget, repeats, blocks))
     finally:
         cluster.close()
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print("LocalCluster(processes=True, n_workers=2, threads_per_worker=1)\n")
+    print(
+        f"LocalCluster(processes=True, n_workers={workers}, threads_per_worker=1) "
+        f"({workers_from})\n"
+    )
     for r in results:
         sec = r["seconds"]
         serial = sec["serial (this process)"]

@@ -2,6 +2,8 @@
 
 Everything is measured in one run on this machine and printed as ratios
 against what a user would use instead, so that machine noise cancels out.
+Every contender gets the same workers: every usable CPU unless ``--workers``
+says otherwise (the count and where it came from are printed).
 
     python scripts/bench_evaluator.py            # full run (about a minute)
     python scripts/bench_evaluator.py --quick    # smaller sizes
@@ -25,6 +27,7 @@ import sys
 import time
 
 import numpy as np
+from _bench_common import workers_for_all  # this folder is sys.path[0]
 
 from autotune import Evaluator
 
@@ -54,7 +57,7 @@ def _median_time(fn, repeats):
     return statistics.median(times)
 
 
-def per_task_overhead(tasks: int, repeats: int, workers: int = 2) -> dict[str, float | None]:
+def per_task_overhead(tasks: int, repeats: int, workers: int) -> dict[str, float | None]:
     """Seconds per task (or chunk) of an empty kernel, each pool started beforehand."""
     out: dict[str, float | None] = {}
     with Evaluator(workers, 1, start_method="fork") as ev:
@@ -121,8 +124,8 @@ def pss_bytes(pid: int) -> int:
     raise RuntimeError("no Pss line")
 
 
-def pss_one(method: str, mib: int, allocator: bool) -> dict[str, float]:
-    """Run in a fresh interpreter: PSS growth of parent + 2 workers sharing one array."""
+def pss_one(method: str, mib: int, allocator: bool, workers: int) -> dict[str, float]:
+    """Run in a fresh interpreter: PSS growth of parent + workers sharing one array."""
     import autotune
 
     nbytes = mib * 2**20
@@ -132,7 +135,7 @@ def pss_one(method: str, mib: int, allocator: bool) -> dict[str, float]:
         x[:] = 1.0
     else:
         x = np.ones(nbytes // 8)
-    with Evaluator(2, 2**18, shared={"x": x}, start_method=method) as ev:
+    with Evaluator(workers, 2**18, shared={"x": x}, start_method=method) as ev:
         t0 = time.perf_counter()
         total = ev.reduce(touch_all, len(x))  # every worker reads its share of the array
         elapsed = time.perf_counter() - t0
@@ -142,12 +145,13 @@ def pss_one(method: str, mib: int, allocator: bool) -> dict[str, float]:
     return {"growth_ratio": (after - base) / nbytes, "reduce_s": elapsed}
 
 
-def memory(mib: int) -> dict[str, dict[str, float]]:
+def memory(mib: int, workers: int) -> dict[str, dict[str, float]]:
     results = {}
     for method in START_METHODS:
         for allocator in (False, True):
             label = f"{method}{' + autotune.shared_array' if allocator else ''}"
             cmd = [sys.executable, __file__, "--pss-one", method, "--mib", str(mib)]
+            cmd += ["--workers", str(workers)]
             if allocator:
                 cmd.append("--allocator")
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -158,18 +162,18 @@ def memory(mib: int) -> dict[str, dict[str, float]]:
 
 
 # -- 3. time to first result -----------------------------------------------------------
-def first_result(repeats: int) -> dict[str, float]:
+def first_result(repeats: int, workers: int) -> dict[str, float]:
     out = {}
     for method in START_METHODS:
 
         def once(method=method):
-            with Evaluator(2, 10, start_method=method) as ev:
+            with Evaluator(workers, 10, start_method=method) as ev:
                 ev.reduce(empty_kernel, 20)
 
         out[f"autotune {method}"] = _median_time(once, repeats)
 
         def pool(method=method):
-            with mp.get_context(method).Pool(2) as p:
+            with mp.get_context(method).Pool(workers) as p:
                 p.map(empty_task, range(20))
 
         out[f"Pool {method}"] = _median_time(pool, repeats)
@@ -183,11 +187,17 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=None, help="shared array size in MiB")
     parser.add_argument("--tasks", type=int, default=None, help="empty tasks per overhead run")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="workers for everyone (the usable CPUs)"
+    )
     parser.add_argument("--pss-one", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    workers, workers_from = workers_for_all(args.workers)
+    if workers < 1:
+        parser.error("--workers must be >= 1")
     if args.pss_one:
-        print(json.dumps(pss_one(args.pss_one, args.mib, args.allocator)))
+        print(json.dumps(pss_one(args.pss_one, args.mib, args.allocator, workers)))
         return 0
 
     tasks, repeats = (2_000, 3) if args.quick else (20_000, 5)
@@ -196,9 +206,11 @@ def main() -> int:
     mib = args.mib or (64 if args.quick else 512)
     report = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "overhead_s_per_task": per_task_overhead(tasks, repeats),
-        "memory": memory(mib),
-        "first_result_s": first_result(repeats),
+        "workers": workers,
+        "workers_from": workers_from,
+        "overhead_s_per_task": per_task_overhead(tasks, repeats, workers),
+        "memory": memory(mib, workers),
+        "first_result_s": first_result(repeats, workers),
         "array_mib": mib,
         "tasks": tasks,
     }
@@ -208,18 +220,24 @@ def main() -> int:
 
     over = report["overhead_s_per_task"]
     ref = over["Pool.imap(chunksize=1)"]
-    print(f"1. Per-chunk overhead, empty kernel, 2 workers, {tasks} tasks (median of {repeats})")
+    print(f"{workers} workers for every contender ({workers_from})\n")
+    print(
+        f"1. Per-chunk overhead, empty kernel, {workers} workers, {tasks} tasks "
+        f"(median of {repeats})"
+    )
     print(f"   {'':40s} {'us/task':>9s} {'vs Pool.imap':>13s}")
     for name, sec in over.items():
         if sec is None:
             print(f"   {name:40s} {'skipped (not installed)':>23s}")
         else:
             print(f"   {name:40s} {sec * 1e6:9.2f} {sec / ref:12.3f}x")
-    print(f"\n2. Memory: 2 workers share a {mib} MiB float64 array (PSS of parent + workers)")
+    print(
+        f"\n2. Memory: {workers} workers share a {mib} MiB float64 array (PSS of parent + workers)"
+    )
     print(f"   {'start method':40s} {'growth / array':>15s}")
     for name, m in report["memory"].items():
         print(f"   {name:40s} {m['growth_ratio']:14.2f}x")
-    print("\n3. Time from Evaluator(...) / Pool(...) to the first result, 2 workers")
+    print(f"\n3. Time from Evaluator(...) / Pool(...) to the first result, {workers} workers")
     for name, sec in report["first_result_s"].items():
         print(f"   {name:40s} {sec * 1e3:8.1f} ms")
     return 0

@@ -1,9 +1,10 @@
 """autotune against what users would pick instead: joblib, mpire, ProcessPoolExecutor, Pool.
 
-One run on this machine, the same number of workers for everyone (2 by
-default), four workloads, each solved the way a competent user of each peer
-would after reading its documentation, and every result checked against the
-serial one:
+One run on this machine, the same number of workers for every peer (every
+usable CPU by default, ``--workers`` to change; autotune's own come from its
+profile or heuristic: the physical cores, capped by the usable CPUs), four workloads,
+each solved the way a competent user of each peer would after reading its
+documentation, and every result checked against the serial one:
 
 1. ``spline``: the seed's workload (reduce; compute-bound);
 2. ``stream``: a memory-bound multi-pass numpy expression (map; chunk-sensitive);
@@ -70,7 +71,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from _bench_common import CpuWitness, contention_note  # this folder is sys.path[0]
+from _bench_common import (  # this folder is sys.path[0]
+    CpuWitness,
+    contention_note,
+    workers_for_all,
+)
 
 import autotune
 from autotune import Evaluator
@@ -634,9 +639,9 @@ def print_report(report: dict[str, Any]) -> None:
         f"mpire {m['mpire']}"
     )
     print(
-        f"{report['workers']} workers for every peer; median of {report['repeats']} runs after a "
-        "warm-up, contenders interleaved; ratio = seconds / autotune's seconds (> 1: autotune "
-        "faster); spread = (max - min) / median"
+        f"{report['workers']} workers for every peer ({report['workers_from']}); median of "
+        f"{report['repeats']} runs after a warm-up, contenders interleaved; ratio = seconds / "
+        "autotune's seconds (> 1: autotune faster); spread = (max - min) / median"
     )
     for i, (key, case) in enumerate(report["workloads"].items(), 1):
         a = case["autotune"]
@@ -693,7 +698,9 @@ def main() -> int:
         help="a profile file for autotune; matched to a workload by its 'workload' field "
         "(repeat for several)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="workers for the peers (2)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="workers for the peers (the usable CPUs)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (5; quick 3)")
     parser.add_argument(
         "--workloads", default="spline,stream,wide,loop", help="comma list (default: all four)"
@@ -720,6 +727,7 @@ def main() -> int:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     if min(args.points, args.splines, args.stream_items, args.wide_items, args.loop_items) < 1:
         parser.error("sizes must be >= 1")
+    args.workers, workers_from = workers_for_all(args.workers)
     if args.workers < 1 or args.repeats < 1 or args.calls < 2:
         parser.error("--workers and --repeats must be >= 1, --calls >= 2")
     try:
@@ -731,6 +739,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "machine": machine(),
         "workers": args.workers,
+        "workers_from": workers_from,
         "repeats": args.repeats,
         "workloads": {},
     }

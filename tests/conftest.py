@@ -154,3 +154,31 @@ def no_fork_with_threads(request):
             f"{forked[0].message}",
             pytrace=False,
         )
+
+
+#: Tests that let the evaluator or the search pick "one worker per core" start at most this
+#: many workers: the suite must not start 64 of them on a 64-core machine.
+MAX_TEST_CPUS = 4
+
+
+@pytest.fixture(autouse=True)
+def capped_cpus(request):
+    """Narrow this thread's affinity to at most :data:`MAX_TEST_CPUS` CPUs for the test.
+
+    The probe applies the live process's affinity (the seam ``usable_cpus`` comes
+    from), so ``Evaluator()``, ``autotune search`` and every script a test runs (its
+    children inherit the mask) see at most that many usable CPUs.  Nothing changes where
+    the machine has no more.  A test marked ``all_cpus`` keeps the whole mask.
+    """
+    if request.node.get_closest_marker("all_cpus") or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    if len(saved) <= MAX_TEST_CPUS:
+        yield
+        return
+    os.sched_setaffinity(0, sorted(saved)[:MAX_TEST_CPUS])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)

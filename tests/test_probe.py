@@ -707,6 +707,7 @@ def live_has_model_name() -> bool:
         return False
 
 
+@pytest.mark.all_cpus  # the machine as it is, every usable CPU
 def test_live_probe_is_consistent() -> None:
     info = probe()
     assert info.logical_cpus is not None and info.logical_cpus >= 1
@@ -723,6 +724,21 @@ def test_live_probe_is_consistent() -> None:
         assert c.size_bytes > 0 and c.instances >= 1
         assert 1 <= c.shared_cpus <= info.logical_cpus
     assert CpuInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+
+
+def test_tests_see_at_most_the_capped_cpus() -> None:
+    """conftest narrows every test's affinity: an evaluator left to pick one worker
+    per core starts at most MAX_TEST_CPUS of them, whatever the machine has."""
+    from conftest import MAX_TEST_CPUS
+
+    from autotune import Evaluator
+
+    usable = probe().usable_cpus
+    assert usable is not None and usable <= MAX_TEST_CPUS
+    if hasattr(os, "sched_getaffinity"):
+        assert usable <= len(os.sched_getaffinity(0)) <= MAX_TEST_CPUS
+    with Evaluator(adapt=False) as ev:
+        assert 1 <= ev.workers <= MAX_TEST_CPUS
 
 
 @pytest.mark.skipif(not live_is_linux_with_caches(), reason="needs Linux sysfs with caches")

@@ -18,8 +18,15 @@ from pathlib import Path
 
 import pytest
 
+import autotune
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 TINY_SPLINE = ["--points", "2000", "--splines", "2", "--quick", "--repeats", "1"]
+
+
+def usable_cpus() -> int:
+    """Every contender's workers in the scripts, unless ``--workers`` says otherwise."""
+    return autotune.probe().usable_cpus or 1
 
 
 def run_script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -50,6 +57,9 @@ def test_reproduce_seed_tiny():
     assert "MISMATCH" not in out
     assert "autotune row: " in out
     assert "published (Intel i3-3227U, from the seed)" in out
+    # The seed's process counts on purpose, whatever this machine has, and it says so.
+    here = f"this machine has {usable_cpus()} usable CPUs"
+    assert f"Process counts: the seed's (1-3), on purpose, beside the i3's table; {here}" in out
     assert re.search(r"^3 +(\d+\.\d\d +){5}\|", out, re.M), out  # the measured table's last row
 
 
@@ -96,6 +106,7 @@ def test_bench_peers_tiny():
     assert all(re.search(r"\bOK\b", line) for line in rows), out
     for title in ("1. spline", "2. stream", "3. wide", "4. loop", "Targets"):
         assert title in out
+    assert f"\n{usable_cpus()} workers for every peer (the usable CPUs;" in out, out
 
 
 def test_bench_peers_json():
@@ -115,6 +126,7 @@ def test_bench_peers_json():
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert set(report["workloads"]) == {"stream", "loop"}
+    assert report["workers"] == usable_cpus() and report["workers_from"].startswith("the usable")
     for case in report["workloads"].values():
         for row in case["results"]:
             assert row.get("agrees") or "skipped" in row, row
@@ -167,6 +179,9 @@ def test_bench_evaluator_quick():
         r"\d+\.\d\dx$",
     )
     rows_of(out, [f"{who} {m}" for m in methods for who in ("autotune", "Pool")], r"\d+\.\d ms")
+    workers = usable_cpus()
+    assert out.startswith(f"{workers} workers for every contender (the usable CPUs;"), out
+    assert f"1. Per-chunk overhead, empty kernel, {workers} workers," in out
 
 
 def test_bench_tuner_quick():
@@ -200,9 +215,10 @@ def test_bench_backends_quick():
     out = done.stdout
     sections = dict(re.findall(r"^(\w+) \(n=\d+\).*\n((?:  .*\n?)+)", out, re.M))
     assert set(sections) == {"stream", "spline", "ndimage"}, out
+    threads = usable_cpus()  # what the script gives the executor
     contenders = [
         "serial",
-        "ThreadPoolExecutor(2), 8 chunks",
+        f"ThreadPoolExecutor({threads}), {4 * threads} chunks",
         "autotune processes (tuned)",
         "autotune threads (tuned)",
     ]
@@ -222,11 +238,13 @@ def test_bench_dask_quick():
     out = done.stdout
     sections = dict(re.findall(r"^(\w+) \(n=\d+\).*\n((?:  .*\n?)+)", out, re.M))
     assert set(sections) == {"stream", "spline"}, out
+    workers = usable_cpus()  # the cluster's, four blocks or tasks each
+    assert f"LocalCluster(processes=True, n_workers={workers}," in out, out
     contenders = [
         "serial (this process)",
-        "dask.array, 8 blocks",
+        f"dask.array, {4 * workers} blocks",
         "dask.array, chunks='auto'",
-        "client.map, scattered, 8 tasks",
+        f"client.map, scattered, {4 * workers} tasks",
         "autotune dask, heuristic",
         "autotune dask, tuned",
     ]
@@ -287,3 +305,83 @@ def test_bench_runs_smoke():
         assert re.search(rf"^  {row} +\d+\.\d\d +\d+\.\d\d$", out, re.M), out
     # The first zero-config run saved what it measured: the second found a profile.
     assert re.search(r"^  profile +[es] +[es]$", out, re.M), out
+
+
+def many_cores(cores: int) -> autotune.CpuInfo:
+    """A probe's answer for a machine of ``cores`` cores, 1 thread each, 2 MiB L2 per core."""
+    from autotune.cpu import CacheLevel, CpuInfo
+
+    return CpuInfo(
+        brand="x86-64, many cores",
+        logical_cpus=cores,
+        physical_cores=cores,
+        threads_per_core=1,
+        usable_cpus=cores,
+        cpu_quota=None,
+        caches=(
+            CacheLevel(1, "data", 48 << 10, 1, cores),
+            CacheLevel(2, "unified", 2 << 20, 1, cores),
+        ),
+    )
+
+
+def test_bench_adapt_grid_stays_bounded_on_many_cores(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_adapt
+
+    per_count = len(bench_adapt.CHUNK_BYTES) + 1  # and unchunked
+    two = bench_adapt.grid_points(many_cores(2), 1 << 22, 8)
+    assert sorted({w for w, _ in two}) == [1, 2]  # every count, as on the 2-core VM
+    wide = bench_adapt.grid_points(many_cores(64), 1 << 22, 8)
+    counts = sorted({w for w, _ in wide})
+    assert counts == [1, 2, 4, 8, 16, 32, 64]  # not 64 counts
+    assert len(wide) <= len(counts) * per_count
+    for workers, chunk_len in wide:
+        assert 1 <= chunk_len <= -(-(1 << 22) // workers)
+
+
+@pytest.mark.slow
+def test_bench_manycore_quick_prints_every_part_and_writes_a_landscape(tmp_path):
+    from replay import Landscape
+
+    path = tmp_path / "landscape.json"
+    done = run_script(
+        "bench_manycore.py",
+        *("--quick", "--budget", "5", "--splines", "2", "--landscape", str(path)),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    workers = usable_cpus()
+    assert f"1. Per-chunk overhead, empty kernel, {workers} workers," in out, out
+    us = r"\d+\.\d\d us +\d+\.\d{3}x"
+    rows_of(out, ["autotune Evaluator.reduce(chunk_len=1)", "Pool.imap(chunksize=1)"], us)
+    assert f"; {workers} workers for every contender" in out, out
+    # The zero-config calls one by one: a ratio and a setting for each of the 8 quick calls.
+    calls = re.search(
+        r"the setting each call ran\n +((?:\d+\.\d\d ?){8})\n +(.*)\(\* exploring\)", out
+    )
+    assert calls, out
+    assert all(re.fullmatch(r"inline|\d+x\d+\*?", s) for s in calls.group(2).split()), out
+    ours = ["serial", "Pool over ranges of 7812", "autotune zero-config, after its calls"]
+    ours.append("autotune, its search's pick")
+    rows_of(out, ours, r"\d+\.\d{3} s +\d+\.\d\dx serial +\d+\.\d\d vs Pool$")
+    peers = {
+        "mpire over ranges of 7812": "mpire",
+        "Pool, one task per spline": "multiprocessing",
+        "joblib, one task per spline": "joblib",
+        "mpire, one task per spline": "mpire",
+    }
+    for name, module in peers.items():
+        ran = re.search(rf"^ +{re.escape(name)} +\d+\.\d{{3}} s .* vs Pool$", out, re.M)
+        assert bool(ran) == installed(module), out
+    assert "MISMATCH" not in out
+    for kernel in ("tail", "loop", "wide"):
+        row = rf"^ +{kernel} +\d+ +\d+ x \d+ +\d+ +\d+\.\d\d +\d+\.\d\d +[+-]\d+\.\d%$"
+        assert re.search(row, out, re.M), out
+        # The grid, as a landscape the replay tests can read: 3 timed calls a point.
+        landscape = Landscape.load(path, kernel)
+        assert landscape.cpu.logical_cpus == autotune.probe().logical_cpus
+        assert landscape.points and all(len(s) == 3 for s in landscape.points.values())
+        assert {w for w, _ in landscape.points} <= set(range(1, workers + 1))
+    assert f"landscape written to {path}" in out

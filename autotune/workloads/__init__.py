@@ -12,6 +12,12 @@
     A row filter in map mode: ``scipy.ndimage`` smoothing along each row of
     an image (items are rows).
 
+Their default sizes fit the machine: at least the sizes they always had
+(1e6 points, 2^24 values, 8192 rows), and more where the usable CPUs need more
+items for a search to give each worker several chunks of the longest length
+it screens (:func:`run_items`).  On a 2-core machine with a 2 MiB L2 that is
+the sizes they always had; on a 16-core one the spline has 6.3e6 points.
+
 A user's workload is ``MODULE:CALLABLE``, the callable returning a
 :class:`autotune.Workload` (called with no arguments).
 """
@@ -23,12 +29,70 @@ from collections.abc import Callable
 
 import numpy as np
 
+from autotune.cpu import CpuInfo, probe
+from autotune.cpu.model import FALLBACK_L2_BYTES
 from autotune.workload import Workload
 
-__all__ = ["BUILTIN", "ITEM_BYTES", "get_workload", "ndimage", "spline", "stream"]
+__all__ = [
+    "BUILTIN",
+    "CHUNKS_PER_WORKER",
+    "ITEM_BYTES",
+    "get_workload",
+    "machine_sized",
+    "ndimage",
+    "run_items",
+    "short_runs",
+    "spline",
+    "stream",
+]
 
 #: Bytes each built-in workload touches per item, known without building it.
 ITEM_BYTES = {"spline": 16, "stream": 32, "ndimage": 1024 * 8 * 3}
+
+#: Chunks of the longest length a search screens that each worker should get in one
+#: timed run.  With one, every worker count's best is "one chunk each" for want of
+#: items: on a lent 16-core Xeon, ``autotune search --workload spline --budget 25`` ran
+#: 38240 items a run and picked 16 workers x 2390, one chunk each (issue 19).  Three
+#: leave room for the ladder above and below the longest length.
+CHUNKS_PER_WORKER = 3
+
+
+def run_items(cpu: CpuInfo, item_bytes: int, workers: int) -> int:
+    """Items a timed run needs for each of ``workers`` to get :data:`CHUNKS_PER_WORKER`
+    chunks of the longest length the search screens.
+
+    The search screens every worker count at a chunk of about L2/8 and at one eight
+    times longer (:func:`autotune.engine.auto_requests`): one L2 of items, which is
+    the longest length here (the fallback L2 where the probe found none).
+    """
+    longest = max(1, (cpu.l2 or FALLBACK_L2_BYTES) // max(1, item_bytes))
+    return workers * CHUNKS_PER_WORKER * longest
+
+
+def short_runs(cpu: CpuInfo, item_bytes: int, workers: int, n: int, total: int) -> tuple[str, ...]:
+    """A note when runs of ``n`` items (of the workload's ``total``) leave ``workers``
+    fewer than :data:`CHUNKS_PER_WORKER` chunks each of the longest length screened: a
+    best point of one chunk per worker may then be for want of items.  ``()`` otherwise."""
+    needed = run_items(cpu, item_bytes, workers)
+    if n >= needed:
+        return ()
+    longest = needed // (workers * CHUNKS_PER_WORKER)
+    how = (
+        f"--items {needed} and a larger --budget would measure them"
+        if total >= needed
+        else f"the workload has only {total} items: a larger one would measure them"
+    )
+    return (
+        f"runs of {n} items gave {workers} workers fewer than {CHUNKS_PER_WORKER} chunks "
+        f"each of the longest length screened ({longest} items); {how}",
+    )
+
+
+def machine_sized(default: int, item_bytes: int, cpu: CpuInfo | None = None) -> int:
+    """``default`` items, or :func:`run_items` at every usable CPU of ``cpu`` (the
+    probe's, by default) where that is more."""
+    cpu = probe() if cpu is None else cpu
+    return max(default, run_items(cpu, item_bytes, cpu.usable_cpus or 1))
 
 
 # -- spline ----------------------------------------------------------------------
@@ -58,8 +122,11 @@ def spline_data(points: int = 1_000_000, splines: int = 50, seed: int = 0) -> di
     }
 
 
-def spline(points: int = 1_000_000, splines: int = 50, seed: int = 0) -> Workload:
-    """The seed workload (``item_bytes=16``: the x and z slices, as in the seed's table)."""
+def spline(points: int | None = None, splines: int = 50, seed: int = 0) -> Workload:
+    """The seed workload (``item_bytes=16``: the x and z slices, as in the seed's table);
+    ``points`` defaults to 1e6, or :func:`machine_sized` where the machine needs more."""
+    if points is None:
+        points = machine_sized(1_000_000, ITEM_BYTES["spline"])
     return Workload(
         name="spline",
         n=points,
@@ -85,8 +152,11 @@ def stream_kernel(shared, start, stop):
     return u
 
 
-def stream(n: int = 1 << 24, seed: int = 0) -> Workload:
-    """Memory-bound map (``item_bytes=32``: the input, the output and two temporaries)."""
+def stream(n: int | None = None, seed: int = 0) -> Workload:
+    """Memory-bound map (``item_bytes=32``: the input, the output and two temporaries);
+    ``n`` defaults to 2^24, or :func:`machine_sized` where the machine needs more."""
+    if n is None:
+        n = machine_sized(1 << 24, ITEM_BYTES["stream"])
     rng = np.random.default_rng(seed)
     return Workload(
         name="stream",
@@ -109,9 +179,12 @@ def ndimage_kernel(shared, start, stop):
     return ndimage.gaussian_filter1d(smooth, sigma=2.0, axis=1)
 
 
-def ndimage(rows: int = 8192, cols: int = 1024, seed: int = 0) -> Workload:
+def ndimage(rows: int | None = None, cols: int = 1024, seed: int = 0) -> Workload:
     """Row filters over a ``rows x cols`` float64 image (``item_bytes``: a row in, out and
-    one temporary)."""
+    one temporary); ``rows`` defaults to 8192, or :func:`machine_sized` where the machine
+    needs more."""
+    if rows is None:
+        rows = machine_sized(8192, cols * 8 * 3)
     rng = np.random.default_rng(seed)
     return Workload(
         name="ndimage",
