@@ -329,7 +329,9 @@ class Evaluator:
         if self._closed:
             raise RuntimeError("this Evaluator is closed")
         if n == 0:
-            self._last = _LastCall(Meter(self.workers), 0, mode, self.chunk_len, 0.0, False, False)
+            self._last = _LastCall(
+                Meter(self.workers), 0, mode, self.chunk_len, 0, 0.0, False, False
+            )
             self._stats_built = None
             if mode == "map":
                 return np.empty((0,))
@@ -343,6 +345,7 @@ class Evaluator:
             bar = _progress_bar(n, mode) if progress else None
             meter = Meter(self.workers, None if bar is None else bar.update)
             chunk_len, inline, exploring = self.chunk_len, False, False
+            plan = None
             if self._online is None:
                 plan = plan_chunks(n, self.workers, self.chunk_len, self.settings.chunk_source)
                 chunk_len = plan.chunk_len
@@ -350,17 +353,21 @@ class Evaluator:
                     check_memory(plan, self.item_bytes)
             began = time.perf_counter()
             try:
-                if self._online is not None:
+                if plan is None:
+                    assert self._online is not None
                     outcome = self._online.call(kernel, n, mode, combine, meter)
                     result, chunk_len, inline, exploring = outcome
                 else:
-                    result = self._runner.run(kernel, n, chunk_len, mode, combine, meter)
+                    result = self._runner.run(kernel, plan, mode, combine, meter)
             finally:
                 # Stats on every path: a failed call's are as true as any.
                 wall = time.perf_counter() - began
                 if bar is not None:
                     bar.close()
-                self._last = _LastCall(meter, n, mode, chunk_len, wall, inline, exploring)
+                # The plan's chunks (a tail's pieces counted); an adapting call's at
+                # the chunk length of its last run.
+                chunks = plan.chunks if plan is not None else n_chunks(n, chunk_len)
+                self._last = _LastCall(meter, n, mode, chunk_len, chunks, wall, inline, exploring)
                 self._stats_built = None
                 self._busy = None
                 if self._runner.closed:
@@ -380,7 +387,7 @@ class Evaluator:
                 n=last.n,
                 mode=last.mode,
                 chunk_len=last.chunk_len,
-                chunks=n_chunks(last.n, last.chunk_len) if last.n else 0,
+                chunks=last.chunks,
                 backend=self.backend,
                 wall_s=last.wall_s,
                 inline=last.inline,
@@ -424,6 +431,7 @@ class _LastCall:
     n: int
     mode: str
     chunk_len: int
+    chunks: int
     wall_s: float
     inline: bool
     exploring: bool

@@ -31,10 +31,10 @@ from autotune._errors import RangeError
 from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import (
     Batches,
+    ChunkPlan,
     Coverage,
     Cursor,
     balanced_chunk_len,
-    chunk_bounds,
     count_chunks,
 )
 from autotune.backends.shared import SharedNamespace
@@ -72,21 +72,26 @@ def test_chunks_of_a_call_cover_it_exactly(n, data):
     chunk_len = data.draw(st.integers(max(1, n // 20_000), n + 3), label="chunk_len")
     workers = data.draw(st.integers(1, 64), label="workers")
     for length in (chunk_len, balanced_chunk_len(n, chunk_len, workers)):
-        total = count_chunks(n, length)
-        covers_exactly([chunk_bounds(c, c + 1, length, n) for c in range(total)], n)
+        plan = ChunkPlan(n, workers, length)
+        total = plan.chunks
+        assert total == count_chunks(n, length)
+        covers_exactly([plan.bounds(c, c + 1) for c in range(total)], n)
+        assert list(plan.ranges()) == [plan.bounds(c, c + 1) for c in range(total)]
         # A batch is the union of its chunks.
-        assert chunk_bounds(0, total, length, n) == (0, n)
+        assert plan.bounds(0, total) == (0, n)
         with pytest.raises(RangeError):
-            chunk_bounds(total, total + 1, length, n)  # one chunk past the end
+            plan.bounds(total, total + 1)  # one chunk past the end
 
 
 @pytest.mark.parametrize(
     ("c0", "c1", "chunk_len", "n"),
     [(0, 0, 10, 100), (3, 2, 10, 100), (-1, 1, 10, 100), (0, 11, 10, 100), (10, 11, 10, 100)],
 )
-def test_chunk_bounds_refuse_chunks_that_are_not_the_calls(c0, c1, chunk_len, n):
+def test_plans_refuse_chunks_that_are_not_the_calls(c0, c1, chunk_len, n):
     with pytest.raises(RangeError, match="bug in autotune"):
-        chunk_bounds(c0, c1, chunk_len, n)
+        ChunkPlan(n, 2, chunk_len).bounds(c0, c1)
+    with pytest.raises(RangeError, match="bug in autotune"):
+        next(ChunkPlan(n, 2, chunk_len).ranges(c0, c1))
 
 
 @pytest.mark.parametrize(("n", "chunk_len"), [(10, 0), (-1, 5), (10, 2.5), (10.0, 2)])
@@ -221,13 +226,13 @@ class ScriptedPool:
         self.noise = np.random.default_rng(seed)
         self.calls = 0
 
-    def run(self, kernel, n, chunk_len, mode, combine, meter=None, workers=None):
+    def run(self, kernel, plan, mode, combine, meter=None):
         self.calls += 1
-        active = self.workers if workers is None else max(1, min(workers, self.workers))
+        active = max(1, min(plan.workers, self.workers))
         began = self.clock.now
-        result = run_inline(kernel, SharedNamespace({}), n, chunk_len, mode, combine, Meter(1))
+        result = run_inline(kernel, SharedNamespace({}), plan, mode, combine, Meter(1))
         work = self.clock.now - began
-        off = np.log2(chunk_len / self.best_len)
+        off = np.log2(plan.chunk_len / self.best_len)
         efficiency = self.noise.uniform(0.8, 1.2) / (1 + off * off / 16)
         self.clock.now = began + 3e-4 + work / (active * efficiency)
         if meter is not None:

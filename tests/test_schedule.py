@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autotune.backends.schedule import Batches, OrderedFold, chunk_bounds, n_chunks
+from autotune.backends.schedule import Batches, ChunkPlan, OrderedFold, n_chunks
 
 
 def test_chunk_arithmetic():
     assert n_chunks(10, 3) == 4 and n_chunks(9, 3) == 3 and n_chunks(0, 3) == 0
-    assert chunk_bounds(3, 4, 3, 10) == (9, 10)
-    assert chunk_bounds(0, 4, 3, 10) == (0, 10)
+    assert ChunkPlan(10, 2, 3).bounds(3, 4) == (9, 10)
+    assert ChunkPlan(10, 2, 3).bounds(0, 4) == (0, 10)
 
 
 def test_batches_cover_every_chunk_once_and_shrink():
@@ -113,7 +113,6 @@ def test_the_planner_refuses_what_is_not_a_plan():
 def test_every_plan_is_a_cut_of_the_call(n, workers, chunk_len, source):
     from autotune.backends.schedule import (
         GUESSED_CHUNKS_PER_WORKER,
-        chunk_bounds,
         plan_chunks,
     )
 
@@ -135,7 +134,7 @@ def test_every_plan_is_a_cut_of_the_call(n, workers, chunk_len, source):
 
         assert busiest(plan.chunk_len) <= busiest(chunk_len)
     # The ranges: the first from 0, each from where the last stopped, the last at n.
-    assert chunk_bounds(0, plan.chunks, plan.chunk_len, n) == (0, n)
+    assert plan.bounds(0, plan.chunks) == (0, n)
     if plan.chunks <= 10_000:
         ranges = list(plan.ranges())
         assert ranges[0][0] == 0 and ranges[-1][1] == n

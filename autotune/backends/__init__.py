@@ -1,7 +1,8 @@
 """Backends: the runners that execute a call's chunks, each behind one interface.
 
-A runner has ``run(kernel, n, chunk_len, mode, combine)`` (one call: the
-result, or the kernel's exception raised as itself), ``close()`` (idempotent)
+A runner has ``run(kernel, plan, mode, combine)`` (one call: the ranges of a
+:class:`~autotune.backends.schedule.ChunkPlan`; the result, or the kernel's
+exception raised as itself), ``close()`` (idempotent)
 and ``closed``; it owns its workers, memory and counters, and nothing else
 touches them.  ``processes`` (:class:`~autotune.backends.processes.pool.ProcessPool`:
 worker processes sharing the data copy-on-write or through shared memory),

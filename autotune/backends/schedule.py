@@ -8,17 +8,18 @@ the workers of the call and the chunk length asked for (and where that
 length came from), the :class:`ChunkPlan` whose ranges the runner executes.
 The evaluator, the online refinement and the search all plan through it.
 
-Chunks are fixed ``[c * chunk_len, min(n, (c + 1) * chunk_len))`` ranges, so
-a *batch* is just a range of chunk indices ``[c0, c1)``.  Batches shrink as
-the work runs out (guided self-scheduling, as in OpenMP's ``guided``): big
-batches early keep the parent out of the per-chunk loop, small batches at the
-end keep every worker busy until the last chunk.
+The plan numbers its ranges (its *chunks*), so a *batch* is just a range of
+chunk indices ``[c0, c1)``; :meth:`ChunkPlan.ranges` gives the items they
+cover.  Batches shrink as the work runs out (guided self-scheduling, as in
+OpenMP's ``guided``): big batches early keep the parent out of the per-chunk
+loop, small batches at the end keep every worker busy until the last chunk.
 
 The invariant every call keeps: the ranges handed to kernels are disjoint and
 cover exactly ``[0, n)``.  It is checked where ranges are made, so that a bad
 one raises :class:`~autotune._errors.RangeError` before a kernel runs on it
 (never a silent clip): :func:`count_chunks` checks a call's ``n`` and chunk
-length, :func:`chunk_bounds` turns only chunk indices of the call into items,
+length, a :class:`ChunkPlan` is refused unless its ranges cover the call and
+turns only chunk indices of the call into items (:meth:`ChunkPlan.bounds`),
 :class:`Batches` hands out and takes back only chunks of the call,
 :class:`Coverage` refuses a chunk accepted twice and a call that ends with one
 missing, and :class:`Cursor` cuts a call into consecutive slices (the online
@@ -47,7 +48,6 @@ __all__ = [
     "Cursor",
     "OrderedFold",
     "balanced_chunk_len",
-    "chunk_bounds",
     "count_chunks",
     "n_chunks",
     "plan_chunks",
@@ -133,24 +133,87 @@ _MIN_PER_WORKER = {
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How one call of ``n`` items is cut: chunks of ``chunk_len`` items, the last
-    one shorter, ``workers`` workers taking them.
+    """How one call of ``n`` items is cut, and the only description of its ranges.
 
-    ``ranges()`` are exactly the ``(start, stop)`` ranges the runner hands
-    to kernels: disjoint, covering ``[0, n)``.
+    ``head`` chunks of ``chunk_len`` items cover ``[0, head * chunk_len)``;
+    the rest of the call is cut into pieces of ``piece_len`` items, the last
+    one shorter.  Without a tail ``piece_len == chunk_len`` and ``head`` is 0:
+    chunks of ``chunk_len``, the last one shorter.  ``workers`` take part.
+
+    Five integers say it all, so a runner hands the plan to its workers once
+    per call and then sends chunk indices only; :meth:`bounds` and
+    :meth:`ranges` turn indices into items, checked.  The ranges are
+    disjoint and cover exactly ``[0, n)``; a plan that could not keep that
+    is refused (``RangeError``) when it is made.
     """
 
     n: int
     workers: int
     chunk_len: int
+    head: int = 0
+    piece_len: int = 0  # 0: chunk_len (no tail)
+
+    def __post_init__(self) -> None:
+        count_chunks(self.n, self.chunk_len)  # whole numbers, or RangeError
+        piece = self.piece_len or self.chunk_len
+        if piece == self.chunk_len:
+            object.__setattr__(self, "head", 0)  # one way to say "no tail"
+        object.__setattr__(self, "piece_len", piece)
+        if (
+            self.workers < 1
+            or not 1 <= piece <= self.chunk_len
+            or not 0 <= self.head * self.chunk_len <= self.n
+        ):
+            raise RangeError(
+                f"a plan of {self.n} items: {self.head} chunks of {self.chunk_len}, then pieces "
+                f"of {piece}, on {self.workers} workers"
+            )
+
+    @property
+    def split(self) -> int:
+        """The first item of the pieces: the head's chunks end here."""
+        return self.head * self.chunk_len
 
     @property
     def chunks(self) -> int:
-        return n_chunks(self.n, self.chunk_len)
+        return self.head + n_chunks(self.n - self.split, self.piece_len)
 
-    def ranges(self) -> Iterator[tuple[int, int]]:
-        for c in range(self.chunks):
-            yield chunk_bounds(c, c + 1, self.chunk_len, self.n)
+    def bounds(self, c0: int, c1: int) -> tuple[int, int]:
+        """Item range ``[start, stop)`` covered by chunks ``[c0, c1)`` of the call.
+
+        ``RangeError`` unless ``0 <= c0 < c1 <= chunks``: a batch of no
+        chunk, or of chunks past the call's end.
+        """
+        if not 0 <= c0 < c1 <= self.chunks:
+            raise RangeError(
+                f"chunks [{c0}, {c1}) are not chunks of a call of {self.n} items "
+                f"in {self.chunks} chunks"
+            )
+        return self._start(c0), min(self.n, self._start(c1))
+
+    def _start(self, c: int) -> int:
+        if c <= self.head:
+            return c * self.chunk_len
+        return self.split + (c - self.head) * self.piece_len
+
+    def ranges(self, c0: int = 0, c1: int | None = None) -> Iterator[tuple[int, int]]:
+        """The ``(start, stop)`` of chunks ``c0 .. c1 - 1`` (all by default), checked first.
+
+        What every runner hands its kernel: the loops run no test per chunk.
+        """
+        if c1 is None:
+            c1 = self.chunks
+            if c1 == 0:
+                return  # a call of no item
+        self.bounds(c0, c1)  # chunks of this call, or RangeError
+        n, length, head = self.n, self.chunk_len, self.head
+        for c in range(c0, min(c1, head)):
+            start = c * length
+            yield start, start + length
+        split, piece = self.split, self.piece_len
+        for c in range(max(c0, head), c1):
+            start = split + (c - head) * piece
+            yield start, min(n, start + piece)
 
 
 def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> ChunkPlan:
@@ -179,19 +242,6 @@ def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> Ch
     if per_worker:
         chunk_len = max(1, min(chunk_len, -(-n // (per_worker * workers))))
     return ChunkPlan(n, workers, balanced_chunk_len(n, chunk_len, workers))
-
-
-def chunk_bounds(c0: int, c1: int, chunk_len: int, n: int) -> tuple[int, int]:
-    """Item range ``[start, stop)`` covered by chunks ``[c0, c1)`` of a call of ``n`` items.
-
-    ``RangeError`` unless ``0 <= c0 < c1`` and chunk ``c1 - 1`` starts below
-    ``n``: a batch of no chunk, or of chunks past the call's end.
-    """
-    if not 0 <= c0 < c1 or (c1 - 1) * chunk_len >= n:
-        raise RangeError(
-            f"chunks [{c0}, {c1}) of {chunk_len} items are not chunks of a call of {n} items"
-        )
-    return c0 * chunk_len, min(n, c1 * chunk_len)
 
 
 class Batches:
