@@ -22,8 +22,9 @@ from autotune.adapt import (
     PoolCost,
     SliceRun,
 )
+from autotune.backends.fold import OrderedFold
 from autotune.backends.runners import LazyRunner
-from autotune.backends.schedule import MEASURED, ChunkPlan, Cursor, OrderedFold, plan_chunks
+from autotune.backends.schedule import MEASURED, ChunkPlan, Cursor, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autotune.backends.schedule import Batches, ChunkPlan, OrderedFold, n_chunks
+from autotune.backends.fold import OrderedFold
+from autotune.backends.schedule import Batches, ChunkPlan, n_chunks
 
 
 def test_chunk_arithmetic():

@@ -8,8 +8,9 @@ touches them.  ``processes`` (:class:`~autotune.backends.processes.pool.ProcessP
 worker processes sharing the data copy-on-write or through shared memory),
 ``threads`` (:class:`~autotune.backends.threads.ThreadRunner`) and ``dask``
 (:class:`~autotune.backends.dask.runner.DaskRunner`), with what they share:
-the chunk schedule (``schedule``), the shared data (``shared``), shared
-memory (``shm``) and the checks on map results (``rows``).
+the chunk schedule (``schedule``), the in-order fold (``fold``), the shared
+data (``shared``), shared memory (``shm``) and the checks on map results
+(``rows``).
 """
 
 __all__ = ["BACKENDS", "LOCAL_BACKENDS"]

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from autotune._errors import add_note
+from autotune.backends.fold import OrderedFold
 from autotune.backends.rows import check_row_like, where
-from autotune.backends.schedule import Batches, ChunkPlan, Coverage, OrderedFold
+from autotune.backends.schedule import Batches, ChunkPlan, Coverage
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache, output_layout, output_views
 from autotune.backends.stats import Meter

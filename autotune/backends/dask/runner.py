@@ -20,7 +20,7 @@ task is and how results come back:
 - ``map`` rows are written into the output as tasks finish (fetched straight
   from the workers where that is safe, see :func:`_gather_direct`);
   ``reduce`` partials come back per chunk and are folded strictly in chunk
-  order (:class:`~autotune.backends.schedule.OrderedFold`): the same bits as a serial
+  order (:class:`~autotune.backends.fold.OrderedFold`): the same bits as a serial
   loop over the same chunks;
 - a worker that dies is Dask's to handle: its tasks are re-run elsewhere,
   and when a task has been on more dying workers than the scheduler's
@@ -46,8 +46,9 @@ import numpy as np
 from autotune._errors import WorkerLost
 from autotune._util import one_line
 from autotune.backends.dask.tasks import Missing, adopt, forget_shared, run_batch
+from autotune.backends.fold import OrderedFold
 from autotune.backends.rows import check_row_like
-from autotune.backends.schedule import ChunkPlan, Coverage, OrderedFold
+from autotune.backends.schedule import ChunkPlan, Coverage
 from autotune.backends.stats import Meter
 from autotune.backends.structure import Structure, split_map_result
 

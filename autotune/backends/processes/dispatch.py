@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from autotune._errors import RangeError, WorkerLost
+from autotune.backends.fold import OrderedFold
 from autotune.backends.processes.exits import (
     describe_exit,
     rebuild_exception,
@@ -26,7 +27,7 @@ from autotune.backends.processes.exits import (
 )
 from autotune.backends.processes.worker import wants_shared_output
 from autotune.backends.rows import check_row_like
-from autotune.backends.schedule import Batches, ChunkPlan, Coverage, OrderedFold
+from autotune.backends.schedule import Batches, ChunkPlan, Coverage
 from autotune.backends.shm import Layout, Segment, output_layout, output_views
 from autotune.backends.stats import Meter
 from autotune.backends.structure import Structure, split_map_result
