@@ -28,6 +28,7 @@ refinement's) that must end exactly at ``n``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections import deque
@@ -196,21 +197,34 @@ class ChunkPlan:
     def ranges(self, c0: int = 0, c1: int | None = None) -> Iterator[tuple[int, int]]:
         """The ``(start, stop)`` of chunks ``c0 .. c1 - 1`` (all by default), checked first.
 
-        What every runner hands its kernel: the loops run no test per chunk.
+        What every runner hands its kernel.  Built from ``range`` objects
+        zipped in C, not a Python loop: the processes worker's per-chunk cost
+        is about a microsecond, and a generator's step added about 0.1 us to it.
         """
         if c1 is None:
             c1 = self.chunks
             if c1 == 0:
-                return  # a call of no item
+                return iter(())  # a call of no item
         self.bounds(c0, c1)  # chunks of this call, or RangeError
-        n, length, head = self.n, self.chunk_len, self.head
-        for c in range(c0, min(c1, head)):
-            start = c * length
-            yield start, start + length
-        split, piece = self.split, self.piece_len
-        for c in range(max(c0, head), c1):
-            start = split + (c - head) * piece
-            yield start, min(n, start + piece)
+        length, head, split, piece = self.chunk_len, self.head, self.split, self.piece_len
+        parts: list[Iterator[tuple[int, int]]] = []
+        if c0 < head:  # the head's chunks: all whole
+            end = min(c1, head) * length
+            parts.append(
+                zip(
+                    range(c0 * length, end, length),
+                    range((c0 + 1) * length, end + 1, length),
+                    strict=True,
+                )
+            )
+        if c1 > head:  # then the pieces (all the chunks, without a tail): the last may be short
+            first = split + (max(c0, head) - head) * piece
+            last = split + (c1 - 1 - head) * piece  # start of the last one
+            parts.append(
+                zip(range(first, last, piece), range(first + piece, last + 1, piece), strict=True)
+            )
+            parts.append(iter(((last, min(self.n, last + piece)),)))
+        return itertools.chain.from_iterable(parts)
 
 
 def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> ChunkPlan:
