@@ -64,10 +64,12 @@ class Evaluator:
         Worker processes.  Default: the profile's, else the physical cores
         this process may use.
     chunk_len : int, optional
-        Items per chunk, honoured exactly.  Default: the profile's, else the
-        heuristic (about an eighth of the per-core L2 cache); those are
-        fitted to each call's ``n`` (shortened a little so that few chunks
-        split evenly over the workers).
+        Items per chunk, honoured exactly, except that a last round of
+        chunks that would leave workers idle is cut into equal pieces for
+        all of them (the guided tail: no range is ever longer).  Default:
+        the profile's, else the heuristic (about an eighth of the per-core
+        L2 cache); those are fitted to each call's ``n`` (shortened a little
+        so that few chunks split evenly over the workers).
     shared : dict of str to object, optional
         Data the kernels read: arrays, or any object (a list of scipy
         splines...).  Kernels receive it as a read-only namespace
@@ -140,9 +142,11 @@ class Evaluator:
     **Reproducibility.**  A ``map``'s result never depends on the chunking.
     A ``reduce`` over floats does, in the last bits: partials are summed
     chunk by chunk.  With an explicit ``chunk_len`` (or ``adapt=False``) the
-    chunks are the same on every call and repeats are bit-identical; while
-    adapting, the chunk length changes between calls and so may the last
-    bits of a floating-point reduce.
+    chunks are the same on every call and repeats are bit-identical: the
+    cut depends on ``n``, ``workers`` and the chunk length alone
+    (:func:`~autotune.backends.schedule.plan_chunks`); while adapting, the
+    chunk length changes between calls and so may the last bits of a
+    floating-point reduce.
 
     The pool starts in the constructor (an adapting evaluator: at the first
     call that pays for it, where a worker that cannot start is reported) and

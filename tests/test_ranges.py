@@ -30,12 +30,14 @@ from autotune import Evaluator, Workload
 from autotune._errors import RangeError
 from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import (
+    EXACT,
     Batches,
     ChunkPlan,
     Coverage,
     Cursor,
     balanced_chunk_len,
     count_chunks,
+    plan_chunks,
 )
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
@@ -409,6 +411,32 @@ def test_adapting_from_a_measured_profile_equals_serial_for_40_calls(tmp_path):
     with Evaluator(shared=shared, profile=str(path), adapt=True) as ev:
         for n in (6000, 4099):
             run_calls(ev, n, 20)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_a_guided_tail_runs_as_planned_and_a_reduce_repeats_to_the_bit(backend, workers):
+    """``workers * 3 + 1`` chunks of an explicit length: the last one is cut into
+    pieces for the idle workers.  The runner hands kernels exactly the plan's
+    ranges, maps equal serial, and a float reduce gives the same bits on every
+    call, those of a serial loop over the same ranges."""
+    chunk_len = 4096
+    n = (workers * 3 + 1) * chunk_len
+    x = np.random.default_rng(5).random(n)
+    with Evaluator(workers, chunk_len, shared={"x": x, "spin": 0.0}, backend=backend) as ev:
+        plan = plan_chunks(n, ev.workers, chunk_len, EXACT)
+        assert plan.piece_len < chunk_len and plan.head == workers * 3  # it has a tail
+        assert kernels.ranges_seen(ev.map(kernels.range_rows, n)) == list(plan.ranges())
+        assert ev.stats.chunks == plan.chunks and ev.stats.chunk_len == chunk_len
+        assert np.array_equal(ev.map(kernels.hash_rows, n), serial(kernels.hash_rows, n))
+        first = ev.reduce(kernels.exp_sum, n)
+        for _ in range(3):
+            assert ev.reduce(kernels.exp_sum, n) == first
+    want = None
+    for start, stop in plan.ranges():
+        part = kernels.exp_sum(SharedNamespace({"x": x}), start, stop)
+        want = part if want is None else want + part
+    assert first == want  # the plan's ranges folded in order: the same bits
 
 
 @pytest.mark.filterwarnings("ignore::autotune.EfficiencyWarning")  # a replacement's start

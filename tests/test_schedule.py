@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import operator
 import random
 
@@ -10,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autotune.backends.fold import OrderedFold
-from autotune.backends.schedule import Batches, ChunkPlan, n_chunks
+from autotune.backends.schedule import (
+    EXACT,
+    MIN_PIECE,
+    Batches,
+    ChunkPlan,
+    n_chunks,
+    plan_chunks,
+)
 
 
 def test_chunk_arithmetic():
@@ -140,3 +148,53 @@ def test_every_plan_is_a_cut_of_the_call(n, workers, chunk_len, source):
         ranges = list(plan.ranges())
         assert ranges[0][0] == 0 and ranges[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        lengths = [stop - start for start, stop in ranges]
+        assert all(1 <= length <= plan.chunk_len for length in lengths)  # none longer
+        # Before the tail, chunks of the planned length to the item.
+        head = plan.head if plan.piece_len < plan.chunk_len else plan.chunks - 1
+        assert set(lengths[:head]) <= {plan.chunk_len}
+        if plan.piece_len < plan.chunk_len:
+            pieces = lengths[plan.head :]
+            assert 2 <= len(pieces) <= workers and len(set(pieces[:-1])) <= 1
+            assert plan.piece_len >= min(MIN_PIECE, plan.chunk_len // 2)
+            # The tail never makes the call longer than its chunks alone.
+            assert makespan(plan) <= makespan(ChunkPlan(n, workers, plan.chunk_len))
+
+
+def makespan(plan: ChunkPlan) -> int:
+    """Items the busiest worker runs when each range goes, in order, to the worker
+    that is free first (the dispatcher's dynamic schedule, every item alike)."""
+    free = [0] * plan.workers
+    for start, stop in plan.ranges():
+        heapq.heappush(free, heapq.heappop(free) + stop - start)
+    return max(free)
+
+
+@given(
+    workers=st.integers(2, 64),
+    k=st.integers(1, 40),
+    chunk_len=st.integers(2, 1 << 21),
+)
+@settings(max_examples=300, deadline=None)
+def test_one_chunk_too_many_costs_no_more_than_a_chunk_count_of_the_workers(workers, k, chunk_len):
+    """``workers * k + 1`` equal chunks, an explicit length: the last one, alone in
+    its round, is cut for the idle workers.  The busiest worker then has at most
+    half a chunk more than the others, and, when the chunk is long enough to cut
+    into a piece per worker (always on 2 workers), no more than with ``workers * k``
+    longer chunks of the same items, give or take an item of rounding."""
+    n = (workers * k + 1) * chunk_len
+    plan = plan_chunks(n, workers, chunk_len, EXACT)
+    assert plan.head == workers * k and plan.piece_len < chunk_len
+    assert makespan(plan) <= k * chunk_len + -(-chunk_len // 2)
+    if workers == 2 or chunk_len >= MIN_PIECE * workers:
+        even = ChunkPlan(n, workers, -(-n // (workers * k)))  # workers * k chunks
+        assert makespan(plan) <= makespan(even) + 1
+
+
+def test_the_tail_cuts_a_last_round_only_where_pieces_are_worth_it():
+    plan = plan_chunks(5_000, 2, 1_000, EXACT)  # 5 chunks: the fifth cut in 2
+    assert list(plan.ranges())[3:] == [(3_000, 4_000), (4_000, 4_500), (4_500, 5_000)]
+    plan = plan_chunks(8_005, 2, 1_000, EXACT)  # 8 chunks, then 5 items alone
+    assert plan.piece_len == plan.chunk_len == 1_000 and plan.chunks == 9
+    assert plan_chunks(5_000, 1, 1_000, EXACT).chunks == 5  # one worker: nothing to even out
+    assert plan_chunks(10, 4, 1000, EXACT).chunks == 1  # 10 items: below any piece

@@ -7,6 +7,9 @@ How a call is cut is decided in one place, :func:`plan_chunks`: given ``n``,
 the workers of the call and the chunk length asked for (and where that
 length came from), the :class:`ChunkPlan` whose ranges the runner executes.
 The evaluator, the online refinement and the search all plan through it.
+A plan's ranges are chunks of one length, except a last round that would
+leave workers idle, which is cut into equal pieces for all of them
+(:func:`guided_tail`): calls that finish together.
 
 The plan numbers its ranges (its *chunks*), so a *batch* is just a range of
 chunk indices ``[c0, c1)``; :meth:`ChunkPlan.ranges` gives the items they
@@ -41,12 +44,14 @@ __all__ = [
     "EXACT",
     "GUESSED",
     "MEASURED",
+    "MIN_PIECE",
     "Batches",
     "ChunkPlan",
     "Coverage",
     "Cursor",
     "balanced_chunk_len",
     "count_chunks",
+    "guided_tail",
     "n_chunks",
     "plan_chunks",
 ]
@@ -230,7 +235,7 @@ class ChunkPlan:
 def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> ChunkPlan:
     """The plan of a call of ``n`` items on ``workers`` workers, ``chunk_len`` asked.
 
-    The rules, by where ``chunk_len`` came from (``source``):
+    The chunk length, by where ``chunk_len`` came from (``source``):
 
     - :data:`EXACT` (the user's): kept as it is.
     - :data:`MEASURED` (a profile, a search, the refinement): at most ``ceil(n / workers)``
@@ -240,19 +245,83 @@ def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> Ch
     - :data:`GUESSED` (the heuristic's): at least
       :data:`GUESSED_CHUNKS_PER_WORKER` chunks per worker, then balanced.
 
-    A map's result never depends on the plan; a reduce's bits do, and are
-    the same for the same ``(n, workers, chunk_len, source)``.
+    Then, for every source, the *guided tail* (:func:`guided_tail`): when the
+    last round of chunks would leave workers idle (fewer chunks than workers,
+    or a short last chunk), its items are cut into up to ``workers`` equal
+    pieces, so that all workers finish at about the same time.  A balanced
+    length leaves at most a last chunk a few items short, so it is mostly
+    the user's exact ``chunk_len`` that gets a tail; every chunk before the
+    tail keeps ``chunk_len`` items, and no range is longer.
+
+    What decides the cut: ``(n, workers, chunk_len, source)`` and nothing
+    else, never a timing, so a map's result never depends on the plan and a
+    reduce's bits are the same on every call with the same
+    ``(n, workers, chunk_len, source)``; an explicit ``chunk_len`` gives
+    bit-identical repeats.  (With a tail, a reduce's bits depend on
+    ``workers`` too: the pieces are cut for them.)
     """
     count_chunks(n, chunk_len)  # whole numbers, or RangeError
     if source not in _MIN_PER_WORKER:
         raise ValueError(f"unknown chunk length source {source!r}")
     workers = max(1, workers)
-    if source == EXACT:
+    if source != EXACT:
+        per_worker = _MIN_PER_WORKER[source]
+        if per_worker:
+            chunk_len = max(1, min(chunk_len, -(-n // (per_worker * workers))))
+        chunk_len = balanced_chunk_len(n, chunk_len, workers)
+    return guided_tail(n, workers, chunk_len)
+
+
+#: A piece of the tail holds at least this many items (or half a chunk,
+#: rounded down, if less).  The cheapest numpy kernels cost about 1 ns an item (``x * 2.0`` over
+#: 1024 float64 took 0.8 us, most of it numpy's fixed cost per call, on the
+#: 2-core AMD EPYC VM, 2026-12-04), so a shorter piece computes about what it
+#: costs to run: a chunk costs 0.47 us in the workers' loop with 2 workers
+#: (README, "The evaluator") and 1.64 us on a 16-core Xeon (issue 19), plus
+#: the kernel's own call.  Items that cost more (a row of an image) make the
+#: floor generous; half a chunk is always allowed (see :func:`guided_tail`).
+MIN_PIECE = 1024
+
+
+def guided_tail(n: int, workers: int, chunk_len: int) -> ChunkPlan:
+    """Chunks of ``chunk_len``, the last round cut so that the workers finish together.
+
+    The *last round* is what is left once every worker has had as many
+    chunks as the others: ``chunks % workers`` chunks, while the other
+    workers idle (a call of ``2k + 1`` equal chunks on 2 workers ends with
+    one worker running the last chunk alone: ``k + 1`` chunks' time for
+    ``k + 1/2`` chunks of work each), or ``workers`` chunks of which the last
+    is short.  Its items are cut into up to ``workers`` equal pieces, each at
+    least ``min(MIN_PIECE, chunk_len // 2)`` items (the last one may be
+    shorter by the rounding):
+
+    - The pieces go out last, one per idle worker (the dispatcher hands
+      the last chunks to idle workers, never into a queue), so each worker
+      runs at most one chunk more than without the tail: its per-chunk cost
+      is one chunk's, a microsecond or two, under 1% of any call that runs
+      on a pool (a round trip to the workers costs a quarter of a
+      millisecond or more: docs/design.md, section 6).
+    - The floor keeps a piece worth its cost (:data:`MIN_PIECE`); half a
+      chunk is always allowed, as TBB's partitioners never cut a range below
+      half its grain size: 2 pieces of half a chunk are what makes ``2k + 1``
+      chunks on 2 workers as fast as ``2k`` longer ones.
+    - Equal pieces, not the shrinking ones of OpenMP's ``guided``: the
+      workers reach the last round together (they ran the same number of
+      equal chunks), so the pieces they take should be equal too.
+
+    No tail on one worker, or when the pieces would not be shorter than the
+    longest chunk of the last round (it is all full chunks, one per worker).
+    """
+    total = n_chunks(n, chunk_len)
+    if workers <= 1 or total <= 1:
         return ChunkPlan(n, workers, chunk_len)
-    per_worker = _MIN_PER_WORKER[source]
-    if per_worker:
-        chunk_len = max(1, min(chunk_len, -(-n // (per_worker * workers))))
-    return ChunkPlan(n, workers, balanced_chunk_len(n, chunk_len, workers))
+    last = total % workers or workers
+    head = total - last
+    items = n - head * chunk_len
+    pieces = min(workers, items // max(1, min(MIN_PIECE, chunk_len // 2)))
+    if pieces < 2 or -(-items // pieces) >= min(chunk_len, items):
+        return ChunkPlan(n, workers, chunk_len)  # no shorter last round to be had
+    return ChunkPlan(n, workers, chunk_len, head, -(-items // pieces))
 
 
 class Batches:
