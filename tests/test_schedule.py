@@ -7,7 +7,7 @@ import operator
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from autotune.backends.fold import OrderedFold
@@ -118,6 +118,7 @@ def test_the_planner_refuses_what_is_not_a_plan():
     chunk_len=st.integers(1, 10**7),
     source=st.sampled_from(["exact", "measured", "guessed"]),
 )
+@example(n=24_011, workers=49, chunk_len=49, source="measured")  # see "never longer"
 @settings(max_examples=500, deadline=None)
 def test_every_plan_is_a_cut_of_the_call(n, workers, chunk_len, source):
     from autotune.backends.schedule import (
@@ -132,16 +133,13 @@ def test_every_plan_is_a_cut_of_the_call(n, workers, chunk_len, source):
     per_worker = {"guessed": GUESSED_CHUNKS_PER_WORKER}
     if source in per_worker:
         assert plan.chunk_len <= -(-n // (per_worker[source] * workers))
-    if source == "measured" and n_chunks(n, chunk_len) <= 10_000:
-        # Fitting never makes the call longer: the busiest worker (chunks dealt in
-        # turn) has at most the items it would have had with the length asked.
-        def busiest(length: int) -> int:
-            loads = [0] * workers
-            for c in range(n_chunks(n, length)):
-                loads[c % workers] += min(n, (c + 1) * length) - c * length
-            return max(loads)
-
-        assert busiest(plan.chunk_len) <= busiest(chunk_len)
+    if source != "guessed" and n_chunks(n, chunk_len) <= 10_000:
+        # Fitting never makes the call longer: the busiest worker has at most the
+        # items it would have had with the length asked, the ranges handed out in
+        # order to the first free worker.  (Balancing alone could: 24011 items on
+        # 49 workers in 534 chunks of 45 rather than 491 of 49 gave the busiest
+        # 495 items, not 491; the tail cuts its last round back to 491.)
+        assert makespan(plan) <= makespan(ChunkPlan(n, workers, chunk_len))
     # The ranges: the first from 0, each from where the last stopped, the last at n.
     assert plan.bounds(0, plan.chunks) == (0, n)
     if plan.chunks <= 10_000:
