@@ -273,13 +273,15 @@ def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> Ch
 
 
 #: A piece of the tail holds at least this many items (or half a chunk,
-#: rounded down, if less).  The cheapest numpy kernels cost about 1 ns an item (``x * 2.0`` over
-#: 1024 float64 took 0.8 us, most of it numpy's fixed cost per call, on the
-#: 2-core AMD EPYC VM, 2026-12-04), so a shorter piece computes about what it
-#: costs to run: a chunk costs 0.47 us in the workers' loop with 2 workers
-#: (README, "The evaluator") and 1.64 us on a 16-core Xeon (issue 19), plus
-#: the kernel's own call.  Items that cost more (a row of an image) make the
-#: floor generous; half a chunk is always allowed (see :func:`guided_tail`).
+#: rounded down, if less).  The cheapest numpy kernels cost about 1 ns an
+#: item (``x * 2.0`` over 1024 float64 took 0.8 us, most of it numpy's fixed
+#: cost per call, on the 2-core AMD EPYC VM, 2026-12-04), so a shorter piece
+#: computes about what it costs to run: a chunk costs 0.47 us in the workers'
+#: loop with 2 workers (README, "The evaluator") and 1.64 us on a 16-core
+#: Xeon (issue 19), plus the kernel's own call.  Items that cost more (a row
+#: of an image) make the floor generous; half a chunk is always allowed (see
+#: :func:`guided_tail`).  Measurements of cheap kernels on more cores would
+#: move it.
 MIN_PIECE = 1024
 
 
