@@ -165,6 +165,7 @@ def test_run_inline_gives_the_workers_bits():
     with Evaluator(2, 3000, shared={"x": x}, adapt=False) as ev:
         pooled = ev.reduce(kernels.exp_sum, len(x))
     plan = plan_chunks(len(x), ev.workers, 3000, EXACT)  # the plan the evaluator ran
+    assert plan.piece_len < plan.chunk_len  # its last round cut into a guided tail
     inline = run_inline(
         kernels.exp_sum, SharedNamespace({"x": x}), plan, "reduce", operator.add, Meter(1)
     )
