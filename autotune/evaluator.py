@@ -64,10 +64,12 @@ class Evaluator:
         Worker processes.  Default: the profile's, else the physical cores
         this process may use.
     chunk_len : int, optional
-        Items per chunk, honoured exactly.  Default: the profile's, else the
-        heuristic (about an eighth of the per-core L2 cache); those are
-        fitted to each call's ``n`` (shortened a little so that few chunks
-        split evenly over the workers).
+        Items per chunk, honoured exactly, except that a last round of
+        chunks that would leave workers idle is cut into equal pieces for
+        all of them (the guided tail: no range is ever longer).  Default:
+        the profile's, else the heuristic (about an eighth of the per-core
+        L2 cache); those are fitted to each call's ``n`` (shortened a little
+        so that few chunks split evenly over the workers).
     shared : dict of str to object, optional
         Data the kernels read: arrays, or any object (a list of scipy
         splines...).  Kernels receive it as a read-only namespace
@@ -140,9 +142,11 @@ class Evaluator:
     **Reproducibility.**  A ``map``'s result never depends on the chunking.
     A ``reduce`` over floats does, in the last bits: partials are summed
     chunk by chunk.  With an explicit ``chunk_len`` (or ``adapt=False``) the
-    chunks are the same on every call and repeats are bit-identical; while
-    adapting, the chunk length changes between calls and so may the last
-    bits of a floating-point reduce.
+    chunks are the same on every call and repeats are bit-identical: the
+    cut depends on ``n``, ``workers`` and the chunk length alone
+    (:func:`~autotune.backends.schedule.plan_chunks`); while adapting, the
+    chunk length changes between calls and so may the last bits of a
+    floating-point reduce.
 
     The pool starts in the constructor (an adapting evaluator: at the first
     call that pays for it, where a worker that cannot start is reported) and
@@ -319,7 +323,7 @@ class Evaluator:
             raise RuntimeError("this Evaluator is closed")
         if n == 0:
             self._last = _LastCall(
-                Meter(self.workers), 0, mode, self.chunk_len, 0.0, False, False, False
+                Meter(self.workers), 0, mode, self.chunk_len, 0, 0.0, False, False, False
             )
             self._stats_built = None
             if mode == "map":
@@ -334,6 +338,7 @@ class Evaluator:
             bar = _progress_bar(n, mode) if progress else None
             meter = Meter(self.workers, None if bar is None else bar.update)
             chunk_len, inline, exploring = self.chunk_len, False, False
+            plan = None
             if self._online is None:
                 plan = plan_chunks(n, self.workers, self.chunk_len, self.settings.chunk_source)
                 chunk_len = plan.chunk_len
@@ -342,18 +347,22 @@ class Evaluator:
             was_started = self._runner.started
             began = time.perf_counter()
             try:
-                if self._online is not None:
+                if plan is None:
+                    assert self._online is not None
                     outcome = self._online.call(kernel, n, mode, combine, meter)
                     result, chunk_len, inline, exploring = outcome
                 else:
-                    result = self._runner.run(kernel, n, chunk_len, mode, combine, meter)
+                    result = self._runner.run(kernel, plan, mode, combine, meter)
             finally:
                 # Stats on every path: a failed call's are as true as any.
                 wall = time.perf_counter() - began
                 if bar is not None:
                     bar.close()
+                # The plan's chunks (a tail's pieces counted); an adapting call's at
+                # the chunk length of its last run.
+                chunks = plan.chunks if plan is not None else n_chunks(n, chunk_len)
                 self._last = _LastCall(
-                    meter, n, mode, chunk_len, wall, inline, exploring, not was_started
+                    meter, n, mode, chunk_len, chunks, wall, inline, exploring, not was_started
                 )
                 self._stats_built = None
                 self._busy = None
@@ -374,7 +383,7 @@ class Evaluator:
                 n=last.n,
                 mode=last.mode,
                 chunk_len=last.chunk_len,
-                chunks=n_chunks(last.n, last.chunk_len) if last.n else 0,
+                chunks=last.chunks,
                 backend=self.backend,
                 wall_s=last.wall_s,
                 inline=last.inline,
@@ -420,6 +429,7 @@ class _LastCall:
     n: int
     mode: str
     chunk_len: int
+    chunks: int
     wall_s: float
     inline: bool
     exploring: bool

@@ -19,8 +19,9 @@ import numpy as np
 
 from autotune._errors import RangeError, add_note
 from autotune.adapt import Learner, SliceRun
+from autotune.backends.fold import OrderedFold
 from autotune.backends.runners import LazyRunner
-from autotune.backends.schedule import MEASURED, ChunkPlan, Cursor, OrderedFold, plan_chunks
+from autotune.backends.schedule import MEASURED, ChunkPlan, Cursor, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import Outputs, run_inline
@@ -130,11 +131,18 @@ class OnlineTuning:
         exploring = learner.refiner.exploring
         leader = learner.leader()
         workers, nominal = leader.workers, leader.chunk_len
-        # In this process a reduce runs the pool's chunks (the same bits); a
+        # In this process a reduce runs the pool's ranges (the same bits); a
         # map, whose result does not depend on them, is one call of the
         # kernel: its own arrays, no copy, no bookkeeping.
-        fitted = self._fit(nominal, n, workers)
-        chunk_len = fitted if mode == "reduce" else n
+        whole = plan_chunks(n, workers, nominal, MEASURED)
+        chunk_len = whole.chunk_len if mode == "reduce" else n
+
+        def here(items: int) -> ChunkPlan:
+            """The plan of a slice of ``items`` items run in this process."""
+            if items == n and mode == "reduce":
+                return whole
+            return ChunkPlan(items, 1, min(items, chunk_len))
+
         parts: list[Any] = []
         # Every slice of the call is cut here, checked: consecutive, within
         # [0, n), and all of it in the end (RangeError before a kernel runs).
@@ -144,19 +152,16 @@ class OnlineTuning:
             # what an item costs before anything is sent (the whole call when
             # it is tiny, else a sixteenth of it, at most a chunk: a probe of a
             # few items would time mostly its own overhead).
-            probe = n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(fitted, n // 16))
+            probe = n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(whole.chunk_len, n // 16))
             start, stop = cut.take(probe)
-            probe_chunk = stop if mode == "map" else min(stop, chunk_len)
-            parts.append(
-                self._inline(kernel, learner, start, stop, probe_chunk, mode, combine, meter)
-            )
+            parts.append(self._inline(kernel, learner, start, here(probe), mode, combine, meter))
             if not cut.left:
                 return OnlineCall(parts[0], chunk_len, True, exploring)
         overhead = self.pool_cost.per_call()
         if learner.inline(cut.left, overhead):
             start, stop = cut.take(cut.left)
             parts.append(
-                self._inline(kernel, learner, start, stop, chunk_len, mode, combine, meter)
+                self._inline(kernel, learner, start, here(stop - start), mode, combine, meter)
             )
             cut.check_complete()
             return OnlineCall(_join(parts, mode, combine), chunk_len, True, exploring)
@@ -190,20 +195,19 @@ class OnlineTuning:
         kernel: Callable[..., Any],
         learner: Learner,
         start: int,
-        stop: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Any,
         meter: Meter,
     ) -> Any:
-        """Items ``[start, stop)`` in this process, timed for the break-even."""
-        items = stop - start
+        """Items ``[start, start + plan.n)`` in this process as ``plan`` cuts them,
+        timed for the break-even."""
+        items = plan.n
         began = self._clock()
         result = run_inline(
-            kernel if start == 0 else Shifted(kernel, start, stop),
+            kernel if start == 0 else Shifted(kernel, start, start + items),
             self._namespace(),
-            items,
-            chunk_len,
+            plan,
             mode,
             combine,
             meter,
@@ -232,13 +236,7 @@ class OnlineTuning:
         began = self._clock()
         try:
             part = self._runner.run(
-                kernel if start == 0 else Shifted(kernel, start, stop),
-                plan.n,
-                plan.chunk_len,
-                mode,
-                combine,
-                meter,
-                workers=plan.workers,
+                kernel if start == 0 else Shifted(kernel, start, stop), plan, mode, combine, meter
             )
         except Exception as exc:
             if start:
@@ -299,11 +297,6 @@ class OnlineTuning:
         if self._inline_shared is None:
             self._inline_shared = SharedNamespace(self._shared)
         return self._inline_shared
-
-    @staticmethod
-    def _fit(chunk_len: int, n: int, workers: int) -> int:
-        """A point's chunk length for a run of ``n`` items (see :func:`plan_chunks`)."""
-        return plan_chunks(n, workers, chunk_len, MEASURED).chunk_len
 
 
 class Shifted:

@@ -186,7 +186,7 @@ class _Bench(Bench):
 
         def once() -> float:
             t0 = time.perf_counter()
-            result = runner.run(kernel, self.n, plan.chunk_len, mode, combine)
+            result = runner.run(kernel, plan, mode, combine)
             elapsed = time.perf_counter() - t0
             del result  # lets the evaluator reuse its output memory
             self.runs += 1

@@ -8,6 +8,15 @@ import time
 
 import numpy as np
 
+from autotune.backends.schedule import EXACT, plan_chunks
+
+
+def ranges_of(n, workers, chunk_len):
+    """The ranges an evaluator of ``workers`` workers given ``chunk_len`` runs a call of
+    ``n`` items in (its plan's: chunks of ``chunk_len``, the last round perhaps cut
+    into a guided tail); a serial loop over them gives a reduce's bits."""
+    return list(plan_chunks(n, workers, chunk_len, EXACT).ranges())
+
 
 def double(shared, start, stop):
     return shared.x[start:stop] * 2.0
@@ -343,6 +352,16 @@ def hash_rows(shared, start, stop):
     """Each item's hash and its item number, one row per item."""
     spin(shared.spin * (stop - start))
     return np.stack([index_hash(start, stop), np.arange(start, stop, dtype=np.uint64)], axis=1)
+
+
+def range_rows(shared, start, stop):
+    """Each item's row says which range it was handed in: ``(start, stop)``."""
+    return np.tile(np.array([start, stop], dtype=np.int64), (stop - start, 1))
+
+
+def ranges_seen(rows):
+    """The ranges a map of :func:`range_rows` was run in, in order."""
+    return sorted({(int(a), int(b)) for a, b in np.unique(rows, axis=0)})
 
 
 def kill_once_hash_sum(shared, start, stop):

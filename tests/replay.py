@@ -310,7 +310,7 @@ def replay_search(landscape: Landscape, seed: int, budget: float = 20.0) -> Sett
 class ReplayPool:
     """A runner whose calls run no kernel and take what the landscape says.
 
-    A call of ``n`` items at ``chunk_len`` on ``workers`` (at most the pool's)
+    A call of a plan's ``n`` items at its ``chunk_len`` on its ``workers`` (at most the pool's)
     moves ``clock`` on by the landscape's seconds drawn at that point, times
     ``n`` over the landscape's ``n``; each worker is counted busy the whole
     call (what a balanced call reports), so a call costs nothing beyond its
@@ -329,9 +329,10 @@ class ReplayPool:
         self.clock = clock
         self.rng = rng
 
-    def run(self, kernel, n, chunk_len, mode, combine, meter=None, workers=None):
-        active = self.workers if workers is None else max(1, min(workers, self.workers))
-        seconds = self.landscape.draw(active, chunk_len, self.rng) * n / self.landscape.n
+    def run(self, kernel, plan, mode, combine, meter=None):
+        active = max(1, min(plan.workers, self.workers))
+        n = plan.n
+        seconds = self.landscape.draw(active, plan.chunk_len, self.rng) * n / self.landscape.n
         self.clock.now += seconds
         if meter is not None:
             meter.taking_part(active)

@@ -129,18 +129,19 @@ def test_a_call_can_use_fewer_workers_than_the_pool(backend, no_leaks):
     import kernels
 
     from autotune.backends.runners import open_runner
+    from autotune.backends.schedule import ChunkPlan
     from autotune.backends.stats import Meter
 
     x = np.random.default_rng(0).random(50_000)
     runner = open_runner(backend, 2, {"x": x})
     try:
         meter = Meter(1)
-        out = runner.run(kernels.double, len(x), 1000, "map", None, meter, workers=1)
+        out = runner.run(kernels.double, ChunkPlan(len(x), 1, 1000), "map", None, meter)
         assert np.array_equal(out, x * 2.0)
         assert set(meter.busy) == {0}  # worker 1 took no part
         if backend == "processes":  # the first batches go one per worker
             meter = Meter(2)
-            runner.run(kernels.double, len(x), 1000, "map", None, meter)
+            runner.run(kernels.double, ChunkPlan(len(x), 2, 1000), "map", None, meter)
             assert set(meter.busy) == {0, 1}
     finally:
         runner.close()
@@ -150,6 +151,7 @@ def test_run_inline_gives_the_workers_bits():
     import kernels
 
     from autotune import Evaluator
+    from autotune.backends.schedule import EXACT, plan_chunks
     from autotune.backends.shared import SharedNamespace
     from autotune.backends.stats import Meter
     from autotune.backends.threads import run_inline
@@ -157,10 +159,12 @@ def test_run_inline_gives_the_workers_bits():
     x = np.random.default_rng(3).random(100_000)
     with Evaluator(2, 3000, shared={"x": x}, adapt=False) as ev:
         pooled = ev.reduce(kernels.exp_sum, len(x))
+    plan = plan_chunks(len(x), ev.workers, 3000, EXACT)  # the plan the evaluator ran
+    assert plan.piece_len < plan.chunk_len  # its last round cut into a guided tail
     inline = run_inline(
-        kernels.exp_sum, SharedNamespace({"x": x}), len(x), 3000, "reduce", operator.add, Meter(1)
+        kernels.exp_sum, SharedNamespace({"x": x}), plan, "reduce", operator.add, Meter(1)
     )
-    assert inline == pooled  # the same chunks folded in the same order: the same bits
+    assert inline == pooled  # the same ranges folded in the same order: the same bits
 
 
 # -- across processes: what one evaluator measured, the next continues ----------------

@@ -54,11 +54,11 @@ def profile_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def serial_sum(kernel, x, chunk_len):
+def serial_sum(kernel, x, chunk_len, workers):
     ns = SharedNamespace({"x": x})
     total = None
-    for start in range(0, len(x), chunk_len):
-        part = kernel(ns, start, min(len(x), start + chunk_len))
+    for start, stop in kernels.ranges_of(len(x), workers, chunk_len):
+        part = kernel(ns, start, stop)
         total = part if total is None else total + part
     return total
 
@@ -127,7 +127,8 @@ def test_explicit_settings_do_not_adapt_and_repeat_to_the_bit(x, profile_dir, no
         for _ in range(5):
             assert ev.reduce(kernels.exp_sum, N) == first  # adapt=None: explicit, left alone
             assert ev.stats.chunk_len == 3000 and not ev.stats.inline
-    assert first == serial_sum(kernels.exp_sum, x, 3000)
+        workers = ev.workers
+    assert first == serial_sum(kernels.exp_sum, x, 3000, workers)
     with Evaluator(shared={"x": x}, adapt=False) as ev:
         first = ev.reduce(kernels.exp_sum, N)
         chunks = {ev.stats.chunk_len}
@@ -149,7 +150,7 @@ def test_adapting_changes_chunks_and_a_reduce_only_in_the_last_bits(
             if not ev.stats.inline:
                 chunks.add(ev.stats.chunk_len)
     assert len(chunks) > 1  # it explored
-    expected = serial_sum(kernels.heavy_sum, x, N)
+    expected = serial_sum(kernels.heavy_sum, x, N, 1)
     assert all(abs(r - expected) <= 1e-9 * abs(expected) for r in results)
 
 

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 
+import kernels
 import numpy as np
 import pytest
 
@@ -143,9 +144,9 @@ def small_stream():
     return Workload("stream", len(x), stream_kernel, {"x": x}, mode="map", item_bytes=32)
 
 
-def serial_parts(kernel, shared, n, chunk_len):
+def serial_parts(kernel, shared, n, chunk_len, workers):
     ns = SharedNamespace(shared)
-    return [kernel(ns, s, min(n, s + chunk_len)) for s in range(0, n, chunk_len)]
+    return [kernel(ns, s, e) for s, e in kernels.ranges_of(n, workers, chunk_len)]
 
 
 def fold(parts, combine=operator.add):
@@ -166,15 +167,32 @@ def test_map_reduce_equal_serial(client, x):
     with Evaluator(2, 3_000, shared={"x": x}, backend="dask", client=client) as ev:
         assert ev.backend == "dask" and ev.pids == [] and ev.start_method is None
         out = ev.map(stream_kernel, N)
-        assert np.array_equal(out, np.concatenate(serial_parts(stream_kernel, {"x": x}, N, 3_000)))
+        rows = serial_parts(stream_kernel, {"x": x}, N, 3_000, ev.workers)
+        assert np.array_equal(out, np.concatenate(rows))
         total = ev.reduce(exp_sum, N)
-        assert total == fold(serial_parts(exp_sum, {"x": x}, N, 3_000))  # same bits
+        assert total == fold(serial_parts(exp_sum, {"x": x}, N, 3_000, ev.workers))  # same bits
         hist = ev.reduce(histogram, N)
-        assert np.array_equal(hist, fold(serial_parts(histogram, {"x": x}, N, 3_000)))
+        assert np.array_equal(hist, fold(serial_parts(histogram, {"x": x}, N, 3_000, ev.workers)))
         assert ev.map(pairs, 10).shape == (10, 2)
         maxed = ev.reduce(exp_sum, N, combine=max)  # combine runs here, never pickled
-        assert maxed == max(serial_parts(exp_sum, {"x": x}, N, 3_000))
+        assert maxed == max(serial_parts(exp_sum, {"x": x}, N, 3_000, ev.workers))
         assert ev.reduce(exp_sum, 0) == 0 and ev.map(stream_kernel, 0).shape == (0,)
+
+
+def test_a_guided_tail_runs_as_planned_and_a_reduce_repeats_to_the_bit(client, x):
+    """An explicit chunk length that leaves one chunk for the last round: the tasks
+    run exactly the plan's ranges (the last chunk cut into pieces for the idle
+    workers), and a reduce repeats to the bit, a serial fold's bits."""
+    from autotune.backends.schedule import EXACT, plan_chunks
+
+    with Evaluator(2, 4_096, shared={"x": x}, backend="dask", client=client) as ev:
+        n = (ev.workers * 3 + 1) * 4_096
+        plan = plan_chunks(n, ev.workers, 4_096, EXACT)
+        assert plan.piece_len < 4_096  # it has a tail
+        assert kernels.ranges_seen(ev.map(kernels.range_rows, n)) == list(plan.ranges())
+        first = ev.reduce(exp_sum, n)
+        assert all(ev.reduce(exp_sum, n) == first for _ in range(3))
+        assert first == fold(serial_parts(exp_sum, {"x": x}, n, 4_096, ev.workers))
 
 
 def test_several_outputs_equal_serial(client, x, capsys):
@@ -193,12 +211,13 @@ def test_several_outputs_equal_serial(client, x, capsys):
         assert list(ev.map(fit_dict, 10)) == ["params", "resid"]
         assert "100%" in capsys.readouterr().err
         total, rest = ev.reduce(sum_count, N)  # element by element, nested too
-        parts = serial_parts(sum_count, shared, N, 3_000)
+        parts = serial_parts(sum_count, shared, N, 3_000, ev.workers)
         assert total == fold([p[0] for p in parts])
         assert rest["n"] == N
         assert np.array_equal(rest["minmax"], fold([p[1]["minmax"] for p in parts]))
         st = ev.stats
-        assert (st.backend, st.n, st.mode, st.workers, st.chunks) == ("dask", N, "reduce", 2, 67)
+        assert (st.backend, st.n, st.mode, st.workers) == ("dask", N, "reduce", 2)
+        assert st.chunks == len(parts)  # the plan's ranges, a guided tail's pieces counted
         assert len(st.busy_s) == 2 and sum(st.busy_s) > 0 and st.retries == 0
         assert st.efficiency == pytest.approx(sum(st.busy_s) / (2 * st.wall_s))
 
@@ -209,7 +228,7 @@ def test_several_outputs_bad_input(client, x):
             ev.map(ragged_at_100k, N)
         with pytest.raises(ValueError, match=r"a float for items \[100000, 101000\)"):
             ev.reduce(scalar_at_100k, N)
-        assert ev.reduce(exp_sum, N) == fold(serial_parts(exp_sum, {"x": x}, N, 1_000))
+        assert ev.reduce(exp_sum, N) == fold(serial_parts(exp_sum, {"x": x}, N, 1_000, ev.workers))
 
 
 def test_shared_data_sent_once_per_worker(client, x, tmp_path):
@@ -221,7 +240,9 @@ def test_shared_data_sent_once_per_worker(client, x, tmp_path):
             # Dask's memory manager drops "extra" replicas of data no task
             # waits for; that must not make a worker fetch it again.
             client.amm.run_once()
-    assert total == fold(serial_parts(tagged_sum, {"x": x, "tag": Counted(None, 0.5)}, N, 1_000))
+        workers = ev.workers
+    tagged = serial_parts(tagged_sum, {"x": x, "tag": Counted(None, 0.5)}, N, 1_000, workers)
+    assert total == fold(tagged)
     pids = log.read_text().split()
     assert len(pids) == 2 and len(set(pids)) == 2  # one delivery to each worker, no more
 
@@ -232,7 +253,7 @@ def test_kernel_error_keeps_its_type_and_the_evaluator(client, x):
             ev.reduce(fails_at_100k, N)
         shown = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
         assert "raised by the kernel on a Dask worker on items [100000, 110000)" in shown
-        assert ev.reduce(exp_sum, N) == fold(serial_parts(exp_sum, {"x": x}, N, 10_000))
+        assert ev.reduce(exp_sum, N) == fold(serial_parts(exp_sum, {"x": x}, N, 10_000, ev.workers))
 
 
 def test_worker_killed_mid_run_result_complete(client, x, tmp_path):
@@ -240,8 +261,9 @@ def test_worker_killed_mid_run_result_complete(client, x, tmp_path):
     shared = {"x": x, "marker": str(marker)}
     with Evaluator(2, 5_000, shared=shared, backend="dask", client=client) as ev:
         total = ev.reduce(die_once, N)
+        workers = ev.workers
     assert marker.exists()  # a worker really died during the run
-    assert total == fold(serial_parts(exp_sum, {"x": x}, N, 5_000))
+    assert total == fold(serial_parts(exp_sum, {"x": x}, N, 5_000, workers))
 
 
 def test_worker_lost_when_retries_run_out(cluster, client, x):
@@ -349,7 +371,8 @@ def test_usage_errors(client, cluster, capsys):
 def test_address_connection_is_owned(cluster, x):
     address = cluster.scheduler_address
     with Evaluator(chunk_len=1000, shared={"x": x}, backend="dask", address=address) as ev:
-        assert ev.reduce(exp_sum, 1000) == fold(serial_parts(exp_sum, {"x": x}, 1000, 1000))
+        parts = serial_parts(exp_sum, {"x": x}, 1000, 1000, ev.workers)
+        assert ev.reduce(exp_sum, 1000) == fold(parts)
         own = ev._runner.start().client
     assert own.status == "closed"
 

@@ -21,13 +21,13 @@ from autotune import Evaluator, WorkerLost
 from autotune.backends.shm import list_segments
 
 
-def serial_fold(kernel, shared, n, chunk_len, combine=operator.add):
+def serial_fold(kernel, shared, n, chunk_len, workers, combine=operator.add):
     from autotune.backends.shared import SharedNamespace
 
     ns = SharedNamespace(shared)
     acc = None
-    for start in range(0, n, chunk_len):
-        part = kernel(ns, start, min(n, start + chunk_len))
+    for start, stop in kernels.ranges_of(n, workers, chunk_len):
+        part = kernel(ns, start, stop)
         acc = part if acc is None else combine(acc, part)
     return acc
 
@@ -45,7 +45,7 @@ def test_map_and_reduce_equal_serial(start_method, x, no_leaks):
         assert np.array_equal(out, x * 2.0)
         total = ev.reduce(kernels.exp_sum, len(x))
         # same chunks, same order of additions: the same bits, not just close
-        assert total == serial_fold(kernels.exp_sum, {"x": x}, len(x), 7_000)
+        assert total == serial_fold(kernels.exp_sum, {"x": x}, len(x), 7_000, ev.workers)
         # the pool serves many calls
         for _ in range(3):
             assert np.array_equal(ev.map(kernels.double, 1000), x[:1000] * 2.0)
@@ -98,7 +98,8 @@ def test_spline_objects_shared(start_method, no_leaks):
     shared = {"x": rng.random(20_000), "y": rng.random(20_000), "splines": splines}
     with Evaluator(2, 2_500, shared=shared, start_method=start_method) as ev:
         got = ev.reduce(kernels.spline_sum, 20_000)
-    assert got == serial_fold(kernels.spline_sum, shared, 20_000, 2_500)
+        workers = ev.workers
+    assert got == serial_fold(kernels.spline_sum, shared, 20_000, 2_500, workers)
 
 
 # -- sharing without copies ----------------------------------------------------

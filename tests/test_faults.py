@@ -288,7 +288,8 @@ def test_one_evaluator_from_three_threads(start_method, x, tmp_path, no_leaks):
     failures: list[str] = []
 
     def serial_exp_sum(n):
-        return sum(float(np.exp(x[s : min(n, s + 3_000)]).sum()) for s in range(0, n, 3_000))
+        ranges = kernels.ranges_of(n, ev.workers, 3_000)
+        return sum(float(np.exp(x[s:e]).sum()) for s, e in ranges)
 
     with Evaluator(2, 3_000, shared={"x": x}, start_method=start_method) as ev:
 

@@ -47,6 +47,7 @@ from replay import (
     saturating,
 )
 
+from autotune.backends.schedule import ChunkPlan
 from autotune.engine import Point
 
 WORKLOADS = ("spline", "stream", "ndimage")
@@ -177,5 +178,5 @@ def test_the_replays_cut_and_scale_runs_as_the_real_ones():
     assert bench.clock.now > sum(bench.times[point])  # the warm-up took time too
     # A pool run of a quarter of the items takes a quarter of a recorded call.
     pool = ReplayPool(landscape, 16, Clock(), random.Random(0))
-    pool.run(None, landscape.n // 4, 3125, "reduce", None)
+    pool.run(None, ChunkPlan(landscape.n // 4, 16, 3125), "reduce", None)
     assert any(pool.clock.now == pytest.approx(s / 4) for s in landscape.points[(16, 3125)])

@@ -60,8 +60,10 @@ with autotune.Evaluator(2, 3000, shared=shared, start_method=METHOD) as ev:
     stats = ev.reduce(partial_stats, len(x), combine=combine_stats)
     pids = ev.pids
 acc = None
-for s in range(0, len(x), 3000):
-    part = partial_stats(autotune.backends.shared.SharedNamespace(shared), s, min(len(x), s + 3000))
+# The evaluator's ranges: chunks of 3000, a last round that leaves a worker idle in pieces.
+plan = autotune.backends.schedule.plan_chunks(len(x), ev.workers, 3000)
+for s, e in plan.ranges():
+    part = partial_stats(autotune.backends.shared.SharedNamespace(shared), s, e)
     acc = part if acc is None else combine_stats(acc, part)
 result = autotune.search(
     autotune.Workload("notebook", len(x), partial_stats, shared=shared),

@@ -48,12 +48,12 @@ def serial_map(kernel, shared, n):
     return kernel(SharedNamespace(shared), 0, n)
 
 
-def serial_reduce(kernel, shared, n, chunk_len):
-    """A serial loop over the same chunks, combining tuples/dicts element by element."""
+def serial_reduce(kernel, shared, n, chunk_len, workers):
+    """A serial loop over the same ranges, combining tuples/dicts element by element."""
     ns = SharedNamespace(shared)
     acc = None
-    for start in range(0, n, chunk_len):
-        part = kernel(ns, start, min(n, start + chunk_len))
+    for start, stop in kernels.ranges_of(n, workers, chunk_len):
+        part = kernel(ns, start, stop)
         if acc is None:
             acc = part
         elif isinstance(part, dict):
@@ -121,12 +121,12 @@ def test_tuple_and_dict_reduce_element_by_element(backend, x, no_leaks):
     shared = {"x": x}
     with evaluator(backend, shared) as ev:
         got = ev.reduce(kernels.sum_count, BIG)
-        want = serial_reduce(kernels.sum_count, shared, BIG, CHUNK)
+        want = serial_reduce(kernels.sum_count, shared, BIG, CHUNK, ev.workers)
         assert isinstance(got, tuple) and len(got) == 3  # never concatenated
         assert got[0] == want[0] and got[1] == BIG  # same chunks, same bits
         assert np.array_equal(got[2], want[2])
         got = ev.reduce(kernels.moments, BIG)
-        assert got == serial_reduce(kernels.moments, shared, BIG, CHUNK)
+        assert got == serial_reduce(kernels.moments, shared, BIG, CHUNK, ev.workers)
         assert got["n"] == BIG
 
 

@@ -30,12 +30,14 @@ from autotune import Evaluator, Workload
 from autotune._errors import RangeError
 from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import (
+    EXACT,
     Batches,
+    ChunkPlan,
     Coverage,
     Cursor,
     balanced_chunk_len,
-    chunk_bounds,
     count_chunks,
+    plan_chunks,
 )
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
@@ -72,21 +74,26 @@ def test_chunks_of_a_call_cover_it_exactly(n, data):
     chunk_len = data.draw(st.integers(max(1, n // 20_000), n + 3), label="chunk_len")
     workers = data.draw(st.integers(1, 64), label="workers")
     for length in (chunk_len, balanced_chunk_len(n, chunk_len, workers)):
-        total = count_chunks(n, length)
-        covers_exactly([chunk_bounds(c, c + 1, length, n) for c in range(total)], n)
+        plan = ChunkPlan(n, workers, length)
+        total = plan.chunks
+        assert total == count_chunks(n, length)
+        covers_exactly([plan.bounds(c, c + 1) for c in range(total)], n)
+        assert list(plan.ranges()) == [plan.bounds(c, c + 1) for c in range(total)]
         # A batch is the union of its chunks.
-        assert chunk_bounds(0, total, length, n) == (0, n)
+        assert plan.bounds(0, total) == (0, n)
         with pytest.raises(RangeError):
-            chunk_bounds(total, total + 1, length, n)  # one chunk past the end
+            plan.bounds(total, total + 1)  # one chunk past the end
 
 
 @pytest.mark.parametrize(
     ("c0", "c1", "chunk_len", "n"),
     [(0, 0, 10, 100), (3, 2, 10, 100), (-1, 1, 10, 100), (0, 11, 10, 100), (10, 11, 10, 100)],
 )
-def test_chunk_bounds_refuse_chunks_that_are_not_the_calls(c0, c1, chunk_len, n):
+def test_plans_refuse_chunks_that_are_not_the_calls(c0, c1, chunk_len, n):
     with pytest.raises(RangeError, match="bug in autotune"):
-        chunk_bounds(c0, c1, chunk_len, n)
+        ChunkPlan(n, 2, chunk_len).bounds(c0, c1)
+    with pytest.raises(RangeError, match="bug in autotune"):
+        next(ChunkPlan(n, 2, chunk_len).ranges(c0, c1))
 
 
 @pytest.mark.parametrize(("n", "chunk_len"), [(10, 0), (-1, 5), (10, 2.5), (10.0, 2)])
@@ -221,13 +228,13 @@ class ScriptedPool:
         self.noise = np.random.default_rng(seed)
         self.calls = 0
 
-    def run(self, kernel, n, chunk_len, mode, combine, meter=None, workers=None):
+    def run(self, kernel, plan, mode, combine, meter=None):
         self.calls += 1
-        active = self.workers if workers is None else max(1, min(workers, self.workers))
+        active = max(1, min(plan.workers, self.workers))
         began = self.clock.now
-        result = run_inline(kernel, SharedNamespace({}), n, chunk_len, mode, combine, Meter(1))
+        result = run_inline(kernel, SharedNamespace({}), plan, mode, combine, Meter(1))
         work = self.clock.now - began
-        off = np.log2(chunk_len / self.best_len)
+        off = np.log2(plan.chunk_len / self.best_len)
         efficiency = self.noise.uniform(0.8, 1.2) / (1 + off * off / 16)
         self.clock.now = began + 3e-4 + work / (active * efficiency)
         if meter is not None:
@@ -404,6 +411,32 @@ def test_adapting_from_a_measured_profile_equals_serial_for_40_calls(tmp_path):
     with Evaluator(shared=shared, profile=str(path), adapt=True) as ev:
         for n in (6000, 4099):
             run_calls(ev, n, 20)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_a_guided_tail_runs_as_planned_and_a_reduce_repeats_to_the_bit(backend, workers):
+    """``workers * 3 + 1`` chunks of an explicit length: the last one is cut into
+    pieces for the idle workers.  The runner hands kernels exactly the plan's
+    ranges, maps equal serial, and a float reduce gives the same bits on every
+    call, those of a serial loop over the same ranges."""
+    chunk_len = 4096
+    n = (workers * 3 + 1) * chunk_len
+    x = np.random.default_rng(5).random(n)
+    with Evaluator(workers, chunk_len, shared={"x": x, "spin": 0.0}, backend=backend) as ev:
+        plan = plan_chunks(n, ev.workers, chunk_len, EXACT)
+        assert plan.piece_len < chunk_len and plan.head == workers * 3  # it has a tail
+        assert kernels.ranges_seen(ev.map(kernels.range_rows, n)) == list(plan.ranges())
+        assert ev.stats.chunks == plan.chunks and ev.stats.chunk_len == chunk_len
+        assert np.array_equal(ev.map(kernels.hash_rows, n), serial(kernels.hash_rows, n))
+        first = ev.reduce(kernels.exp_sum, n)
+        for _ in range(3):
+            assert ev.reduce(kernels.exp_sum, n) == first
+    want = None
+    for start, stop in plan.ranges():
+        part = kernels.exp_sum(SharedNamespace({"x": x}), start, stop)
+        want = part if want is None else want + part
+    assert first == want  # the plan's ranges folded in order: the same bits
 
 
 @pytest.mark.filterwarnings("ignore::autotune.EfficiencyWarning")  # a replacement's start

@@ -284,14 +284,26 @@ def test_bench_adapt_quick():
 
 
 def test_bench_tail_tiny():
-    done = run_script("bench_tail.py", "--n", "20000", "--k", "2", "--repeats", "1")
+    # Two workers whatever the cores: 20000 items in 5 chunks leave a last chunk
+    # long enough to cut (on 16 workers, 33 chunks of 607 leave 576 items: too few).
+    args = ["--n", "20000", "--k", "2", "--workers", "2", "--repeats", "1"]
+    done = run_script("bench_tail.py", *args)
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if " chunks of " in line]
-    assert len(rows) == 3 and "WRONG" not in done.stdout, done.stdout
+    rows = [line for line in done.stdout.splitlines() if " s  x" in line]
+    assert len(rows) == 4 and "WRONG" not in done.stdout, done.stdout
     # The planner cut the odd count to a multiple of the workers.
     planned = next(line for line in rows if "planned" in line)
     workers = int(re.search(r"items, (\d+) workers", done.stdout).group(1))
     assert int(planned.split()[1]) % workers == 0, done.stdout
+    # An explicit length's last chunk went to the idle workers in pieces; without
+    # the tail, the odd count ran as it was.
+    odd = 2 * workers + 1
+    exact = next(line for line in rows if line.split()[:2] == ["exact", str(odd)])
+    no_tail = next(line for line in rows if line.split()[:3] == ["no", "tail", str(odd)])
+    assert int(no_tail.split()[3]) == odd < int(exact.split()[2]), done.stdout
+    assert re.search(rf"plan: {odd - 1} chunks of \d+, then \d+ pieces of", done.stdout)
+    for row in rows:
+        assert re.search(rf"x\d+\.\d{{3}} of exact {odd - 1}$", row), row
 
 
 def test_bench_runs_smoke():

@@ -20,21 +20,21 @@ def x():
     return np.random.default_rng(7).random(300_001)
 
 
-def serial(kernel, shared, n, chunk_len):
+def serial(kernel, shared, n, chunk_len, workers):
     from autotune.backends.shared import SharedNamespace
 
     ns = SharedNamespace(shared)
-    parts = [kernel(ns, s, min(n, s + chunk_len)) for s in range(0, n, chunk_len)]
-    return parts
+    return [kernel(ns, s, e) for s, e in kernels.ranges_of(n, workers, chunk_len)]
 
 
 def test_map_reduce_equal_serial(x):
     with Evaluator(2, 4_000, shared={"x": x}, backend="threads") as ev:
         assert ev.pids == [] and ev.start_method is None
         out = ev.map(stream_kernel, len(x))
-        assert np.array_equal(out, np.concatenate(serial(stream_kernel, {"x": x}, len(x), 4_000)))
+        rows = serial(stream_kernel, {"x": x}, len(x), 4_000, ev.workers)
+        assert np.array_equal(out, np.concatenate(rows))
         total = ev.reduce(kernels.exp_sum, len(x))
-        parts = serial(kernels.exp_sum, {"x": x}, len(x), 4_000)
+        parts = serial(kernels.exp_sum, {"x": x}, len(x), 4_000, ev.workers)
         expected = parts[0]
         for p in parts[1:]:
             expected = expected + p

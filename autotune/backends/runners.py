@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from autotune.backends.dask.runner import DaskRunner
 from autotune.backends.processes.pool import ProcessPool
+from autotune.backends.schedule import ChunkPlan
 from autotune.backends.stats import Meter
 from autotune.backends.threads import ThreadRunner
 
@@ -16,8 +17,11 @@ __all__ = ["LazyRunner", "Runner", "open_runner"]
 class Runner(Protocol):
     """What the evaluator and the tuner ask of a backend.
 
-    ``run`` records into ``meter`` (when given) each worker's time in
-    kernels, batches re-run and items completed (:class:`~autotune.backends.stats.Meter`).
+    ``run`` executes exactly the ranges of ``plan``
+    (:class:`~autotune.backends.schedule.ChunkPlan`) on ``plan.workers`` of
+    its workers (at most all of them), and records into ``meter`` (when
+    given) each worker's time in kernels, batches re-run and items completed
+    (:class:`~autotune.backends.stats.Meter`).
     """
 
     @property
@@ -26,12 +30,10 @@ class Runner(Protocol):
     def run(
         self,
         kernel: Callable[..., Any],
-        n: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
-        workers: int | None = None,
     ) -> Any: ...
 
     def close(self) -> None: ...
@@ -111,14 +113,12 @@ class LazyRunner:
     def run(
         self,
         kernel: Callable[..., Any],
-        n: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
-        workers: int | None = None,
     ) -> Any:
-        return self.start().run(kernel, n, chunk_len, mode, combine, meter, workers)
+        return self.start().run(kernel, plan, mode, combine, meter)
 
     def close(self) -> None:
         """Close the runner if it started; no start after this (idempotent)."""

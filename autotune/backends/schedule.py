@@ -1,4 +1,4 @@
-"""Pure scheduling: how a call is cut, which chunks go out in which batch, folding in order.
+"""Pure scheduling: how a call is cut and which chunks go out in which batch.
 
 Nothing here touches processes, so the policy is tested on numbers alone and
 any backend can reuse it.
@@ -7,18 +7,22 @@ How a call is cut is decided in one place, :func:`plan_chunks`: given ``n``,
 the workers of the call and the chunk length asked for (and where that
 length came from), the :class:`ChunkPlan` whose ranges the runner executes.
 The evaluator, the online refinement and the search all plan through it.
+A plan's ranges are chunks of one length, except a last round that would
+leave workers idle, which is cut into equal pieces for all of them
+(:func:`guided_tail`): calls that finish together.
 
-Chunks are fixed ``[c * chunk_len, min(n, (c + 1) * chunk_len))`` ranges, so
-a *batch* is just a range of chunk indices ``[c0, c1)``.  Batches shrink as
-the work runs out (guided self-scheduling, as in OpenMP's ``guided``): big
-batches early keep the parent out of the per-chunk loop, small batches at the
-end keep every worker busy until the last chunk.
+The plan numbers its ranges (its *chunks*), so a *batch* is just a range of
+chunk indices ``[c0, c1)``; :meth:`ChunkPlan.ranges` gives the items they
+cover.  Batches shrink as the work runs out (guided self-scheduling, as in
+OpenMP's ``guided``): big batches early keep the parent out of the per-chunk
+loop, small batches at the end keep every worker busy until the last chunk.
 
 The invariant every call keeps: the ranges handed to kernels are disjoint and
 cover exactly ``[0, n)``.  It is checked where ranges are made, so that a bad
 one raises :class:`~autotune._errors.RangeError` before a kernel runs on it
 (never a silent clip): :func:`count_chunks` checks a call's ``n`` and chunk
-length, :func:`chunk_bounds` turns only chunk indices of the call into items,
+length, a :class:`ChunkPlan` is refused unless its ranges cover the call and
+turns only chunk indices of the call into items (:meth:`ChunkPlan.bounds`),
 :class:`Batches` hands out and takes back only chunks of the call,
 :class:`Coverage` refuses a chunk accepted twice and a call that ends with one
 missing, and :class:`Cursor` cuts a call into consecutive slices (the online
@@ -27,28 +31,27 @@ refinement's) that must end exactly at ``n``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from autotune._errors import RangeError
-from autotune.backends.structure import ELEMENTWISE, ElementWise, PartialMismatch
 
 __all__ = [
     "EXACT",
     "GUESSED",
     "MEASURED",
+    "MIN_PIECE",
     "Batches",
     "ChunkPlan",
     "Coverage",
     "Cursor",
-    "OrderedFold",
     "balanced_chunk_len",
-    "chunk_bounds",
     "count_chunks",
+    "guided_tail",
     "n_chunks",
     "plan_chunks",
 ]
@@ -133,30 +136,106 @@ _MIN_PER_WORKER = {
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How one call of ``n`` items is cut: chunks of ``chunk_len`` items, the last
-    one shorter, ``workers`` workers taking them.
+    """How one call of ``n`` items is cut, and the only description of its ranges.
 
-    ``ranges()`` are exactly the ``(start, stop)`` ranges the runner hands
-    to kernels: disjoint, covering ``[0, n)``.
+    ``head`` chunks of ``chunk_len`` items cover ``[0, head * chunk_len)``;
+    the rest of the call is cut into pieces of ``piece_len`` items, the last
+    one shorter.  Without a tail ``piece_len == chunk_len`` and ``head`` is 0:
+    chunks of ``chunk_len``, the last one shorter.  ``workers`` take part.
+
+    Five integers say it all, so a runner hands the plan to its workers once
+    per call and then sends chunk indices only; :meth:`bounds` and
+    :meth:`ranges` turn indices into items, checked.  The ranges are
+    disjoint and cover exactly ``[0, n)``; a plan that could not keep that
+    is refused (``RangeError``) when it is made.
     """
 
     n: int
     workers: int
     chunk_len: int
+    head: int = 0
+    piece_len: int = 0  # 0: chunk_len (no tail)
+
+    def __post_init__(self) -> None:
+        count_chunks(self.n, self.chunk_len)  # whole numbers, or RangeError
+        piece = self.piece_len or self.chunk_len
+        if piece == self.chunk_len:
+            object.__setattr__(self, "head", 0)  # one way to say "no tail"
+        object.__setattr__(self, "piece_len", piece)
+        if (
+            self.workers < 1
+            or not 1 <= piece <= self.chunk_len
+            or not 0 <= self.head * self.chunk_len <= self.n
+        ):
+            raise RangeError(
+                f"a plan of {self.n} items: {self.head} chunks of {self.chunk_len}, then pieces "
+                f"of {piece}, on {self.workers} workers"
+            )
+
+    @property
+    def split(self) -> int:
+        """The first item of the pieces: the head's chunks end here."""
+        return self.head * self.chunk_len
 
     @property
     def chunks(self) -> int:
-        return n_chunks(self.n, self.chunk_len)
+        return self.head + n_chunks(self.n - self.split, self.piece_len)
 
-    def ranges(self) -> Iterator[tuple[int, int]]:
-        for c in range(self.chunks):
-            yield chunk_bounds(c, c + 1, self.chunk_len, self.n)
+    def bounds(self, c0: int, c1: int) -> tuple[int, int]:
+        """Item range ``[start, stop)`` covered by chunks ``[c0, c1)`` of the call.
+
+        ``RangeError`` unless ``0 <= c0 < c1 <= chunks``: a batch of no
+        chunk, or of chunks past the call's end.
+        """
+        if not 0 <= c0 < c1 <= self.chunks:
+            raise RangeError(
+                f"chunks [{c0}, {c1}) are not chunks of a call of {self.n} items "
+                f"in {self.chunks} chunks"
+            )
+        return self._start(c0), min(self.n, self._start(c1))
+
+    def _start(self, c: int) -> int:
+        if c <= self.head:
+            return c * self.chunk_len
+        return self.split + (c - self.head) * self.piece_len
+
+    def ranges(self, c0: int = 0, c1: int | None = None) -> Iterator[tuple[int, int]]:
+        """The ``(start, stop)`` of chunks ``c0 .. c1 - 1`` (all by default), checked first.
+
+        What every runner hands its kernel.  Built from ``range`` objects
+        zipped in C, not a Python loop: the processes worker's per-chunk cost
+        is about a microsecond, and a generator's step added about 0.1 us to it.
+        """
+        if c1 is None:
+            c1 = self.chunks
+            if c1 == 0:
+                return iter(())  # a call of no item
+        self.bounds(c0, c1)  # chunks of this call, or RangeError
+        length, head, split, piece = self.chunk_len, self.head, self.split, self.piece_len
+        parts: list[Iterator[tuple[int, int]]] = []
+        if c0 < head:  # the head's chunks: all whole
+            end = min(c1, head) * length
+            parts.append(
+                zip(
+                    range(c0 * length, end, length),
+                    range((c0 + 1) * length, end + 1, length),
+                    strict=True,
+                )
+            )
+        if c1 > head:  # then the pieces (all the chunks, without a tail): the last may be short
+            first = split + (max(c0, head) - head) * piece
+            last = split + (c1 - 1 - head) * piece  # start of the last one
+            parts.append(
+                zip(range(first, last, piece), range(first + piece, last + 1, piece), strict=True)
+            )
+            parts.append(iter(((last, min(self.n, last + piece)),)))
+        return itertools.chain.from_iterable(parts)
 
 
 def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> ChunkPlan:
     """The plan of a call of ``n`` items on ``workers`` workers, ``chunk_len`` asked.
 
-    The rules, by where ``chunk_len`` came from (``source``):
+    The chunk length, by where ``chunk_len`` came from (``source``):
 
     - :data:`EXACT` (the user's): kept as it is.
     - :data:`MEASURED` (a profile, a search, the refinement): at most ``ceil(n / workers)``
@@ -166,32 +245,85 @@ def plan_chunks(n: int, workers: int, chunk_len: int, source: str = EXACT) -> Ch
     - :data:`GUESSED` (the heuristic's): at least
       :data:`GUESSED_CHUNKS_PER_WORKER` chunks per worker, then balanced.
 
-    A map's result never depends on the plan; a reduce's bits do, and are
-    the same for the same ``(n, workers, chunk_len, source)``.
+    Then, for every source, the *guided tail* (:func:`guided_tail`): when the
+    last round of chunks would leave workers idle (fewer chunks than workers,
+    or a short last chunk), its items are cut into up to ``workers`` equal
+    pieces, so that all workers finish at about the same time.  A balanced
+    length leaves at most a last chunk a few items short, so it is mostly
+    the user's exact ``chunk_len`` that gets a tail; every chunk before the
+    tail keeps ``chunk_len`` items, and no range is longer.
+
+    What decides the cut: ``(n, workers, chunk_len, source)`` and nothing
+    else, never a timing, so a map's result never depends on the plan and a
+    reduce's bits are the same on every call with the same
+    ``(n, workers, chunk_len, source)``; an explicit ``chunk_len`` gives
+    bit-identical repeats.  (With a tail, a reduce's bits depend on
+    ``workers`` too: the pieces are cut for them.)
     """
     count_chunks(n, chunk_len)  # whole numbers, or RangeError
     if source not in _MIN_PER_WORKER:
         raise ValueError(f"unknown chunk length source {source!r}")
     workers = max(1, workers)
-    if source == EXACT:
-        return ChunkPlan(n, workers, chunk_len)
-    per_worker = _MIN_PER_WORKER[source]
-    if per_worker:
-        chunk_len = max(1, min(chunk_len, -(-n // (per_worker * workers))))
-    return ChunkPlan(n, workers, balanced_chunk_len(n, chunk_len, workers))
+    if source != EXACT:
+        per_worker = _MIN_PER_WORKER[source]
+        if per_worker:
+            chunk_len = max(1, min(chunk_len, -(-n // (per_worker * workers))))
+        chunk_len = balanced_chunk_len(n, chunk_len, workers)
+    return guided_tail(n, workers, chunk_len)
 
 
-def chunk_bounds(c0: int, c1: int, chunk_len: int, n: int) -> tuple[int, int]:
-    """Item range ``[start, stop)`` covered by chunks ``[c0, c1)`` of a call of ``n`` items.
+#: A piece of the tail holds at least this many items (or half a chunk,
+#: rounded down, if less).  The cheapest numpy kernels cost about 1 ns an
+#: item (``x * 2.0`` over 1024 float64 took 0.8 us, most of it numpy's fixed
+#: cost per call, on the 2-core AMD EPYC VM, 2026-12-04), so a shorter piece
+#: computes about what it costs to run: a chunk costs 0.47 us in the workers'
+#: loop with 2 workers (README, "The evaluator") and 1.64 us on a 16-core
+#: Xeon (issue 19), plus the kernel's own call.  Items that cost more (a row
+#: of an image) make the floor generous; half a chunk is always allowed (see
+#: :func:`guided_tail`).  Measurements of cheap kernels on more cores would
+#: move it.
+MIN_PIECE = 1024
 
-    ``RangeError`` unless ``0 <= c0 < c1`` and chunk ``c1 - 1`` starts below
-    ``n``: a batch of no chunk, or of chunks past the call's end.
+
+def guided_tail(n: int, workers: int, chunk_len: int) -> ChunkPlan:
+    """Chunks of ``chunk_len``, the last round cut so that the workers finish together.
+
+    The *last round* is what is left once every worker has had as many
+    chunks as the others: ``chunks % workers`` chunks, while the other
+    workers idle (a call of ``2k + 1`` equal chunks on 2 workers ends with
+    one worker running the last chunk alone: ``k + 1`` chunks' time for
+    ``k + 1/2`` chunks of work each), or ``workers`` chunks of which the last
+    is short.  Its items are cut into up to ``workers`` equal pieces, each at
+    least ``min(MIN_PIECE, chunk_len // 2)`` items (the last one may be
+    shorter by the rounding):
+
+    - The pieces go out last, one per idle worker (the dispatcher hands
+      the last chunks to idle workers, never into a queue), so each worker
+      runs at most one chunk more than without the tail: its per-chunk cost
+      is one chunk's, a microsecond or two, under 1% of any call that runs
+      on a pool (a round trip to the workers costs a quarter of a
+      millisecond or more: docs/design.md, section 6).
+    - The floor keeps a piece worth its cost (:data:`MIN_PIECE`); half a
+      chunk is always allowed, as TBB's partitioners never cut a range below
+      half its grain size: 2 pieces of half a chunk are what makes ``2k + 1``
+      chunks on 2 workers as fast as ``2k`` longer ones.
+    - Equal pieces, not the shrinking ones of OpenMP's ``guided``: the
+      workers reach the last round together (they ran the same number of
+      equal chunks), so the pieces they take should be equal too.
+
+    No tail on one worker, or when the pieces would not be shorter than the
+    longest chunk of the last round (it is all full chunks, one per worker).
     """
-    if not 0 <= c0 < c1 or (c1 - 1) * chunk_len >= n:
-        raise RangeError(
-            f"chunks [{c0}, {c1}) of {chunk_len} items are not chunks of a call of {n} items"
-        )
-    return c0 * chunk_len, min(n, c1 * chunk_len)
+    total = n_chunks(n, chunk_len)
+    if workers <= 1 or total <= 1:
+        return ChunkPlan(n, workers, chunk_len)
+    last = total % workers or workers
+    head = total - last
+    items = n - head * chunk_len
+    pieces = min(workers, items // max(1, min(MIN_PIECE, chunk_len // 2)))
+    if pieces < 2 or -(-items // pieces) >= min(chunk_len, items):
+        return ChunkPlan(n, workers, chunk_len)  # no shorter last round to be had
+    return ChunkPlan(n, workers, chunk_len, head, -(-items // pieces))
 
 
 class Batches:
@@ -321,77 +453,3 @@ class Cursor:
     def check_complete(self) -> None:
         if self.done != self.n:
             raise RangeError(f"a call of {self.n} items ended after {self.done}")
-
-
-class OrderedFold:
-    """Combine per-chunk partials strictly in chunk order, as they arrive.
-
-    ``((p0 + p1) + p2) + ...``: the same operations in the same order as a
-    serial loop over the same chunks, hence the same bits, whichever worker
-    finished first.  Partials that arrive early wait in a dict until the gap
-    before them is filled, so memory stays bounded by what is out of order.
-
-    ``operator.add`` and ``operator.mul`` combine tuple and dict partials
-    element by element (:class:`~autotune.backends.structure.ElementWise`);
-    any other ``combine`` is given whole partials.  ``bounds`` (chunk ->
-    item range) lets a mismatch of structure name its chunk.
-    """
-
-    def __init__(
-        self,
-        combine: Callable[[Any, Any], Any],
-        bounds: Callable[[int], tuple[int, int]] | None = None,
-    ) -> None:
-        self._combine = ElementWise(combine) if combine in ELEMENTWISE else combine
-        self._bounds = bounds
-        self._pending: dict[int, Any] = {}
-        self._next = 0
-        self._acc: Any = None
-
-    def add(self, chunk: int, partial: Any) -> None:
-        self._pending[chunk] = partial
-        while self._next in self._pending:
-            value = self._pending.pop(self._next)
-            try:
-                self._acc = value if self._next == 0 else self._combine(self._acc, value)
-            except PartialMismatch as exc:
-                raise self._named(exc, self._next) from None
-            self._next += 1
-
-    def extend(self, first: int, partials: list[Any]) -> None:
-        """Add the partials of chunks ``first, first + 1, ...``."""
-        if first != self._next or self._pending:
-            for i, partial in enumerate(partials, first):
-                self.add(i, partial)
-            return
-        # In order and nothing waiting (the common case): a tight loop.
-        combine, acc = self._combine, self._acc
-        it = iter(partials)
-        if first == 0:
-            acc = next(it, None)
-        partial = None
-        try:
-            for partial in it:
-                acc = combine(acc, partial)
-        except PartialMismatch as exc:
-            # Found by identity, so that the loop above counts nothing.
-            at = first + next(i for i, p in enumerate(partials) if p is partial)
-            self._acc, self._next = acc, at  # chunks before `at` are folded
-            raise self._named(exc, at) from None
-        self._acc = acc
-        self._next = first + len(partials)
-
-    def _named(self, exc: PartialMismatch, chunk: int) -> ValueError:
-        if self._bounds is None:
-            return ValueError(exc.message())
-        return exc.at(*self._bounds(chunk))
-
-    @property
-    def done(self) -> int:
-        """How many leading chunks have been folded."""
-        return self._next
-
-    def result(self) -> Any:
-        if self._pending:
-            raise RuntimeError(f"chunks after {self._next} arrived but chunk {self._next} did not")
-        return self._acc

@@ -148,7 +148,7 @@ def describe(partial: Any) -> str:
 class PartialMismatch(ResultError):
     """Two reduce partials that cannot be combined element by element.
 
-    :class:`~autotune.backends.schedule.OrderedFold` turns it into the error
+    :class:`~autotune.backends.fold.OrderedFold` turns it into the error
     the user sees, naming the chunk (:meth:`at`).
     """
 

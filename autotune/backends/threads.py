@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from autotune._errors import add_note
+from autotune.backends.fold import OrderedFold
 from autotune.backends.rows import check_row_like, where
-from autotune.backends.schedule import Batches, Coverage, OrderedFold, chunk_bounds, count_chunks
+from autotune.backends.schedule import Batches, ChunkPlan, Coverage
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.shm import SHM_OUTPUT_MIN, OutputCache, output_layout, output_views
 from autotune.backends.stats import Meter
@@ -50,8 +51,7 @@ class _ThreadCall:
         self,
         kernel: Callable[..., Any],
         shared: SharedNamespace,
-        n: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         workers: int,
@@ -62,16 +62,13 @@ class _ThreadCall:
         self.meter = meter
         self.kernel = kernel
         self.shared = shared
-        self.n = n
-        self.chunk_len = chunk_len
+        self.plan = plan
         self.mode = mode
         self.lock = threading.Lock()
-        self.batches = Batches(count_chunks(n, chunk_len), workers)
+        self.batches = Batches(plan.chunks, workers)
         self.coverage = Coverage(self.batches.total)  # chunks accepted, each once
         self.fold = (
-            OrderedFold(combine, lambda c: chunk_bounds(c, c + 1, chunk_len, n))
-            if combine is not None
-            else None
+            OrderedFold(combine, lambda c: plan.bounds(c, c + 1)) if combine is not None else None
         )
         self.structure: Structure | None = None
         self.out: list[np.ndarray] | None = None  # one array per output of the map
@@ -114,7 +111,7 @@ class _ThreadCall:
             self.cancelled = True
 
     def _drain(self, worker: int) -> None:
-        kernel, shared, n, cl = self.kernel, self.shared, self.n, self.chunk_len
+        kernel, shared, plan = self.kernel, self.shared, self.plan
         mapping = self.mode == "map"
         while True:
             with self.lock:
@@ -123,16 +120,14 @@ class _ThreadCall:
                 # Until the output exists, one chunk at a time: its first
                 # result gives the row shape and dtype.
                 c0, c1 = self.batches.take(1 if mapping and self.out is None else None)
-            s0, s1 = chunk_bounds(c0, c1, cl, n)  # chunks of this call, or RangeError
+            s0, s1 = plan.bounds(c0, c1)  # chunks of this call, or RangeError
             partials = []
             # CPU time of this thread, not wall time: a kernel that holds the
             # GIL makes the other threads wait, and waiting is not work.
             began = time.thread_time()
-            for c in range(c0, c1):
+            for start, stop in plan.ranges(c0, c1):
                 if self.cancelled:
                     return
-                start = c * cl
-                stop = min(n, start + cl)
                 try:
                     r = kernel(shared, start, stop)
                     if mapping:
@@ -143,7 +138,7 @@ class _ThreadCall:
                                 if self.out is None:
                                     self.structure = structure
                                     rows = [(a.shape[1:], a.dtype) for a in arrays]
-                                    self.out = self.allocate(n, rows)
+                                    self.out = self.allocate(plan.n, rows)
                                 out = self.out
                             if self.structure != structure:  # another thread's came first
                                 structure, arrays = split_map_result(r, start, stop, self.structure)
@@ -183,20 +178,16 @@ class ThreadRunner:
     def run(
         self,
         kernel: Callable[..., Any],
-        n: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
-        workers: int | None = None,
     ) -> Any:
-        """Run one call on ``workers`` of the threads (default: all)."""
-        active = self.workers if workers is None else max(1, min(workers, self.workers))
+        """Run the ranges of ``plan`` on ``plan.workers`` of the threads (at most all)."""
+        active = max(1, min(plan.workers, self.workers))
         meter = meter if meter is not None else Meter(active)
         meter.taking_part(active)
-        call = _ThreadCall(
-            kernel, self.shared, n, chunk_len, mode, combine, active, self._allocate, meter
-        )
+        call = _ThreadCall(kernel, self.shared, plan, mode, combine, active, self._allocate, meter)
         limiter = None
         if self.blas_threads is not None:
             from threadpoolctl import threadpool_limits
@@ -259,22 +250,22 @@ class Outputs:
 def run_inline(
     kernel: Callable[..., Any],
     shared: SharedNamespace,
-    n: int,
-    chunk_len: int,
+    plan: ChunkPlan,
     mode: str,
     combine: Callable[[Any, Any], Any] | None,
     meter: Meter,
     outputs: Outputs | None = None,
 ) -> Any:
-    """The call in the calling thread, chunk after chunk, folded in order.
+    """The ranges of ``plan`` in the calling thread, chunk after chunk, folded in order.
 
-    What one thread of the backend would do alone: the same chunks, hence
-    the same bits for a reduce as on the workers with the same chunk length.
+    What one thread of the backend would do alone: the same ranges, hence
+    the same bits for a reduce as on the workers with the same plan.
     A call of one chunk is the kernel's own result (a map's arrays copied
     only when they are views of other memory, such as the shared data).
     """
     meter.taking_part(1)
-    if count_chunks(n, chunk_len) <= 1:
+    n = plan.n
+    if plan.chunks <= 1:
         _LOCAL.in_kernel = True
         began = time.thread_time()
         try:
@@ -293,7 +284,7 @@ def run_inline(
     # Without an Outputs to keep them, plain arrays: a segment made here would
     # outlive the call with nothing to unlink it.
     allocate = outputs.allocate if outputs is not None else _plain_outputs
-    call = _ThreadCall(kernel, shared, n, chunk_len, mode, combine, 1, allocate, meter)
+    call = _ThreadCall(kernel, shared, plan, mode, combine, 1, allocate, meter)
     call.drain(0)
     return call.result()
 

@@ -20,7 +20,7 @@ task is and how results come back:
 - ``map`` rows are written into the output as tasks finish (fetched straight
   from the workers where that is safe, see :func:`_gather_direct`);
   ``reduce`` partials come back per chunk and are folded strictly in chunk
-  order (:class:`~autotune.backends.schedule.OrderedFold`): the same bits as a serial
+  order (:class:`~autotune.backends.fold.OrderedFold`): the same bits as a serial
   loop over the same chunks;
 - a worker that dies is Dask's to handle: its tasks are re-run elsewhere,
   and when a task has been on more dying workers than the scheduler's
@@ -46,8 +46,9 @@ import numpy as np
 from autotune._errors import WorkerLost
 from autotune._util import one_line
 from autotune.backends.dask.tasks import Missing, adopt, forget_shared, run_batch
+from autotune.backends.fold import OrderedFold
 from autotune.backends.rows import check_row_like
-from autotune.backends.schedule import Coverage, OrderedFold, chunk_bounds, count_chunks
+from autotune.backends.schedule import ChunkPlan, Coverage
 from autotune.backends.stats import Meter
 from autotune.backends.structure import Structure, split_map_result
 
@@ -171,18 +172,16 @@ class _DaskCall:
         self,
         runner: DaskRunner,
         kernel: Callable[..., Any],
-        n: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         meter: Meter,
     ) -> None:
         self.runner = runner
         self.meter = meter
         self.kernel = kernel
-        self.n = n
-        self.chunk_len = chunk_len
+        self.plan = plan
         self.mode = mode
-        self.total = count_chunks(n, chunk_len)
+        self.total = plan.chunks
         self.coverage = Coverage(self.total)  # chunks accepted, each once
         self.next = 0  # first chunk not yet submitted
         self.threads = meter.workers  # the cluster's worker threads
@@ -213,8 +212,7 @@ class _DaskCall:
             r.token,
             None if batch is None else r.shared_future,
             self.mode,
-            self.n,
-            self.chunk_len,
+            self.plan,
             c0,
             c1,
             r.blas_threads,
@@ -260,7 +258,7 @@ class _DaskCall:
                         fold.extend(c0, result)
                     else:
                         self.store(c0, c1, result)
-                    start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
+                    start, stop = self.plan.bounds(c0, c1)
                     self.meter.advance(stop - start)
                 del results
             self.coverage.check_complete()
@@ -273,18 +271,18 @@ class _DaskCall:
             raise
 
     def store(self, c0: int, c1: int, rows: Any) -> None:
-        start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
+        start, stop = self.plan.bounds(c0, c1)
         structure, arrays = split_map_result(rows, start, stop, self.structure)
         if self.out is None:
             self.structure = structure
-            self.out = [np.empty((self.n, *a.shape[1:]), dtype=a.dtype) for a in arrays]
+            self.out = [np.empty((self.plan.n, *a.shape[1:]), dtype=a.dtype) for a in arrays]
         for i, (arr, out) in enumerate(zip(arrays, self.out, strict=True)):
             check_row_like(arr, out, start, stop, structure.label(i))
             out[start:stop] = arr
 
     def failure(self, fut: Any) -> BaseException:
         c0, c1 = self.pending[fut]
-        start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
+        start, stop = self.plan.bounds(c0, c1)
         client = self.runner.client
         from distributed import KilledWorker
 
@@ -404,14 +402,13 @@ class DaskRunner:
     def run(
         self,
         kernel: Callable[..., Any],
-        n: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
-        workers: int | None = None,
     ) -> Any:
-        """Run one call; ``workers`` is not used (the tasks in flight are the runner's)."""
+        """Run the ranges of ``plan``; ``plan.workers`` is not used (the tasks in flight
+        are the runner's)."""
         if self.client is None or self.client.status != "running":
             raise _closed(self.client) if self.client is not None else RuntimeError("closed")
         _check_kernel(kernel)
@@ -424,10 +421,10 @@ class DaskRunner:
         # Kernels run one per worker thread, whatever the tasks in flight.
         meter.workers = max(1, int(sum(nthreads.values())))
         meter.slots = sorted(nthreads)
-        call = _DaskCall(self, kernel, n, chunk_len, mode, meter)
+        call = _DaskCall(self, kernel, plan, mode, meter)
         fold = None
         if mode == "reduce" and combine is not None:
-            fold = OrderedFold(combine, lambda c: chunk_bounds(c, c + 1, chunk_len, n))
+            fold = OrderedFold(combine, lambda c: plan.bounds(c, c + 1))
         call.run(fold)
         if mode == "map":
             assert call.structure is not None and call.out is not None

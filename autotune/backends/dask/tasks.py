@@ -15,7 +15,7 @@ import numpy as np
 
 from autotune._errors import add_note
 from autotune.backends.rows import check_row_like, where
-from autotune.backends.schedule import chunk_bounds
+from autotune.backends.schedule import ChunkPlan
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.structure import Structure, split_map_result
 
@@ -74,13 +74,13 @@ def run_batch(
     token: str,
     data: Mapping[str, Any] | None,
     mode: str,
-    n: int,
-    chunk_len: int,
+    plan: ChunkPlan,
     c0: int,
     c1: int,
     blas_threads: int | None,
 ) -> Any:
-    """One task: chunks ``[c0, c1)``; ``(result, busy_s, worker)``, or :class:`Missing`.
+    """One task: chunks ``[c0, c1)`` of ``plan``; ``(result, busy_s, worker)``, or
+    :class:`Missing`.
 
     The result is the partials (reduce) or the batch's rows (map: an array,
     or a tuple or dict of arrays like the kernel's); ``busy_s`` the seconds
@@ -99,15 +99,13 @@ def run_batch(
         data = found
     _limit_blas(blas_threads)
     shared = SharedNamespace(data)  # read-only views; the data itself is not copied
-    start = stop = c0 * chunk_len
+    start = stop = 0
     began = time.perf_counter()
     try:
-        s0, s1 = chunk_bounds(c0, c1, chunk_len, n)  # chunks of this call, or RangeError
+        s0, s1 = plan.bounds(c0, c1)  # chunks of this call, or RangeError
         if mode == "reduce":
             partials = []
-            for c in range(c0, c1):
-                start = c * chunk_len
-                stop = min(n, start + chunk_len)
+            for start, stop in plan.ranges(c0, c1):
                 partials.append(kernel(shared, start, stop))
             result: Any = partials
         else:
@@ -115,9 +113,7 @@ def run_batch(
             # array, or a tuple or dict of arrays).
             structure: Structure | None = None
             rows: list[np.ndarray] = []
-            for c in range(c0, c1):
-                start = c * chunk_len
-                stop = min(n, start + chunk_len)
+            for start, stop in plan.ranges(c0, c1):
                 r = kernel(shared, start, stop)
                 structure, arrays = split_map_result(r, start, stop, structure)
                 if c1 - c0 == 1:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from autotune._errors import RangeError, WorkerLost
+from autotune.backends.fold import OrderedFold
 from autotune.backends.processes.exits import (
     describe_exit,
     rebuild_exception,
@@ -26,7 +27,7 @@ from autotune.backends.processes.exits import (
 )
 from autotune.backends.processes.worker import wants_shared_output
 from autotune.backends.rows import check_row_like
-from autotune.backends.schedule import Batches, Coverage, OrderedFold, chunk_bounds, count_chunks
+from autotune.backends.schedule import Batches, ChunkPlan, Coverage
 from autotune.backends.shm import Layout, Segment, output_layout, output_views
 from autotune.backends.stats import Meter
 from autotune.backends.structure import Structure, split_map_result
@@ -84,8 +85,7 @@ class Dispatch:
         pool: Pool,
         call_id: int,
         kernel_bytes: bytes,
-        n: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Any,
         meter: Meter,
@@ -94,10 +94,10 @@ class Dispatch:
         self.pool = pool
         # Workers 0 .. active-1 take part (all by default); the others idle.
         self.active = pool.workers if active is None else max(1, min(active, pool.workers))
-        self.n = n
+        self.plan = plan
+        self.n = plan.n
         self.mode = mode
-        self.chunk_len = chunk_len
-        self.total = count_chunks(n, self.chunk_len)
+        self.total = plan.chunks
         self.call_id = call_id
         self.kernel_bytes = kernel_bytes
         self.meter = meter
@@ -146,7 +146,7 @@ class Dispatch:
         return self.fold.result()
 
     def _bounds(self, c: int) -> tuple[int, int]:
-        return chunk_bounds(c, c + 1, self.chunk_len, self.n)
+        return self.plan.bounds(c, c + 1)
 
     def _step(self) -> None:
         live = self.pool.live
@@ -236,11 +236,11 @@ class Dispatch:
                 # A result that does not fit (or a combine function that
                 # raised): the call fails and drains; the pool stays usable.
                 self._fail(exc)
-        start, stop = chunk_bounds(c0, c1, self.chunk_len, self.n)
+        start, stop = self.plan.bounds(c0, c1)
         self.meter.advance(stop - start)
 
     def _store(self, c: int, item: Any) -> None:
-        start, stop = chunk_bounds(c, c + 1, self.chunk_len, self.n)
+        start, stop = self.plan.bounds(c, c + 1)
         structure = self.structure
         if type(item) is np.ndarray and structure is not None and structure.kind == "array":
             # The worker checked its length; only its rows are left to check.
@@ -278,7 +278,7 @@ class Dispatch:
             return  # not taking part in this call (a replaced idle worker)
         if w.call_id != self.call_id:
             w.call_id = self.call_id
-            msg = ("call", self.call_id, self.kernel_bytes, self.mode, self.n, self.chunk_len)
+            msg = ("call", self.call_id, self.kernel_bytes, self.mode, self.plan)
             if not self._send(w, msg):
                 return
             if self.out_desc is not None:
@@ -332,7 +332,7 @@ class Dispatch:
                 self.batches.requeue(batch)
             tries = self.tries.get(running, 0) + 1
             if tries > pool.retries:
-                start, stop = chunk_bounds(*running, self.chunk_len, self.n)
+                start, stop = self.plan.bounds(*running)
                 self._fail(
                     WorkerLost(
                         f"a worker died ({how}) while computing items [{start}, {stop}), "

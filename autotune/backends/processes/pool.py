@@ -10,8 +10,9 @@ the pool through :attr:`ProcessPool.live`, :meth:`~ProcessPool.replace`,
 :meth:`~ProcessPool.output_segment`, :meth:`~ProcessPool.cancel` and
 :meth:`~ProcessPool.next_batch_id`.
 
-Like the threads and Dask runners it has ``run(kernel, n, chunk_len, mode,
-combine)`` and ``close()``; the chunk length is chosen per call by the caller.
+Like the threads and Dask runners it has ``run(kernel, plan, mode, combine)``
+and ``close()``; the caller plans each call (``plan_chunks``) and the pool
+runs the plan's ranges.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from autotune.backends.processes.blas import BLAS_ENV, BLAS_HOLD, environ
 from autotune.backends.processes.dispatch import JOIN_TIMEOUT, Dispatch, WorkerHandle
 from autotune.backends.processes.exits import fileno, join_all, startup_failure
 from autotune.backends.processes.worker import REPORT_ENV, WorkerSpec, worker_main
+from autotune.backends.schedule import ChunkPlan
 from autotune.backends.sending import main_snapshot
 from autotune.backends.shared import PackedShared, dumps_callable, is_shared_array_segment, pack
 from autotune.backends.shm import OutputCache, Segment
@@ -163,17 +165,15 @@ class ProcessPool:
     def run(
         self,
         kernel: Callable[..., Any],
-        n: int,
-        chunk_len: int,
+        plan: ChunkPlan,
         mode: str,
         combine: Callable[[Any, Any], Any] | None,
         meter: Meter | None = None,
-        workers: int | None = None,
     ) -> Any:
         """Run one call; the kernel's exception (or ``WorkerLost``) is raised as is.
 
         ``meter`` records the workers' busy time, re-run batches and progress;
-        ``workers`` (at most the pool's) take part, the others stay idle.
+        ``plan.workers`` (at most the pool's) take part, the others stay idle.
 
         After a kernel error the call has drained and the pool stays usable;
         anything else (Ctrl-C, a failure of our own) closes the pool, since
@@ -183,12 +183,10 @@ class ProcessPool:
             raise RuntimeError("this process pool is closed")
         kernel_bytes = dumps_callable(kernel, "kernel", self._main_at_fork)
         self._call_id += 1
-        active = self.workers if workers is None else max(1, min(workers, self.workers))
+        active = max(1, min(plan.workers, self.workers))
         meter = meter if meter is not None else Meter(active)
         meter.taking_part(active)
-        call = Dispatch(
-            self, self._call_id, kernel_bytes, n, chunk_len, mode, combine, meter, active
-        )
+        call = Dispatch(self, self._call_id, kernel_bytes, plan, mode, combine, meter, active)
         try:
             result = call.run()
         except BaseException:

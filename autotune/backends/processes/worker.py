@@ -4,7 +4,7 @@ Protocol (tuples over one duplex pipe per worker; the parent never waits on
 a worker between batches because each worker has a batch queued ahead):
 
 parent -> worker
-    ("call", call_id, kernel_bytes, mode, n, chunk_len)
+    ("call", call_id, kernel_bytes, mode, plan)   plan: the call's ChunkPlan
     ("out", call_id, segment_name, segment_size, structure, layout)
                                              name None: send map results back inline
     ("batch", call_id, batch_id, c0, c1)
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from autotune.backends.rows import check_row_like
-from autotune.backends.schedule import chunk_bounds
+from autotune.backends.schedule import ChunkPlan
 from autotune.backends.shared import PackedShared, SharedNamespace, unpack
 from autotune.backends.shm import SHM_OUTPUT_MIN, Layout, Segment, output_views
 from autotune.backends.structure import Structure, split_map_result
@@ -83,12 +83,12 @@ def _error_message(call_id: int, batch_id: int, start: int, stop: int, exc: Base
 class _Call:
     """State of the call being served: the kernel and, for map, the outputs."""
 
-    def __init__(self, call_id: int, kernel: Callable[..., Any], mode: str, n: int, cl: int):
+    def __init__(self, call_id: int, kernel: Callable[..., Any], mode: str, plan: ChunkPlan):
         self.call_id = call_id
         self.kernel = kernel
         self.mode = mode
-        self.n = n
-        self.chunk_len = cl
+        self.plan = plan
+        self.n = plan.n
         self.out: list[np.ndarray] | None = None  # one array per output of the map
         self.structure: Structure | None = None  # the call's, once known
         self.asked = False  # told where map results go (or to send them back)
@@ -210,7 +210,7 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
             except (BrokenPipeError, OSError):
                 return
         elif kind == "call":
-            _, call_id, kernel_bytes, mode, n, chunk_len = msg
+            _, call_id, kernel_bytes, mode, plan = msg
             if call is not None:
                 call.release()
             call = None
@@ -223,7 +223,7 @@ def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
                 )
                 conn.send(_error_message(call_id, -1, 0, 0, hint))
                 continue
-            call = _Call(call_id, kernel, mode, n, chunk_len)
+            call = _Call(call_id, kernel, mode, plan)
         elif kind == "out":
             if call is not None and call.call_id == msg[1]:
                 call.told(*msg[2:])
@@ -290,26 +290,24 @@ def _run_batch(
 ) -> tuple:
     # The hot loop: an empty kernel costs about a microsecond per chunk here,
     # so keep attribute lookups and calls out of it.
-    kernel, call_id, chunk_len, n = call.kernel, call.call_id, call.chunk_len, call.n
+    kernel, call_id, n = call.kernel, call.call_id, call.n
     out = call.out
     structure = call.structure
     mapping = call.mode == "map"
     results: list[Any] = []
     append = results.append
-    start = stop = c0 * chunk_len
+    start = stop = 0
     # Time in the kernel and in writing its rows, sent back for ev.stats; the
     # wait for the parent's answer about the output is not work.
     began = time.perf_counter()
     waited = 0.0
     try:
-        chunk_bounds(c0, c1, chunk_len, n)  # chunks of this call, or RangeError
-        for c in range(c0, c1):
+        # The plan's ranges, checked to be chunks of this call (or RangeError).
+        for start, stop in call.plan.ranges(c0, c1):
             # The parent writes the id of a failed call here, or a number
             # above every call id when it shuts down.
             if cancelled[0] >= call_id:
                 return ("cancelled", call_id, batch_id)
-            start = c * chunk_len
-            stop = min(n, start + chunk_len)
             r = kernel(shared, start, stop)
             if not mapping:
                 append(r)
