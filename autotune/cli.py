@@ -157,7 +157,7 @@ def _search_lanes(
 
 def _check_search_outputs(args: argparse.Namespace) -> None:
     """``--out`` and ``--plot`` can be written (and matplotlib is there for ``--plot``)."""
-    from autotune.report import PlotUnavailable, require_matplotlib
+    from autotune.heatmap import PlotUnavailable, require_matplotlib
 
     if args.out is not None:
         _check_writable(args.out, "--out")
@@ -245,8 +245,8 @@ def _report_search(args: argparse.Namespace, result: SearchResult) -> None:
     table or the JSON, and draw ``--plot``."""
     import json
 
+    from autotune.heatmap import plot_heatmap
     from autotune.profile import user_profile_dir
-    from autotune.report import plot_heatmap
 
     profile = result.profile
     if args.out is not None:
@@ -271,14 +271,9 @@ def _report_search(args: argparse.Namespace, result: SearchResult) -> None:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     """Print a profile's table and best point; ``--plot PNG`` also draws the heatmap."""
+    from autotune.heatmap import PlotUnavailable, plot_heatmap, require_matplotlib
     from autotune.profile import Profile
-    from autotune.report import (
-        PlotUnavailable,
-        backend_reason,
-        format_table,
-        plot_heatmap,
-        require_matplotlib,
-    )
+    from autotune.report import backend_reason, format_table
 
     profile = Profile.load(args.path)
     if args.plot is not None:

@@ -1,4 +1,4 @@
-"""Reports of measurements: the seed-style table and the heatmap.
+"""Reports of measurements: the seed-style table (the heatmap is :mod:`autotune.heatmap`).
 
 The table is the one the seed published (rows: workers, columns: bytes per
 chunk, cells: items per second in the unit that fits, k, M or G), followed by
@@ -10,50 +10,34 @@ measured: both go through
 :func:`render_table`, which takes the measurements, the serial throughput and
 the best point, so neither needs a saved file.
 
-:func:`plot_heatmap` draws the same grid with matplotlib (the optional
-``[plot]`` extra), marking the L1d, L2 and L3 sizes on the chunk axis.
+:func:`autotune.heatmap.plot_heatmap` draws the same grid (:func:`grid_of`)
+with matplotlib.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
 
 from autotune.cpu import CpuInfo
 from autotune.engine import KEPT_REPEATS
 from autotune.profile import Measurement, Profile, is_tie, is_unchunked
 
 __all__ = [
-    "PlotUnavailable",
+    "UNCHUNKED",
+    "Row",
+    "best_key",
     "bytes_label",
+    "caches_of",
     "format_rate",
     "format_table",
+    "grid_of",
     "is_tie",
-    "plot_heatmap",
     "rate_unit",
     "render_table",
-    "require_matplotlib",
+    "row_label",
 ]
 
-PLOT_HINT = "--plot needs matplotlib: pip install 'autotune[plot]'"
 UNCHUNKED = "unchunked"
-
-
-class PlotUnavailable(ImportError):
-    """matplotlib, needed for a heatmap, is not installed."""
-
-
-def require_matplotlib() -> None:
-    """Raise :class:`PlotUnavailable` with the install hint if matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise PlotUnavailable(PLOT_HINT) from None
 
 
 def bytes_label(b: int) -> str:
@@ -87,11 +71,11 @@ def _row(m: Measurement) -> Row:
     return (1 if m.backend == "threads" else 0, m.workers)
 
 
-def _row_label(row: Row) -> str:
+def row_label(row: Row) -> str:
     return f"{row[1]} thr" if row[0] else str(row[1])
 
 
-def _grid(
+def grid_of(
     measurements: Iterable[Measurement], n: int | None
 ) -> tuple[list[Row], list[int | str], dict[tuple[Row, int | str], float]]:
     """Rows (workers; threads rows after process rows), columns (chunk bytes,
@@ -115,7 +99,7 @@ def _grid(
     return rows, cols, cells
 
 
-def _best_key(best: Measurement | None, n: int | None) -> tuple[Row, int | str] | None:
+def best_key(best: Measurement | None, n: int | None) -> tuple[Row, int | str] | None:
     """The (row, column) of the best point, if it was measured."""
     if best is None or best.throughput is None:
         return None
@@ -236,7 +220,7 @@ def _above_best(
     if not higher:
         return []
     named = ", ".join(
-        f"{_number((m.throughput or 0.0) / scale, top)} at {_row_label(_row(m))} x "
+        f"{_number((m.throughput or 0.0) / scale, top)} at {row_label(_row(m))} x "
         f"{UNCHUNKED if is_unchunked(m, n) else bytes_label(m.chunk_bytes)} "
         f"({m.repeats} run{'s' if m.repeats != 1 else ''})"
         for m in higher[:KEPT_SHOWN]
@@ -281,14 +265,14 @@ def render_table(
         Lines without a trailing newline.
     """
     measurements = list(measurements)
-    rows, cols, cells = _grid(measurements, n)
+    rows, cols, cells = grid_of(measurements, n)
     scale, prefix = rate_unit(max(cells.values(), default=1.0))
     top = max(cells.values(), default=1.0) / scale
     lines: list[str] = []
     if rows:
         labels = [c if isinstance(c, str) else bytes_label(c) for c in cols]
         widths = [max(len(label), 6) for label in labels]
-        key = _best_key(best, n)
+        key = best_key(best, n)
         # Each column is followed by one character, "*" on the best cell, so
         # the star never shifts the numbers out of line.
         lines.append(
@@ -296,7 +280,7 @@ def render_table(
             + "".join(f" {lab.rjust(w)} " for lab, w in zip(labels, widths, strict=True)).rstrip()
         )
         for r in rows:
-            line = f"{_row_label(r):>7} "
+            line = f"{row_label(r):>7} "
             for c, w in zip(cols, widths, strict=True):
                 value = cells.get((r, c))
                 text = "" if value is None else _number(value / scale, top)
@@ -334,7 +318,7 @@ def render_table(
     return "\n".join(lines)
 
 
-def _caches(profile: Profile, cpu: CpuInfo | None) -> dict[str, int | None]:
+def caches_of(profile: Profile, cpu: CpuInfo | None) -> dict[str, int | None]:
     if cpu is not None:
         return {"L1d": cpu.l1d, "L2": cpu.l2, "L3": cpu.l3}
     caches = profile.cpu.get("caches") or {}
@@ -347,7 +331,7 @@ def format_table(profile: Profile) -> str:
     brand = cpu.get("brand") or "unknown CPU"
     shape = f"{cpu.get('logical_cpus') or '?'} logical / {cpu.get('physical_cores') or '?'} cores"
     sizes = ", ".join(
-        f"{name} {bytes_label(size)}" for name, size in _caches(profile, None).items() if size
+        f"{name} {bytes_label(size)}" for name, size in caches_of(profile, None).items() if size
     )
     title = f"{profile.workload}: {profile.source} profile, {brand} ({shape}"
     title += f", {sizes})" if sizes else ")"
@@ -385,153 +369,6 @@ def _online_line(profile: Profile) -> str:
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
-def _log_position(b: float, centers: list[int]) -> float | None:
-    """Where ``b`` bytes falls on the categorical chunk axis, in log scale.
-
-    Column ``i`` is centred on ``centers[i]``; a size between two centres is
-    interpolated in log space; up to half a column beyond either end it is
-    extrapolated with the neighbouring step; further out, ``None``.
-    """
-    if not centers:
-        return None
-    logs = [math.log(c) for c in centers]
-    x = math.log(b)
-    if len(logs) == 1:
-        return 0.0 if x == logs[0] else None
-    for i in range(len(logs) - 1):
-        if logs[i] <= x <= logs[i + 1]:
-            return i + (x - logs[i]) / (logs[i + 1] - logs[i])
-    if x < logs[0]:
-        pos = (x - logs[0]) / (logs[1] - logs[0])
-    else:
-        pos = len(logs) - 1 + (x - logs[-1]) / (logs[-1] - logs[-2])
-    return pos if -0.5 <= pos <= len(logs) - 0.5 else None
-
-
-def plot_heatmap(
-    profile: Profile, png_path: str | os.PathLike[str], cpu: CpuInfo | None = None
-) -> Path:
-    """Draw throughput over workers x chunk bytes as a PNG heatmap.
-
-    Columns are the table's (chunk sizes ascending, then "unchunked"); the
-    L1d, L2 and L3 sizes (one instance each, from ``cpu`` or else from the
-    profile's ``cpu`` section) are dashed vertical lines where they fall
-    inside the measured range, and listed in the title in any case.
-
-    Parameters
-    ----------
-    profile : Profile
-        The profile whose measurements to draw.
-    png_path : str or path-like
-        File to write; written to a temporary file beside it and renamed.
-    cpu : CpuInfo, optional
-        Take the cache sizes from here instead of the profile.
-
-    Returns
-    -------
-    Path
-        ``png_path``.
-
-    Raises
-    ------
-    PlotUnavailable
-        matplotlib is not installed.
-    OSError
-        The file cannot be written.
-    """
-    require_matplotlib()
-    from matplotlib.figure import Figure
-
-    rows, cols, cells = _grid(profile.measurements, profile.n)
-    # The object-oriented API, not pyplot: no global backend or figure state
-    # is touched in the caller's process.
-    fig = Figure(figsize=(1.2 * len(cols) + 3.0, 0.6 * len(rows) + 2.4))
-    ax = fig.add_subplot()
-    _draw_cells(fig, ax, rows, cols, cells, _best_key(profile.best, profile.n))
-    ax.set_xlabel(
-        "bytes per chunk" + (f" ({profile.item_bytes} B per item)" if profile.item_bytes else "")
-    )
-    ax.set_ylabel("workers")
-    caches = _caches(profile, cpu)
-    _mark_caches(ax, caches, [c for c in cols if isinstance(c, int)])
-    sizes = ", ".join(f"{k} {bytes_label(v)}" for k, v in caches.items() if v)
-    ax.set_title(f"{profile.workload} ({profile.source})" + (f"\n{sizes}" if sizes else ""))
-    fig.tight_layout()
-
-    target = Path(png_path)
-    _save_atomic(fig, target)
-    return target
-
-
-def _draw_cells(
-    fig: Any,
-    ax: Any,
-    rows: list[Row],
-    cols: list[int | str],
-    cells: dict[tuple[Row, int | str], float],
-    key: tuple[Row, int | str] | None,
-) -> None:
-    """The heatmap's image, its colour bar, each cell's M items/s (``*`` on ``key``,
-    the best) and the axes' tick labels."""
-    import numpy as np
-
-    grid = np.full((max(len(rows), 1), max(len(cols), 1)), np.nan)
-    for (w, c), value in cells.items():
-        grid[rows.index(w), cols.index(c)] = value / 1e6
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="M items/s")
-    top = max(cells.values(), default=0.0)
-    for (w, c), value in cells.items():
-        i, j = rows.index(w), cols.index(c)
-        star = "*" if (w, c) == key else ""
-        ax.text(
-            j,
-            i,
-            f"{value / 1e6:.2f}{star}",
-            ha="center",
-            va="center",
-            # viridis is light at the top of the scale: dark text there.
-            color="black" if value > 0.6 * top else "white",
-            fontsize=9,
-        )
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels([c if isinstance(c, str) else bytes_label(c) for c in cols])
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([_row_label(r) for r in rows])
-
-
-def _mark_caches(ax: Any, caches: dict[str, int | None], sized: list[int]) -> None:
-    """A dashed red line, labelled, where each cache size falls on the chunk axis."""
-    for name, size in caches.items():
-        x = None if size is None else _log_position(size, sized)
-        if x is not None:
-            ax.axvline(x, color="red", linestyle="--", linewidth=1)
-            ax.annotate(
-                f"{name} {bytes_label(size)}" if size else name,
-                xy=(x, 1.0),
-                xycoords=("data", "axes fraction"),
-                xytext=(2, -12),
-                textcoords="offset points",
-                color="red",
-                fontsize=8,
-                # Readable over any cell colour.
-                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
-            )
-
-
-def _save_atomic(fig: Any, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def backend_reason(profile: Profile) -> str | None:

@@ -8,16 +8,9 @@ import pytest
 from conftest import SHIPPED
 
 from autotune.engine import pick_kept
+from autotune.heatmap import PLOT_HINT, PlotUnavailable, log_position, plot_heatmap
 from autotune.profile import Measurement, Profile
-from autotune.report import (
-    PLOT_HINT,
-    PlotUnavailable,
-    _log_position,
-    bytes_label,
-    format_table,
-    plot_heatmap,
-    render_table,
-)
+from autotune.report import bytes_label, format_table, render_table
 
 SEED_TABLE = """\
 spline: published profile, Intel(R) Core(TM) i3-3227U CPU @ 1.90GHz (4 logical / 2 cores, \
@@ -177,12 +170,12 @@ def test_unchunked_points_go_to_their_own_column():
 
 def test_log_position_of_cache_sizes():
     centers = [125000, 250000, 500000, 1000000]
-    assert _log_position(250000, centers) == pytest.approx(1.0)
-    assert _log_position(262144, centers) == pytest.approx(1.0684, abs=1e-3)
-    assert _log_position(3 << 20, centers) is None  # beyond half a column past the end
-    assert _log_position(32768, centers) is None
-    assert _log_position(100000, centers) == pytest.approx(-0.3219, abs=1e-3)
-    assert _log_position(5, []) is None
+    assert log_position(250000, centers) == pytest.approx(1.0)
+    assert log_position(262144, centers) == pytest.approx(1.0684, abs=1e-3)
+    assert log_position(3 << 20, centers) is None  # beyond half a column past the end
+    assert log_position(32768, centers) is None
+    assert log_position(100000, centers) == pytest.approx(-0.3219, abs=1e-3)
+    assert log_position(5, []) is None
 
 
 def test_missing_matplotlib_gives_the_install_hint(tmp_path, monkeypatch):
