@@ -81,6 +81,9 @@ PROBE_SLICES = 16
 PROBE_WORTH_S = 0.2
 #: A map is cut into slices only when its kernel takes this long per item.
 SLICE_MAP_MIN_S = 50e-9
+#: A settled point's lead over the others is looked at again after a re-check
+#: and every this many settled calls (ranking every point costs a median each).
+FOLLOW_EVERY = 16
 #: Save an online profile again after this many more calls.
 SAVE_EVERY = 100
 
@@ -167,8 +170,10 @@ class Refiner:
         """The point the next run (a call, or a slice of a long call) should use."""
         if self.settled:
             self._since_check += 1
+            if self._since_check < self._recheck_every:
+                return self.best
             runner_up = self._runner_up()
-            if runner_up is not None and self._since_check >= self._recheck_every:
+            if runner_up is not None:
                 self._since_check = 0
                 self._recheck_every = min(2 * self._recheck_every, RECHECK_MAX)
                 return runner_up
@@ -194,8 +199,11 @@ class Refiner:
                 self.keep_if_alone(point, seconds, items)  # the warm-up
                 return
         self._add(point, seconds, items)
-        if self.settled and point == self.best:
-            self._watch(seconds / max(items, 1))
+        if self.settled:
+            if point == self.best:
+                self._watch(seconds / max(items, 1))
+            else:
+                self._follow_leader()  # a re-check may have put the runner-up ahead
 
     def keep_if_alone(self, point: Point, seconds: float, items: int) -> None:
         """A run that is not counted, to be saved if no counted one is made."""
@@ -272,6 +280,7 @@ class Refiner:
 
     def _settle(self) -> None:
         self._steps, self._pending = None, None
+        self._stored.clear()  # what was not replayed would be stale by a new exploration
         measured = self.tally.measured()
         if measured:
             best = pick_kept(m for _, m in measured)
@@ -288,19 +297,18 @@ class Refiner:
         self._recent.append(seconds_per_item)
         runs = self.tally.times.get(self.best, [])
         if len(self._recent) < 3 or len(runs) < 6:
-            # Enough history first; and a re-check may have put a better
-            # point ahead: follow it.
-            self._follow_leader()
-            return
+            return  # enough history first
         baseline = statistics.median(runs[:-3]) / self.tally.n
         if all(s > baseline * (1 + DRIFT) for s in self._recent):
             # Start over with what the kernel costs now: the old runs describe
             # another workload.
             self.tally = Tally(self.tally.n, self.item_bytes, label=True)
             self.mid_bytes = self.best.chunk_len * self.item_bytes
+            self._stored.clear()
             self._explore()
             return
-        self._follow_leader()
+        if self._since_check % FOLLOW_EVERY == 0:
+            self._follow_leader()  # the best's own runs moved: is it still ahead?
 
     def _follow_leader(self) -> None:
         leaders = self.tally.leaders(1)

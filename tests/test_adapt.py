@@ -373,3 +373,16 @@ def test_a_script_whose_only_run_was_left_out_still_saves_it():
     learner = tuning.learners["left-out"]
     assert learner.refiner.calls == 0 and learner.save_due(closing=True)
     assert sum(len(runs) for runs in learner.learned().fresh.values()) == 1
+
+
+def test_a_new_exploration_after_drift_replays_nothing_saved_before():
+    """Saved runs describe the kernel as it was: once it got slower and is explored again,
+    only runs made since count (a stale replay would settle on the old peak)."""
+    ladder = online_ladder(LADDER, 8000)
+    old = peaked(8000)
+    stored = {Point.of(LANE, c): [old(c)] * 16 for c in ladder}
+    refiner = Refiner({LANE: ladder}, 8000, 8, stored=stored)
+    drive(refiner, old, 10)
+    assert refiner.settled and refiner.best == Point.of(LANE, 8000)
+    drive(refiner, peaked(64000, top=1e7), 80)  # ten times slower, the peak moved
+    assert refiner.explorations == 2 and refiner.best == Point.of(LANE, 64000)
