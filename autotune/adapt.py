@@ -480,6 +480,18 @@ class Learner:
             return True
         return refiner.calls - self._saved_at[0] >= SAVE_EVERY
 
+    def unsaved(self, learned: Learned) -> None:
+        """``learned`` (from :meth:`learned`) could not be saved: keep its runs for the
+        next save, and this evaluator's first save still to come."""
+        n = self.refiner.tally.n
+        backend = self.lane[0]
+        for (workers, chunk_len), runs in learned.fresh.items():
+            point = Point(backend, workers, chunk_len)
+            kept = self.refiner.fresh.setdefault(point, [])
+            kept[:0] = [n / t for t in runs]
+        if learned.first:
+            self._saves -= 1
+
     def learned(self) -> Learned:
         """What to save (and remember that it was handed over)."""
         refiner = self.refiner
@@ -487,7 +499,11 @@ class Learner:
         n = refiner.tally.n
 
         def throughputs(runs: Mapping[Point, list[float]]) -> dict[tuple[int, int], list[float]]:
-            return {(p.workers, p.chunk_len): [n / s for s in r] for p, r in runs.items() if r}
+            return {
+                (p.workers, p.chunk_len): [n / s for s in r if s > 0]
+                for p, r in runs.items()
+                if any(s > 0 for s in r)
+            }
 
         self._saved_at = (refiner.calls, refiner.best)
         self._saves += 1

@@ -290,8 +290,10 @@ class OnlineTuning:
         """Save what was learned once settled (and again when it moves or ages), and
         when the evaluator closes whatever was measured since."""
         if learner.save_due(closing):
-            path = online_path(file_slug(learner.name), self.cpu)
-            save_learned(learner.learned(), self.cpu, path)
+            path = online_path(file_slug(learner.name), self.cpu, backend=self.backend)
+            learned = learner.learned()
+            if not save_learned(learned, self.cpu, path):
+                learner.unsaved(learned)  # kept for the next save
 
     def _namespace(self) -> SharedNamespace:
         if self._inline_shared is None:

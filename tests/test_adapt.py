@@ -386,3 +386,71 @@ def test_a_new_exploration_after_drift_replays_nothing_saved_before():
     assert refiner.settled and refiner.best == Point.of(LANE, 8000)
     drive(refiner, peaked(64000, top=1e7), 80)  # ten times slower, the peak moved
     assert refiner.explorations == 2 and refiner.best == Point.of(LANE, 64000)
+
+
+# -- saving what was learned: never a hang, never another's file, nothing lost -------------
+def runs_of(name, backend="processes", runs=None, first=True):
+    from autotune.profile.online import Learned
+
+    runs = runs or {(2, 4096): [4.0e7, 4.1e7, 4.2e7]}
+    return Learned(name, backend, 8, 100000, (2, 4096), True, runs, runs, first)
+
+
+def test_a_save_does_not_wait_long_for_a_lock_held_elsewhere(online_file, monkeypatch):
+    """A lock held by a stopped process, or by a child forked while a save held it: the
+    save waits LOCK_WAIT_S, then writes (atomically) without it."""
+    import fcntl
+    import os
+    import time
+
+    from autotune.cpu import probe
+    from autotune.profile import online
+
+    monkeypatch.setattr(online, "LOCK_WAIT_S", 0.2)
+    online_file.parent.mkdir(parents=True, exist_ok=True)
+    held = os.open(online_file.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open of the directory: it conflicts
+        began = time.monotonic()
+        assert online.save_learned(runs_of(NAME), probe(), online_file)
+        assert 0.2 <= time.monotonic() - began < 5
+    finally:
+        os.close(held)
+    assert online.load_online(NAME, probe(), "processes").best.repeats == 3
+
+
+def test_each_backend_has_its_own_file_and_another_kernels_file_is_left_alone(online_file):
+    from autotune.cpu import probe
+    from autotune.profile.online import file_slug, load_online, online_path, save_learned
+
+    cpu = probe()
+    threads_file = online_path(file_slug(NAME), cpu, backend="threads")
+    assert threads_file.parent == online_file.parent and threads_file != online_file
+    assert save_learned(runs_of(NAME), cpu, online_file)
+    assert save_learned(runs_of(NAME, "threads"), cpu, threads_file)
+    assert load_online(NAME, cpu, "processes").backend == "processes"  # not replaced
+    assert load_online(NAME, cpu, "threads").backend == "threads"
+    # Two kernels whose names were cut to one file name: the second does not replace it.
+    assert not save_learned(runs_of("kernels:another"), cpu, online_file)
+    assert load_online(NAME, cpu, "processes").workload == NAME
+
+
+def test_runs_that_could_not_be_saved_are_kept_for_the_next_save(tmp_path):
+    import warnings
+
+    from autotune.cpu import probe
+    from autotune.profile.online import save_learned
+
+    learner = learner_for()
+    drive(learner.refiner, peaked(8000), 4)
+    made = learner.refiner.calls
+    learned = learner.learned()
+    assert not learner.refiner.fresh
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "could not save", once per directory
+        assert not save_learned(learned, probe(), blocked / "online.yaml")
+    learner.unsaved(learned)
+    assert sum(len(r) for r in learner.refiner.fresh.values()) == made
+    assert learner.save_due(closing=True) and learner.learned().first

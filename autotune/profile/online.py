@@ -27,6 +27,7 @@ import contextlib
 import os
 import re
 import statistics
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,9 +84,14 @@ def online_dir(env: Mapping[str, str] | None = None) -> Path:
     return profile_dirs(env)[0][1]
 
 
-def online_path(slug: str, cpu: CpuInfo, directory: Path | None = None) -> Path:
-    """``<dir>/online-<slug>-<cpu fingerprint>.yaml``: one file per kernel and CPU."""
-    return (directory or online_dir()) / f"online-{slug}-{cpu.fingerprint}.yaml"
+def online_path(
+    slug: str, cpu: CpuInfo, directory: Path | None = None, backend: str = "processes"
+) -> Path:
+    """``<dir>/online-<slug>-<cpu fingerprint>.yaml``: one file per kernel, CPU and backend
+    (``online-<slug>-threads-<fingerprint>.yaml`` for the threads backend), so that
+    evaluators of one kernel on two backends do not replace each other's file."""
+    tag = "" if backend == "processes" else f"-{backend}"
+    return (directory or online_dir()) / f"online-{slug}{tag}-{cpu.fingerprint}.yaml"
 
 
 def online_profile(
@@ -121,7 +127,7 @@ def load_online(name: str, cpu: CpuInfo, backend: str) -> Profile | None:
     A file that cannot be read, or is not a valid profile, is a
     ``ProfileWarning`` (tune afresh), never an error.
     """
-    path = online_path(file_slug(name), cpu)
+    path = online_path(file_slug(name), cpu, backend=backend)
     if not path.is_file():
         return None
     try:
@@ -194,11 +200,18 @@ class Learned:
 
 def save_learned(learned: Learned, cpu: CpuInfo, path: Path) -> bool:
     """Merge ``learned`` into the online profile at ``path`` (or start one); False
-    when it could not be written (a warning says so, once per directory)."""
+    when it could not be written (a warning says so, once per directory).
+
+    Never raises: what an evaluator learned is worth keeping, never worth a
+    user's result.  A valid file of another kernel (two names cut to one
+    file name) is left as it is.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path.parent):
             saved = _mergeable(path, learned, cpu)
+            if saved is _FOREIGN:
+                return False
             if saved is None:
                 runs = {k: list(v) for k, v in learned.known.items()}
                 sessions = 1
@@ -215,21 +228,28 @@ def save_learned(learned: Learned, cpu: CpuInfo, path: Path) -> bool:
                 return True  # nothing measured: nothing to keep
             # Written before the lock is let go: the next save reads this one.
             return save_online(_profile_of(learned, cpu, runs, sessions), path)
-    except OSError as exc:
+    except Exception as exc:  # an OSError, or a bug of ours: a warning, not the user's error
         return _warn_unsaved(learned.workload, path, exc)
 
 
-def _mergeable(path: Path, learned: Learned, cpu: CpuInfo) -> Profile | None:
-    """The profile at ``path`` if it is this kernel's on this CPU and backend."""
+#: What :func:`_mergeable` says of a valid online profile of another kernel.
+_FOREIGN = object()
+
+
+def _mergeable(path: Path, learned: Learned, cpu: CpuInfo) -> Any:
+    """The profile at ``path`` if it is this kernel's on this CPU and backend;
+    ``_FOREIGN`` if it is another kernel's; else None (no file, a file refused
+    when it was loaded, or one of another CPU or backend: replaced)."""
     if not path.is_file():
         return None
     try:
         found = Profile.load(path)
     except ProfileError:
         return None  # refused with a warning when it was loaded; replaced now
+    if found.source == "online" and found.workload != learned.workload:
+        return _FOREIGN
     if (
         found.source != "online"
-        or found.workload != learned.workload
         or found.backend != learned.backend
         or cpu_mismatch(found.cpu, cpu) is not None
     ):
@@ -281,10 +301,17 @@ def _measurement(key: Key, runs: Sequence[float], learned: Learned) -> Measureme
     )
 
 
+#: A save waits this long for another's lock, then saves without it (still
+#: atomic; a merge may then lose the other's runs): a lock held by a stopped
+#: process, or by a child forked while a save held it, must not hang a program.
+LOCK_WAIT_S = 2.0
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` (where the platform has ``flock``):
-    the read, merge and replace of one save are not interleaved with another's."""
+    the read, merge and replace of one save are not interleaved with another's.
+    Waits at most :data:`LOCK_WAIT_S`; a file system without locks is not waited for."""
     try:
         import fcntl
     except ImportError:  # not POSIX: saves are still atomic, merges may race
@@ -292,7 +319,17 @@ def _locked(directory: Path) -> Iterator[None]:
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break  # held too long by someone else: save without it
+                time.sleep(0.005)
+            except OSError:
+                break  # no locks here (some network and FUSE file systems)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
