@@ -281,7 +281,7 @@ class OnlineTuning:
             mid,
             ladder,
             item_bytes,
-            known=load_online(name, self.cpu, self.backend),
+            known=load_online(name, self.cpu, self.backend, item_bytes),
         )
         self.learners[name] = learner
         return learner

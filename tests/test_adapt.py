@@ -454,3 +454,15 @@ def test_runs_that_could_not_be_saved_are_kept_for_the_next_save(tmp_path):
     learner.unsaved(learned)
     assert sum(len(r) for r in learner.refiner.fresh.values()) == made
     assert learner.save_due(closing=True) and learner.learned().first
+
+
+def test_a_file_of_other_items_is_not_continued(online_file):
+    """The same kernel name over items of another size (float32 rows instead of float64):
+    its chunk lengths are other points; the file is neither continued nor merged into."""
+    from autotune.cpu import probe
+    from autotune.profile.online import load_online, save_learned
+
+    cpu = probe()
+    assert save_learned(runs_of(NAME), cpu, online_file)  # 8 bytes per item
+    assert load_online(NAME, cpu, "processes", 8) is not None
+    assert load_online(NAME, cpu, "processes", 4) is None

@@ -121,8 +121,12 @@ def online_profile(
     )
 
 
-def load_online(name: str, cpu: CpuInfo, backend: str) -> Profile | None:
-    """The online profile saved for ``name`` on this CPU and backend, if one fits.
+def load_online(
+    name: str, cpu: CpuInfo, backend: str, item_bytes: int | None = None
+) -> Profile | None:
+    """The online profile saved for ``name`` on this CPU and backend, if one fits
+    (and measured with ``item_bytes`` bytes per item, when given: the same chunk
+    length of other items is another point).
 
     A file that cannot be read, or is not a valid profile, is a
     ``ProfileWarning`` (tune afresh), never an error.
@@ -141,6 +145,7 @@ def load_online(name: str, cpu: CpuInfo, backend: str) -> Profile | None:
         found.source != "online"
         or found.workload != name
         or found.backend != backend
+        or (item_bytes is not None and found.item_bytes not in (None, item_bytes))
         or cpu_mismatch(found.cpu, cpu) is not None
     ):
         return None
@@ -251,6 +256,7 @@ def _mergeable(path: Path, learned: Learned, cpu: CpuInfo) -> Any:
     if (
         found.source != "online"
         or found.backend != learned.backend
+        or found.item_bytes not in (None, learned.item_bytes)
         or cpu_mismatch(found.cpu, cpu) is not None
     ):
         return None
