@@ -188,6 +188,25 @@ def recorded(workload: str, machine: str = "xeon-16core") -> Landscape:
     return Landscape.load(DATA / f"{machine}.json", workload)
 
 
+def many_cores(
+    cores: int, l2: int = 2 << 20, l3: int | None = None, brand: str = "many cores"
+) -> CpuInfo:
+    """A probe's answer for a machine of ``cores`` cores, 1 thread each, 48 KiB L1d and ``l2``
+    per core (the lent Xeon's shape), and an ``l3`` shared by all when given."""
+    caches = [CacheLevel(1, "data", 48 << 10, 1, cores), CacheLevel(2, "unified", l2, 1, cores)]
+    if l3 is not None:
+        caches.append(CacheLevel(3, "unified", l3, cores, 1))
+    return CpuInfo(
+        brand=brand,
+        logical_cpus=cores,
+        physical_cores=cores,
+        threads_per_core=1,
+        usable_cpus=cores,
+        cpu_quota=None,
+        caches=tuple(caches),
+    )
+
+
 def saturating(
     cores: int = 64,
     knee: int = 24,
@@ -208,18 +227,8 @@ def saturating(
     the knee; chunk lengths: powers of two from 1024 items to ``n / workers``.
     """
     n, item_bytes, per_item = 2**24, 16, 10e-9
-    cpu = CpuInfo(
-        brand=f"synthetic {cores}-core, saturating at {knee} workers",
-        logical_cpus=cores,
-        physical_cores=cores,
-        threads_per_core=1,
-        usable_cpus=cores,
-        cpu_quota=None,
-        caches=(
-            CacheLevel(1, "data", 48 * 1024, 1, cores),
-            CacheLevel(2, "unified", 2 * 1024 * 1024, 1, cores),
-            CacheLevel(3, "unified", 256 * 1024 * 1024, cores, 1),
-        ),
+    cpu = many_cores(
+        cores, l3=256 * 1024 * 1024, brand=f"synthetic {cores}-core, saturating at {knee} workers"
     )
     counts = sorted({*candidate_workers(cpu), cores // 2, knee})
     points: dict[tuple[int, int], tuple[float, ...]] = {}

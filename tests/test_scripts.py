@@ -319,25 +319,9 @@ def test_bench_runs_smoke():
     assert re.search(r"^  profile +[es] +[es]$", out, re.M), out
 
 
-def many_cores(cores: int) -> autotune.CpuInfo:
-    """A probe's answer for a machine of ``cores`` cores, 1 thread each, 2 MiB L2 per core."""
-    from autotune.cpu import CacheLevel, CpuInfo
-
-    return CpuInfo(
-        brand="x86-64, many cores",
-        logical_cpus=cores,
-        physical_cores=cores,
-        threads_per_core=1,
-        usable_cpus=cores,
-        cpu_quota=None,
-        caches=(
-            CacheLevel(1, "data", 48 << 10, 1, cores),
-            CacheLevel(2, "unified", 2 << 20, 1, cores),
-        ),
-    )
-
-
 def test_bench_adapt_grid_stays_bounded_on_many_cores(monkeypatch):
+    from replay import many_cores
+
     monkeypatch.syspath_prepend(str(SCRIPTS))
     import bench_adapt
 

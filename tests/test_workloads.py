@@ -4,8 +4,9 @@ too short for every worker to get several chunks of the longest length it screen
 from __future__ import annotations
 
 import pytest
+from replay import many_cores
 
-from autotune.cpu import CacheLevel, CpuInfo, probe
+from autotune.cpu import CpuInfo, probe
 from autotune.engine import Request, Tally, auto_requests, chunk_ladder
 from autotune.tuner import search
 from autotune.workloads import (
@@ -22,22 +23,6 @@ from autotune.workloads import (
 DEFAULTS = {"spline": 1_000_000, "stream": 1 << 24, "ndimage": 8192}
 
 
-def machine(cores: int, l2: int = 2 << 20) -> CpuInfo:
-    """One thread per core, 48 KiB L1d and ``l2`` per core (the lent Xeon's shape)."""
-    return CpuInfo(
-        brand="test",
-        logical_cpus=cores,
-        physical_cores=cores,
-        threads_per_core=1,
-        usable_cpus=cores,
-        cpu_quota=None,
-        caches=(
-            CacheLevel(1, "data", 48 << 10, 1, cores),
-            CacheLevel(2, "unified", l2, 1, cores),
-        ),
-    )
-
-
 def longest_screened(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> int:
     """The longer of the two lengths the search's strategy screens a lane at first."""
     plan = {("processes", workers): chunk_ladder(cpu, item_bytes, n, workers)}
@@ -50,13 +35,13 @@ def longest_screened(cpu: CpuInfo, item_bytes: int, n: int, workers: int) -> int
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
 def test_two_cores_keep_the_sizes_they_always_had(name):
     for l2 in (1 << 20, 5 << 18, 2 << 20):  # the 2-core development VMs' L2s
-        assert machine_sized(DEFAULTS[name], ITEM_BYTES[name], machine(2, l2)) == DEFAULTS[name]
+        assert machine_sized(DEFAULTS[name], ITEM_BYTES[name], many_cores(2, l2)) == DEFAULTS[name]
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULTS))
 @pytest.mark.parametrize("cores", [16, 64])
 def test_many_cores_give_each_worker_several_of_the_longest_chunks(name, cores):
-    cpu = machine(cores)
+    cpu = many_cores(cores)
     n = machine_sized(DEFAULTS[name], ITEM_BYTES[name], cpu)
     assert n >= DEFAULTS[name]
     longest = longest_screened(cpu, ITEM_BYTES[name], n, cores)
@@ -66,8 +51,8 @@ def test_many_cores_give_each_worker_several_of_the_longest_chunks(name, cores):
 
 def test_the_seeds_workload_grows_on_sixteen_cores():
     # 2 MiB of 16-byte points is 131072 of them; 3 chunks each for 16 workers.
-    assert run_items(machine(16), ITEM_BYTES["spline"], 16) == 16 * 3 * 131072
-    assert machine_sized(DEFAULTS["spline"], ITEM_BYTES["spline"], machine(16)) == 6_291_456
+    assert run_items(many_cores(16), ITEM_BYTES["spline"], 16) == 16 * 3 * 131072
+    assert machine_sized(DEFAULTS["spline"], ITEM_BYTES["spline"], many_cores(16)) == 6_291_456
 
 
 def test_default_sizes_come_from_this_machines_probe():
@@ -78,7 +63,7 @@ def test_default_sizes_come_from_this_machines_probe():
 
 
 def test_short_runs_are_a_note_that_says_what_would_measure_them():
-    cpu = machine(16)
+    cpu = many_cores(16)
     needed = run_items(cpu, 16, 16)
     assert short_runs(cpu, 16, 16, needed, needed) == ()
     [note] = short_runs(cpu, 16, 16, 38_240, 10 * needed)
