@@ -7,6 +7,7 @@ naming the likely cause and the worker's own message.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -45,10 +46,20 @@ with autotune.Evaluator(2, 100, shared={"x": x}, start_method=METHOD) as ev:
 def test_a_script_without_main_guard_gets_one_clear_error(tmp_path, method):
     script = tmp_path / "noguard.py"
     script.write_text(textwrap.dedent(SCRIPT).replace("METHOD", repr(method)))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, TMPDIR=str(temp))
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     assert done.returncode == 1
+    # The report file is gone, also when a second worker reported after the parent read it.
+    assert not list(temp.glob("autotune_start_*")), list(temp.iterdir())
     err = done.stderr
     last = err.strip().splitlines()
     # The parent's error: once, naming the main guard; no retry cascade.

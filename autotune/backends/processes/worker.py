@@ -182,9 +182,20 @@ def check_not_bootstrapping() -> None:
     )
     report = os.environ.get(REPORT_ENV)
     if report:
-        with contextlib.suppress(OSError), open(report, "a", encoding="utf-8") as f:
-            f.write(message + "\n")
+        _append_if_there(report, message + "\n")
     raise RuntimeError(message)
+
+
+def _append_if_there(path: str, text: str) -> None:
+    """Append ``text`` to the parent's report file, never creating it: a worker
+    that reports after the parent read the file and removed it (the first
+    report already failed the start) must not leave a new one behind."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
 
 
 def _serve(conn: Any, shared: SharedNamespace, cancelled: Any) -> None:
