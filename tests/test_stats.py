@@ -155,15 +155,18 @@ def test_a_call_that_started_the_workers_is_not_judged(monkeypatch, tmp_path, no
     """An evaluator settled from its online profile starts its workers at its first call;
     that call's idle workers were starting, not badly set: the warning waits for the next."""
     from autotune.cpu import probe
+    from autotune.profile import item_bytes_of
     from autotune.profile.online import Learned, file_slug, kernel_name, online_path, save_learned
 
     monkeypatch.setattr(stats_module, "LONG_CALL_S", 0.25)
     monkeypatch.setenv("AUTOTUNE_PROFILE_DIR", str(tmp_path))
     name = kernel_name(kernels.sleep_first)
     runs = {(2, 1): [20.0, 20.0, 20.0]}  # 20 items/s: every call pays for the pool
-    settled = Learned(name, "processes", 8, 16, (2, 1), False, runs, runs, first=True)
+    shared = {"delay": 0.3}
+    item_bytes = item_bytes_of(shared, 16)  # what the evaluator will count: the file must match
+    settled = Learned(name, "processes", item_bytes, 16, (2, 1), False, runs, runs, first=True)
     assert save_learned(settled, probe(), online_path(file_slug(name), probe()))
-    with Evaluator(shared={"delay": 0.3}) as ev:
+    with Evaluator(shared=shared) as ev:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert ev.reduce(kernels.sleep_first, 16) == 16.0
