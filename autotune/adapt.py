@@ -192,11 +192,10 @@ class Refiner:
         pending = self._pending
         self._warmed = True  # one run warms the pool for every point after it
         if not self.settled and pending is not None and point == pending.request.point:
-            request = pending.request
-            first = pending.left == request.repeats + int(request.warmup)
+            warm_up = self.warming_up
             pending.left -= 1
-            if request.warmup and first:
-                self.keep_if_alone(point, seconds, items)  # the warm-up
+            if warm_up:
+                self.keep_if_alone(point, seconds, items)
                 return
         self._add(point, seconds, items)
         if self.settled:
@@ -304,7 +303,6 @@ class Refiner:
             # another workload.
             self.tally = Tally(self.tally.n, self.item_bytes, label=True)
             self.mid_bytes = self.best.chunk_len * self.item_bytes
-            self._stored.clear()
             self._explore()
             return
         if self._since_check % FOLLOW_EVERY == 0:

@@ -103,8 +103,10 @@ def online_profile(
     backend: str,
     item_bytes: int,
     n: int,
+    exploring: bool = False,
+    sessions: int | None = None,
 ) -> Profile:
-    """The profile of what an evaluator settled on (``repeats``: calls per point)."""
+    """The profile of what an evaluator measured (``repeats``: calls per point)."""
     return Profile(
         workload=workload,
         source="online",
@@ -118,6 +120,8 @@ def online_profile(
         n=n,
         backend=backend,
         python=python_build(),
+        exploring=exploring,
+        sessions=sessions,
     )
 
 
@@ -272,19 +276,14 @@ def _profile_of(
     kept = sorted(points.values(), key=lambda m: -(m.throughput or 0.0))[:MAX_POINTS]
     if best not in kept:
         kept[-1] = best
-    return Profile(
-        workload=learned.workload,
-        source="online",
-        cpu=cpu_section(cpu),
-        best=best,
-        serial_throughput=None,
-        measurements=tuple(sorted(kept, key=lambda m: (m.workers, m.chunk_len))),
-        created=utc_timestamp(),
-        autotune_version=__version__,
+    return online_profile(
+        learned.workload,
+        cpu,
+        best,
+        sorted(kept, key=lambda m: (m.workers, m.chunk_len)),
+        backend=learned.backend,
         item_bytes=learned.item_bytes,
         n=learned.n,
-        backend=learned.backend,
-        python=python_build(),
         exploring=learned.exploring,
         sessions=sessions,
     )
