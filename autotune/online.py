@@ -17,13 +17,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from autotune._errors import RangeError, add_note
 from autotune.adapt import Learner, SliceRun
 from autotune.backends.fold import OrderedFold
+from autotune.backends.rows import check_row_like
 from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import MEASURED, ChunkPlan, Cursor, plan_chunks
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
+from autotune.backends.structure import Structure, split_map_result
 from autotune.backends.threads import Outputs, run_inline
 from autotune.breakeven import PoolCost
 from autotune.cpu import CpuInfo
@@ -33,11 +34,17 @@ from autotune.profile import heuristic_profile, item_bytes_of
 from autotune.profile.online import file_slug, kernel_name, load_online, online_path, save_learned
 from autotune.settings import check_memory
 
-__all__ = ["OnlineCall", "OnlineTuning", "Shifted", "join_parts"]
+__all__ = ["PROBE_ITEMS", "PROBE_S", "OnlineCall", "OnlineTuning", "Slices"]
 
 #: The first call of a kernel is timed in this process on at least this many
 #: items (all of them when the call has fewer).
 PROBE_ITEMS = 64
+#: ... and for about this long (the probe doubles until it has taken this
+#: long): enough for an item's cost to outweigh the probe's own (a call of
+#: run_inline costs a few microseconds), short against a pool's start (about
+#: 10 ms for two forked workers on the 2-core development VM), since the
+#: workers idle while it runs.
+PROBE_S = 0.002
 #: The heuristic's floor for an adapting evaluator, in items per chunk.
 ONLINE_MIN_ITEMS = 1024
 
@@ -130,54 +137,49 @@ class OnlineTuning:
         learner = self._learner(kernel, n)
         exploring = learner.refiner.exploring
         leader = learner.leader()
-        workers, nominal = leader.workers, leader.chunk_len
         # In this process a reduce runs the pool's ranges (the same bits); a
         # map, whose result does not depend on them, is one call of the
         # kernel: its own arrays, no copy, no bookkeeping.
-        whole = plan_chunks(n, workers, nominal, MEASURED)
+        whole = plan_chunks(n, leader.workers, leader.chunk_len, MEASURED)
         chunk_len = whole.chunk_len if mode == "reduce" else n
-
-        def here(items: int) -> ChunkPlan:
-            """The plan of a slice of ``items`` items run in this process."""
-            if items == n and mode == "reduce":
-                return whole
-            return ChunkPlan(items, 1, min(items, chunk_len))
-
-        parts: list[Any] = []
         # Every slice of the call is cut here, checked: consecutive, within
         # [0, n), and all of it in the end (RangeError before a kernel runs).
         cut = Cursor(n)
+        slices = Slices(n, mode, combine)
+
+        def here(items: int) -> float:
+            """Run the call's next ``items`` items in this process; the seconds they took."""
+            start, _ = cut.take(items)
+            if start == 0 and items == n and mode == "reduce":
+                plan = whole
+            else:
+                plan = ChunkPlan(items, 1, min(items, chunk_len)).at(start)
+            began = self._clock()
+            slices.add(plan, self._inline(kernel, plan, mode, combine, meter))
+            return self._clock() - began
+
         if not learner.breakeven.known:
-            # A kernel never seen: a first slice runs here, timed, which says
-            # what an item costs before anything is sent (the whole call when
-            # it is tiny, else a sixteenth of it, at most a chunk: a probe of a
-            # few items would time mostly its own overhead).
-            probe = n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(whole.chunk_len, n // 16))
-            start, stop = cut.take(probe)
-            parts.append(self._inline(kernel, learner, start, here(probe), mode, combine, meter))
+            self._probe(learner, n, whole.chunk_len, cut, here)
             if not cut.left:
-                return OnlineCall(parts[0], chunk_len, True, exploring)
-        overhead = self.pool_cost.per_call()
-        if learner.inline(cut.left, overhead):
-            start, stop = cut.take(cut.left)
-            parts.append(
-                self._inline(kernel, learner, start, here(stop - start), mode, combine, meter)
-            )
+                return OnlineCall(slices.result(), chunk_len, True, exploring)
+        if learner.inline(cut.left, self.pool_cost.per_call()):
+            items = cut.left
+            learner.breakeven.kernel_time(items, here(items), inline=True)
             cut.check_complete()
-            return OnlineCall(_join(parts, mode, combine), chunk_len, True, exploring)
+            return OnlineCall(slices.result(), chunk_len, True, exploring)
 
         def run(items: int, point: Point, measured: bool) -> SliceRun:
             nonlocal chunk_len
-            start, stop = cut.take(items)
-            plan = plan_chunks(items, point.workers, point.chunk_len, MEASURED)
+            start, _ = cut.take(items)
+            plan = plan_chunks(items, point.workers, point.chunk_len, MEASURED).at(start)
             if self.item_bytes is not None and self.backend != "dask":
                 check_memory(plan, self.item_bytes, stacklevel=7)  # the user's map/reduce line
             chunk_len = plan.chunk_len
             refiner = learner.refiner
             judged = measured and refiner.exploring and not refiner.warming_up
             before = self._meter.sample(self._runner.pids) if judged else None
-            part, wall, busy = self._on_pool(kernel, start, stop, plan, mode, combine, meter)
-            parts.append(part)
+            part, wall, busy = self._on_pool(kernel, plan, mode, combine, meter)
+            slices.add(plan, part, framed=True)
             if judged and self._busy_machine(learner.name, before, plan.workers):
                 # The machine did not give the run its CPUs: ask for the point again.
                 return SliceRun(point, items, wall, busy, measured=False, contended=True)
@@ -188,64 +190,64 @@ class OnlineTuning:
         self._remember(learner)
         # The call that settles runs at the settled point: not exploring.
         exploring = learner.refiner.exploring
-        return OnlineCall(_join(parts, mode, combine), chunk_len, False, exploring)
+        return OnlineCall(slices.result(), chunk_len, False, exploring)
+
+    def _probe(
+        self,
+        learner: Learner,
+        n: int,
+        chunk_len: int,
+        cut: Cursor,
+        here: Callable[[int], float],
+    ) -> None:
+        """Time a kernel never seen on the first items of its first call, in this process.
+
+        Slices of :data:`PROBE_ITEMS` items, then as many as were run before
+        (the probe doubles), until it took :data:`PROBE_S` or reached a
+        sixteenth of the call or a chunk (the whole call when it is tiny).
+        The break-even then counts the last slice only: the first ones pay
+        for a cold start (imports, first touches) that the calls after them
+        do not.
+        """
+        cap = n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(chunk_len, n // 16))
+        items, spent = min(PROBE_ITEMS, cap), 0.0
+        while True:
+            seconds = here(items)
+            spent += seconds
+            if cut.done >= cap or spent >= PROBE_S:
+                learner.breakeven.kernel_time(items, seconds, inline=True)
+                return
+            items = min(cap - cut.done, cut.done)
 
     def _inline(
         self,
         kernel: Callable[..., Any],
-        learner: Learner,
-        start: int,
         plan: ChunkPlan,
         mode: str,
         combine: Any,
         meter: Meter,
     ) -> Any:
-        """Items ``[start, start + plan.n)`` in this process as ``plan`` cuts them,
-        timed for the break-even."""
-        items = plan.n
-        began = self._clock()
-        result = run_inline(
-            kernel if start == 0 else Shifted(kernel, start, start + items),
-            self._namespace(),
-            plan,
-            mode,
-            combine,
-            meter,
-            self._outputs,
-        )
-        learner.breakeven.kernel_time(items, self._clock() - began, inline=True)
-        return result
+        """The items of ``plan`` in this process (a map: the rows of those items)."""
+        return run_inline(kernel, self._namespace(), plan, mode, combine, meter, self._outputs)
 
     def _on_pool(
         self,
         kernel: Callable[..., Any],
-        start: int,
-        stop: int,
         plan: ChunkPlan,
         mode: str,
         combine: Any,
         meter: Meter,
     ) -> tuple[Any, float, float]:
-        """Items ``[start, stop)`` on the pool as ``plan`` cuts them: the result, the
-        wall seconds and the kernel seconds summed over the workers."""
+        """The items of ``plan`` on the pool: the result (a map: rows up to
+        ``plan.stop``), the wall seconds and the kernel seconds summed over the
+        workers."""
         if not self._runner.started:
             began = self._clock()
             self._runner.start()
             self.pool_cost.started(self._clock() - began)
         busy = sum(meter.busy.values())
         began = self._clock()
-        try:
-            part = self._runner.run(
-                kernel if start == 0 else Shifted(kernel, start, stop), plan, mode, combine, meter
-            )
-        except Exception as exc:
-            if start:
-                add_note(
-                    exc,
-                    f"[autotune was timing this call in slices: item numbers above count "
-                    f"from {start}, where the slice began]",
-                )
-            raise
+        part = self._runner.run(kernel, plan, mode, combine, meter)
         wall = self._clock() - began
         busy = sum(meter.busy.values()) - busy
         self.pool_cost.pool_call(wall, busy, plan.workers)
@@ -301,46 +303,66 @@ class OnlineTuning:
         return self._inline_shared
 
 
-class Shifted:
-    """``kernel`` over the items of the slice ``[offset, end)`` of a long call.
+class Slices:
+    """The results of a call run in consecutive slices, and the call's result from them.
 
-    The runner numbers the slice's items from 0; the kernel is given them
-    as items of the whole call.  A range that would reach past ``end`` is
-    ``RangeError`` before the kernel runs: the slice's own runner cut it.
+    A reduce's partials are folded in order.  A map's slices are rows: the
+    ones run in this process hold their own items, a pool run's
+    (``framed``) has rows for every item up to its plan's stop
+    (:meth:`~autotune.backends.schedule.ChunkPlan.at`).  When the last slice
+    is a pool run of the whole call's rows, the earlier slices' rows are
+    copied into it, so a first call copies its probe's rows, not the call's;
+    otherwise the rows are joined (a call run in this process).
     """
 
-    def __init__(self, kernel: Any, offset: int, end: int) -> None:
-        self.kernel = kernel
-        self.offset = offset
-        self.end = end
+    def __init__(self, n: int, mode: str, combine: Any) -> None:
+        self.n = n
+        self.mode = mode
+        self.combine = combine
+        self.parts: list[tuple[ChunkPlan, Any, bool]] = []
 
-    def __call__(self, shared: Any, start: int, stop: int) -> Any:
-        start, stop = start + self.offset, stop + self.offset
-        if not self.offset <= start < stop <= self.end:
-            raise RangeError(
-                f"items [{start}, {stop}) asked of the slice [{self.offset}, {self.end})"
-            )
-        return self.kernel(shared, start, stop)
+    def add(self, plan: ChunkPlan, result: Any, framed: bool = False) -> None:
+        self.parts.append((plan, result, framed))
+
+    def result(self) -> Any:
+        if self.mode != "map":
+            fold = OrderedFold(self.combine)
+            for i, (_, part, _) in enumerate(self.parts):
+                fold.add(i, part)
+            return fold.result()
+        last_plan, last, framed = self.parts[-1]
+        if len(self.parts) == 1 and (not framed or last_plan.start == 0):
+            return last
+        if framed and last_plan.stop == self.n:
+            return self._fill(last)
+        return self._join()
+
+    def _fill(self, frame_result: Any) -> Any:
+        """The last slice's output, the earlier slices' rows copied into it."""
+        structure, frame = split_map_result(frame_result, 0, self.n)
+        for plan, part, framed in self.parts[:-1]:
+            _, arrays = _rows(plan, part, framed, structure)
+            for i, (rows, out) in enumerate(zip(arrays, frame, strict=True)):
+                check_row_like(rows, out, plan.start, plan.stop, structure.label(i))
+                out[plan.start : plan.stop] = rows
+        return frame_result
+
+    def _join(self) -> Any:
+        """The slices' rows joined into new arrays."""
+        structure: Structure | None = None
+        pieces = []
+        for plan, part, framed in self.parts:
+            structure, arrays = _rows(plan, part, framed, structure)
+            pieces.append(arrays)
+        assert structure is not None
+        return structure.build([np.concatenate(rows) for rows in zip(*pieces, strict=True)])
 
 
-def join_parts(parts: list[Any]) -> Any:
-    """The map results of consecutive slices as one result of the same structure."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    if isinstance(first, tuple):
-        joined = [np.concatenate([p[i] for p in parts]) for i in range(len(first))]
-        return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
-    if isinstance(first, dict):
-        return {k: np.concatenate([p[k] for p in parts]) for k in first}
-    return np.concatenate(parts)
-
-
-def _join(parts: list[Any], mode: str, combine: Any) -> Any:
-    """The result of a call run in slices: maps joined, partials folded in order."""
-    if mode == "map":
-        return join_parts(parts)
-    fold = OrderedFold(combine)
-    for i, part in enumerate(parts):
-        fold.add(i, part)
-    return fold.result()
+def _rows(
+    plan: ChunkPlan, part: Any, framed: bool, structure: Structure | None
+) -> tuple[Structure, list[np.ndarray]]:
+    """A slice's rows, one array per output, checked against the call's ``structure``."""
+    if framed:
+        structure, arrays = split_map_result(part, 0, plan.stop, structure)
+        return structure, [a[plan.start :] for a in arrays]
+    return split_map_result(part, plan.start, plan.stop, structure)

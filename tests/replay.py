@@ -347,7 +347,7 @@ class ReplayPool:
             meter.taking_part(active)
             for w in range(active):
                 meter.add_busy(w, seconds)
-        return np.empty(n, np.uint8) if mode == "map" else 0.0
+        return np.empty(plan.stop, np.uint8) if mode == "map" else 0.0
 
     def close(self) -> None:
         pass

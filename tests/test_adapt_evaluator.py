@@ -8,6 +8,7 @@ were left alone) and that every result equals the serial one.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import shutil
@@ -176,6 +177,35 @@ def test_small_calls_run_inline_and_start_no_worker(x, profile_dir, no_leaks, sc
         # Less kernel work than any pool round trip: here, whatever the pool cost.
         assert 10 * COST < TINY_S
         assert np.array_equal(ev.map(kernels.double, 10), x[:10] * 2.0) and ev.stats.inline
+
+
+def _memory_of(array: np.ndarray) -> object:
+    """What ``array``'s memory belongs to, past every view."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array.obj if isinstance(array, memoryview) else array
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_a_first_call_on_the_pool_is_the_pools_output_with_the_probes_rows(
+    backend, profile_dir, no_leaks, pool_only
+):
+    """A map kernel never seen: its first items run here, the rest on the pool, which
+    writes them into an output with a row for every item of the call; the probe's rows
+    are copied into it.  The result is that shared output, not a join of two arrays (a
+    copy of the whole output, on a memory-bound kernel's first call)."""
+    n = 300_000
+    x = np.random.default_rng(3).random(n)
+    with Evaluator(shared={"x": x, "spin": 0.0}, backend=backend) as ev:
+        rows = ev.map(kernels.hash_rows, n)
+        assert not ev.stats.inline and ev.stats.n == n
+        assert np.array_equal(rows, kernels.hash_rows(SharedNamespace({"spin": 0.0}), 0, n))
+        assert isinstance(_memory_of(rows), mmap.mmap)
+        doubled, idx = ev.map(kernels.dist_idx, n)  # a new kernel: probed again
+        want_doubled, want_idx = kernels.dist_idx(SharedNamespace({"x": x}), 0, n)
+        assert np.array_equal(doubled, want_doubled) and np.array_equal(idx, want_idx)
+        assert isinstance(_memory_of(doubled), mmap.mmap)
+        del rows, doubled, idx
 
 
 def test_a_kernel_slow_per_chunk_pays_for_the_pool_from_its_first_call(profile_dir, no_leaks):

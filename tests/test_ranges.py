@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from autotune import Evaluator, Workload
 from autotune._errors import RangeError
-from autotune.backends.runners import LazyRunner
+from autotune.backends.runners import LazyRunner, open_runner
 from autotune.backends.schedule import (
     EXACT,
     Batches,
@@ -42,7 +42,7 @@ from autotune.backends.schedule import (
 from autotune.backends.shared import SharedNamespace
 from autotune.backends.stats import Meter
 from autotune.backends.threads import run_inline
-from autotune.online import OnlineCall, OnlineTuning, Shifted
+from autotune.online import PROBE_ITEMS, PROBE_S, OnlineCall, OnlineTuning
 from autotune.tuner import search
 
 PRIMES = [2, 3, 7, 61, 1009, 65537, 999_983, 9_999_991]
@@ -165,13 +165,51 @@ def test_cursor_cuts_consecutive_slices_that_end_at_n():
     cut.check_complete()
 
 
-def test_a_shifted_slice_refuses_items_outside_it():
-    seen = []
-    shifted = Shifted(lambda shared, start, stop: seen.append((start, stop)), 100, 150)
-    shifted(None, 0, 50)
+@given(n=SIZES, data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_plan_at_a_start_cuts_its_items_as_from_zero(n, data):
+    """A slice of a longer call: the same chunks, every item number moved by ``start``,
+    and nothing outside ``[start, start + n)``."""
+    chunk_len = data.draw(st.integers(max(1, n // 20_000), n + 3), label="chunk_len")
+    workers = data.draw(st.integers(1, 64), label="workers")
+    start = data.draw(st.integers(0, 10**9), label="start")
+    plan = plan_chunks(n, workers, chunk_len, EXACT)
+    moved = plan.at(start)
+    assert (moved.start, moved.stop, moved.chunks) == (start, start + n, plan.chunks)
+    assert list(moved.ranges()) == [(a + start, b + start) for a, b in plan.ranges()]
+    assert moved.bounds(0, moved.chunks) == (start, start + n)
+    c = data.draw(st.integers(0, plan.chunks - 1), label="c")
+    assert list(moved.ranges(c, c + 1)) == [moved.bounds(c, c + 1)]
     with pytest.raises(RangeError):
-        shifted(None, 40, 51)
-    assert seen == [(100, 150)]
+        moved.bounds(moved.chunks, moved.chunks + 1)
+
+
+@pytest.mark.parametrize("start", [-1, 2.5])
+def test_a_plan_refuses_a_start_that_is_not_an_item(start):
+    with pytest.raises(RangeError):
+        ChunkPlan(10, 2, 3).at(start)
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+@pytest.mark.parametrize(("n", "chunk_len"), [(10_000, 1000), (300_000, 50_000)])
+def test_a_runner_runs_a_slice_of_a_call_where_its_items_are(backend, n, chunk_len):
+    """A plan at ``start``: the kernel is given the slice's item numbers, a map fills
+    the rows ``[start, stop)`` of an output of ``stop`` rows (small outputs come back
+    through the pipe, large ones through shared memory), a reduce folds the slice."""
+    start = 7 * n // 3
+    plan = plan_chunks(n, 2, chunk_len, EXACT).at(start)
+    runner = open_runner(backend, 2, {"spin": 0.0})
+    try:
+        rows = runner.run(kernels.hash_rows, plan, "map", None)
+        assert rows.shape[0] == start + n
+        want = serial(kernels.hash_rows, start + n)[start:]
+        assert np.array_equal(rows[start:], want)
+        seen = runner.run(kernels.range_rows, plan, "map", None)[start:]
+        assert kernels.ranges_seen(seen) == list(plan.ranges())
+        total = runner.run(kernels.hash_sum, plan, "reduce", operator.add)
+        assert total == serial(kernels.hash_sum, start + n) - serial(kernels.hash_sum, start)
+    finally:
+        runner.close()
 
 
 # -- the online refinement, scripted ------------------------------------------------------
@@ -227,12 +265,20 @@ class ScriptedPool:
         self.best_len = best_len
         self.noise = np.random.default_rng(seed)
         self.calls = 0
+        self.items = 0  # run here, over every call
 
     def run(self, kernel, plan, mode, combine, meter=None):
         self.calls += 1
+        self.items += plan.n
         active = max(1, min(plan.workers, self.workers))
         began = self.clock.now
         result = run_inline(kernel, SharedNamespace({}), plan, mode, combine, Meter(1))
+        if mode == "map" and plan.start:
+            # A runner's map output has rows up to the plan's stop; the ones
+            # before its start are the caller's to fill (here: -1 until it does).
+            frame = np.full(plan.stop, -1, dtype=result.dtype)
+            frame[plan.start :] = result
+            result = frame
         work = self.clock.now - began
         off = np.log2(plan.chunk_len / self.best_len)
         efficiency = self.noise.uniform(0.8, 1.2) / (1 + off * off / 16)
@@ -273,6 +319,22 @@ def check_call(tuning: OnlineTuning, kernel: IndexKernel, n: int, mode: str) -> 
         assert result == index_moments(0, n)
     assert chunk_len >= 1
     return outcome
+
+
+@pytest.mark.parametrize("mode", ["reduce", "map"])
+def test_a_first_calls_probe_runs_its_first_items_here_for_about_probe_s(mode):
+    """A kernel never seen, 10 us an item: its first call runs its first items in this
+    process, slices of PROBE_ITEMS and then doubling, until they took PROBE_S; the rest
+    goes to the pool (before, a sixteenth of the call or a chunk: 41 ms here)."""
+    cost = 1e-5
+    with scripted(2, 8, f"probe-{uuid.uuid4().hex}", 1024, 0) as (tuning, pool, clock):
+        kernel = IndexKernel(clock, cost)
+        n = 1_000_000
+        outcome = check_call(tuning, kernel, n, mode)
+        here = n - pool.items
+        assert not outcome.inline and pool.items
+        assert PROBE_S <= here * cost <= 2 * PROBE_S + PROBE_ITEMS * cost
+        assert kernel.ranges[:3] == [(0, 64), (64, 128), (128, 256)]
 
 
 @given(

@@ -31,6 +31,7 @@ refinement's) that must end exactly at ``n``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import operator
@@ -143,11 +144,17 @@ class ChunkPlan:
     one shorter.  Without a tail ``piece_len == chunk_len`` and ``head`` is 0:
     chunks of ``chunk_len``, the last one shorter.  ``workers`` take part.
 
-    Five integers say it all, so a runner hands the plan to its workers once
+    Items are numbered from ``start`` (0 but for the slices of a call the
+    online refinement runs one after another, :meth:`at`): the plan covers
+    ``[start, start + n)``, cut as ``[0, n)`` would be, and a map run on it
+    fills the rows ``[start, stop)`` of an output of :attr:`stop` rows, the
+    rows before ``start`` being the caller's (its earlier slices').
+
+    Six integers say it all, so a runner hands the plan to its workers once
     per call and then sends chunk indices only; :meth:`bounds` and
     :meth:`ranges` turn indices into items, checked.  The ranges are
-    disjoint and cover exactly ``[0, n)``; a plan that could not keep that
-    is refused (``RangeError``) when it is made.
+    disjoint and cover exactly ``[start, start + n)``; a plan that could
+    not keep that is refused (``RangeError``) when it is made.
     """
 
     n: int
@@ -155,6 +162,7 @@ class ChunkPlan:
     chunk_len: int
     head: int = 0
     piece_len: int = 0  # 0: chunk_len (no tail)
+    start: int = 0
 
     def __post_init__(self) -> None:
         count_chunks(self.n, self.chunk_len)  # whole numbers, or RangeError
@@ -162,6 +170,7 @@ class ChunkPlan:
         if piece == self.chunk_len:
             object.__setattr__(self, "head", 0)  # one way to say "no tail"
         object.__setattr__(self, "piece_len", piece)
+        count_chunks(self.start, 1)  # a whole number, not negative
         if (
             self.workers < 1
             or not 1 <= piece <= self.chunk_len
@@ -173,6 +182,15 @@ class ChunkPlan:
             )
 
     @property
+    def stop(self) -> int:
+        """One past the plan's last item (``n`` when it starts at 0)."""
+        return self.start + self.n
+
+    def at(self, start: int) -> ChunkPlan:
+        """The same cut of the items ``[start, start + n)``: a slice of a longer call."""
+        return dataclasses.replace(self, start=start)
+
+    @property
     def split(self) -> int:
         """The first item of the pieces: the head's chunks end here."""
         return self.head * self.chunk_len
@@ -182,7 +200,7 @@ class ChunkPlan:
         return self.head + n_chunks(self.n - self.split, self.piece_len)
 
     def bounds(self, c0: int, c1: int) -> tuple[int, int]:
-        """Item range ``[start, stop)`` covered by chunks ``[c0, c1)`` of the call.
+        """Item range ``[start, stop)`` covered by chunks ``[c0, c1)`` of the plan.
 
         ``RangeError`` unless ``0 <= c0 < c1 <= chunks``: a batch of no
         chunk, or of chunks past the call's end.
@@ -192,9 +210,10 @@ class ChunkPlan:
                 f"chunks [{c0}, {c1}) are not chunks of a call of {self.n} items "
                 f"in {self.chunks} chunks"
             )
-        return self._start(c0), min(self.n, self._start(c1))
+        return self.start + self._first(c0), self.start + min(self.n, self._first(c1))
 
-    def _start(self, c: int) -> int:
+    def _first(self, c: int) -> int:
+        """Chunk ``c``'s first item, counted from the plan's start."""
         if c <= self.head:
             return c * self.chunk_len
         return self.split + (c - self.head) * self.piece_len
@@ -211,14 +230,15 @@ class ChunkPlan:
             if c1 == 0:
                 return iter(())  # a call of no item
         self.bounds(c0, c1)  # chunks of this call, or RangeError
-        length, head, split, piece = self.chunk_len, self.head, self.split, self.piece_len
+        length, head, piece, at = self.chunk_len, self.head, self.piece_len, self.start
+        split = at + self.split
         parts: list[Iterator[tuple[int, int]]] = []
         if c0 < head:  # the head's chunks: all whole
-            end = min(c1, head) * length
+            end = at + min(c1, head) * length
             parts.append(
                 zip(
-                    range(c0 * length, end, length),
-                    range((c0 + 1) * length, end + 1, length),
+                    range(at + c0 * length, end, length),
+                    range(at + (c0 + 1) * length, end + 1, length),
                     strict=True,
                 )
             )
@@ -228,7 +248,7 @@ class ChunkPlan:
             parts.append(
                 zip(range(first, last, piece), range(first + piece, last + 1, piece), strict=True)
             )
-            parts.append(iter(((last, min(self.n, last + piece)),)))
+            parts.append(iter(((last, min(self.stop, last + piece)),)))
         return itertools.chain.from_iterable(parts)
 
 

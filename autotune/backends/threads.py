@@ -57,7 +57,11 @@ class _ThreadCall:
         workers: int,
         allocate: Callable[[int, list[tuple[tuple[int, ...], Any]]], list[np.ndarray]],
         meter: Meter,
+        base: int = 0,
     ) -> None:
+        # A map's output starts at item ``base``: 0 for a runner's (rows up to
+        # the plan's stop, ChunkPlan.at), the plan's start for run_inline's.
+        self.base = base
         self.allocate = allocate
         self.meter = meter
         self.kernel = kernel
@@ -111,7 +115,7 @@ class _ThreadCall:
             self.cancelled = True
 
     def _drain(self, worker: int) -> None:
-        kernel, shared, plan = self.kernel, self.shared, self.plan
+        kernel, shared, plan, base = self.kernel, self.shared, self.plan, self.base
         mapping = self.mode == "map"
         while True:
             with self.lock:
@@ -138,14 +142,14 @@ class _ThreadCall:
                                 if self.out is None:
                                     self.structure = structure
                                     rows = [(a.shape[1:], a.dtype) for a in arrays]
-                                    self.out = self.allocate(plan.n, rows)
+                                    self.out = self.allocate(plan.stop - base, rows)
                                 out = self.out
                             if self.structure != structure:  # another thread's came first
                                 structure, arrays = split_map_result(r, start, stop, self.structure)
                         for i, arr in enumerate(arrays):
                             o = out[i]
                             check_row_like(arr, o, start, stop, structure.label(i))
-                            o[start:stop] = arr  # disjoint rows: no lock needed
+                            o[start - base : stop - base] = arr  # disjoint rows: no lock needed
                     else:
                         partials.append(r)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
@@ -259,32 +263,34 @@ def run_inline(
     """The ranges of ``plan`` in the calling thread, chunk after chunk, folded in order.
 
     What one thread of the backend would do alone: the same ranges, hence
-    the same bits for a reduce as on the workers with the same plan.
-    A call of one chunk is the kernel's own result (a map's arrays copied
-    only when they are views of other memory, such as the shared data).
+    the same bits for a reduce as on the workers with the same plan.  A
+    map's result has the rows of the plan's items only, ``plan.n`` of them
+    (a runner's has rows up to ``plan.stop``).  A call of one chunk is the
+    kernel's own result (a map's arrays copied only when they are views of
+    other memory, such as the shared data).
     """
     meter.taking_part(1)
-    n = plan.n
+    start, stop = plan.start, plan.stop
     if plan.chunks <= 1:
         _LOCAL.in_kernel = True
         began = time.thread_time()
         try:
-            result = kernel(shared, 0, n)
+            result = kernel(shared, start, stop)
             if mode == "map":
-                structure, arrays = split_map_result(result, 0, n, None)
+                structure, arrays = split_map_result(result, start, stop, None)
                 result = structure.build([a if a.flags.owndata else a.copy() for a in arrays])
         except BaseException as exc:
-            add_note(exc, f"[{where(exc, 0, n, 'in the calling process')}]")
+            add_note(exc, f"[{where(exc, start, stop, 'in the calling process')}]")
             raise
         finally:
             _LOCAL.in_kernel = False
         meter.add_busy(0, time.thread_time() - began)
-        meter.advance(n)
+        meter.advance(plan.n)
         return result
     # Without an Outputs to keep them, plain arrays: a segment made here would
     # outlive the call with nothing to unlink it.
     allocate = outputs.allocate if outputs is not None else _plain_outputs
-    call = _ThreadCall(kernel, shared, plan, mode, combine, 1, allocate, meter)
+    call = _ThreadCall(kernel, shared, plan, mode, combine, 1, allocate, meter, start)
     call.drain(0)
     return call.result()
 

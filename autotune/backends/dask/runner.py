@@ -275,7 +275,7 @@ class _DaskCall:
         structure, arrays = split_map_result(rows, start, stop, self.structure)
         if self.out is None:
             self.structure = structure
-            self.out = [np.empty((self.plan.n, *a.shape[1:]), dtype=a.dtype) for a in arrays]
+            self.out = [np.empty((self.plan.stop, *a.shape[1:]), dtype=a.dtype) for a in arrays]
         for i, (arr, out) in enumerate(zip(arrays, self.out, strict=True)):
             check_row_like(arr, out, start, stop, structure.label(i))
             out[start:stop] = arr

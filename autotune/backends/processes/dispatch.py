@@ -95,7 +95,9 @@ class Dispatch:
         # Workers 0 .. active-1 take part (all by default); the others idle.
         self.active = pool.workers if active is None else max(1, min(active, pool.workers))
         self.plan = plan
-        self.n = plan.n
+        # A map's output has a row for every item up to the plan's stop (the
+        # rows before its start are the caller's: ChunkPlan.at).
+        self.rows = plan.stop
         self.mode = mode
         self.total = plan.chunks
         self.call_id = call_id
@@ -262,10 +264,10 @@ class Dispatch:
         dict result is written in place by the workers like a single array.
         """
         self.structure = structure
-        if not wants_shared_output(rows, self.n):
-            self.out = [np.empty((self.n, *tail), dtype=dtype) for tail, dtype in rows]
+        if not wants_shared_output(rows, self.rows):
+            self.out = [np.empty((self.rows, *tail), dtype=dtype) for tail, dtype in rows]
             return
-        size, layout = output_layout(self.n, rows)
+        size, layout = output_layout(self.rows, rows)
         seg = self.pool.output_segment(size)
         self.out_desc = (seg.name, seg.size, layout)
         self.out = output_views(seg.mmap, layout)

@@ -88,7 +88,7 @@ class _Call:
         self.kernel = kernel
         self.mode = mode
         self.plan = plan
-        self.n = plan.n
+        self.rows = plan.stop  # of a map's output, as the parent counts them
         self.out: list[np.ndarray] | None = None  # one array per output of the map
         self.structure: Structure | None = None  # the call's, once known
         self.asked = False  # told where map results go (or to send them back)
@@ -301,7 +301,7 @@ def _run_batch(
 ) -> tuple:
     # The hot loop: an empty kernel costs about a microsecond per chunk here,
     # so keep attribute lookups and calls out of it.
-    kernel, call_id, n = call.kernel, call.call_id, call.n
+    kernel, call_id, rows = call.kernel, call.call_id, call.rows
     out = call.out
     structure = call.structure
     mapping = call.mode == "map"
@@ -327,7 +327,7 @@ def _run_batch(
             if out is None:
                 if call.structure is None:
                     call.structure = structure  # later chunks must match it
-                if not call.asked and wants_shared_output(_row_specs(arrays), n):
+                if not call.asked and wants_shared_output(_row_specs(arrays), rows):
                     t = time.perf_counter()
                     _request_output(conn, stash, call, structure, arrays)
                     waited += time.perf_counter() - t
