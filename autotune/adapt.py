@@ -9,6 +9,14 @@ them while it works (``Evaluator(adapt=...)``):
   screen, coarse pass, refinement, successive halving.  Each call, or each
   slice of a long call, is one run of the point the engine asked for.  When
   the engine has nothing more to ask, the best point is *settled*.
+- **Which workers.**  All of the pool's, half of them from four workers on
+  and a quarter from eight on (:data:`FEWER_WORKERS`), screened most first:
+  a memory-bound kernel that saturates before the last core is as fast on
+  fewer.  No whole call is spent on a point the tally predicts slower than
+  :data:`~autotune.engine.PREDICTED_SLOW` times the best so far: a lane the
+  two above it bound below that is not run, and a lane of fewer workers is
+  screened on a slice of a call where one can be cut (a quarter of a call
+  too short for slices of two chunks per worker, :data:`PROBE_SHORT`).
 - **Bounded exploration.**  The ladder is the search's, cut to chunks between
   a quarter of the heuristic's and eight times it: far-off rungs cost whole
   calls at a fraction of the speed and are almost never best (L2/16 to L2/4
@@ -425,13 +433,15 @@ class Learner:
         ``run(items, point, measured)`` runs the call's next ``items`` items
         at ``point`` and says what that took; the items of the runs add up to
         ``n`` exactly.  A call too short to cut is one run at the point the
-        engine asks for.  A long one, while exploring, probes one slice per
-        point (each long enough for two chunks per worker) within its first
-        half, while what is left is worth it, and runs the rest at the best
-        point so far; that rest is not a measurement (a run of another size
-        is not comparable).  A map is cut only when its kernel is slow per
-        item: its slices come back as separate arrays that must be joined, a
-        copy that a memory-bound map would pay as much for as for its work.
+        engine asks for, except a point to probe (:attr:`Refiner.probing`: a
+        lane of fewer workers), timed on a :data:`PROBE_SHORT`-th of it.  A
+        long one, while exploring, probes one slice per point (each long
+        enough for two chunks per worker) within its first half, while what
+        is left is worth it, and runs the rest at the best point so far; that
+        rest is not a measurement (a run of another size is not comparable).
+        A map is cut only when its kernel is slow per item: its slices come
+        back as separate arrays that must be joined, a copy that a
+        memory-bound map would pay as much for as for its work.
         """
         self.n = max(self.n, n)
         point = self.refiner.next()
