@@ -9,6 +9,14 @@ them while it works (``Evaluator(adapt=...)``):
   screen, coarse pass, refinement, successive halving.  Each call, or each
   slice of a long call, is one run of the point the engine asked for.  When
   the engine has nothing more to ask, the best point is *settled*.
+- **Which workers.**  All of the pool's, half of them from four workers on
+  and a quarter from eight on (:data:`FEWER_WORKERS`), screened most first:
+  a memory-bound kernel that saturates before the last core is as fast on
+  fewer.  No whole call is spent on a point the tally predicts slower than
+  :data:`~autotune.engine.PREDICTED_SLOW` times the best so far: a lane the
+  two above it bound below that is not run, and a lane of fewer workers is
+  screened on a slice of a call where one can be cut (a quarter of a call
+  too short for slices of two chunks per worker, :data:`PROBE_SHORT`).
 - **Bounded exploration.**  The ladder is the search's, cut to chunks between
   a quarter of the heuristic's and eight times it: far-off rungs cost whole
   calls at a fraction of the speed and are almost never best (L2/16 to L2/4
@@ -64,6 +72,16 @@ __all__ = [
     "online_ladder",
 ]
 
+#: Lanes of fewer workers the refinement may screen: (a share of the
+#: workers, from how many workers on).  Fewer workers can match all of them on
+#: a memory-bound kernel that saturates before the last core; on two cores one
+#: worker never came close (0.59 of the best at most: docs/design.md,
+#: "Evidence behind the heuristic"), hence none below four.  A quarter from
+#: eight on, for a knee below half the cores (a replayed 64-core machine that
+#: saturates at 16 workers); on the 16-core Xeon's recorded workloads (all
+#: scale to 16 workers) the engine predicts it slow from the two lanes above
+#: it and never runs it (:func:`autotune.engine.auto_requests`, ``online``).
+FEWER_WORKERS = ((2, 4), (4, 8))
 #: Settled calls between two re-checks of the runner-up (doubles each time).
 RECHECK = 32
 RECHECK_MAX = 512
@@ -77,6 +95,11 @@ KEEP_RUNS = STORED_RUNS
 #: A long call while exploring is cut into this many slices (at most half
 #: of them probe other points, the rest runs at the best one found).
 PROBE_SLICES = 16
+#: A point the engine asks to probe (:attr:`Refiner.probing`) in a call too
+#: short for slices of two chunks per worker is timed on this fraction of it,
+#: one chunk per worker (shorter chunks than the point's: a lane of fewer
+#: workers is screened by its throughput, not its chunk length).
+PROBE_SHORT = 4
 #: Probing inside a call is worth it when what is left takes longer than this.
 PROBE_WORTH_S = 0.2
 #: A map is cut into slices only when its kernel takes this long per item.
@@ -220,6 +243,13 @@ class Refiner:
         )
 
     @property
+    def probing(self) -> bool:
+        """Whether the point :meth:`next` gave is to be timed on a slice of a call
+        where one can be cut (nothing says it is near the best)."""
+        pending = self._pending
+        return not self.settled and pending is not None and pending.request.probe
+
+    @property
     def kept_if_alone(self) -> bool:
         """Whether a run is waiting to be saved if no counted one is made."""
         return self._fallback is not None
@@ -275,7 +305,7 @@ class Refiner:
         self.explorations += 1
         self._pending = None
         self._recent.clear()
-        self._steps = auto_requests(self.tally, self.plan, self.mid_bytes)
+        self._steps = auto_requests(self.tally, self.plan, self.mid_bytes, online=True)
 
     def _settle(self) -> None:
         self._steps, self._pending = None, None
@@ -369,12 +399,9 @@ class Learner:
         self.item_bytes = item_bytes
         backend, workers = lane
         plan = {lane: online_ladder(ladder, mid_len)}
-        if workers >= 4:
-            # Fewer workers can match all of them on a memory-bound kernel;
-            # on two cores one worker never came close (0.59 of the best at most:
-            # docs/design.md, "Evidence behind the heuristic"); from four on,
-            # half of them is worth a lane: a guess, never measured above 2 cores.
-            plan[(backend, workers // 2)] = plan[lane]
+        for share, least in FEWER_WORKERS:
+            if workers >= least:
+                plan[(backend, workers // share)] = plan[lane]
         start, stored = None, {}
         if known is not None:
             for m in known.measurements:
@@ -406,34 +433,52 @@ class Learner:
         ``run(items, point, measured)`` runs the call's next ``items`` items
         at ``point`` and says what that took; the items of the runs add up to
         ``n`` exactly.  A call too short to cut is one run at the point the
-        engine asks for.  A long one, while exploring, probes one slice per
-        point (each long enough for two chunks per worker) within its first
-        half, while what is left is worth it, and runs the rest at the best
-        point so far; that rest is not a measurement (a run of another size
-        is not comparable).  A map is cut only when its kernel is slow per
-        item: its slices come back as separate arrays that must be joined, a
-        copy that a memory-bound map would pay as much for as for its work.
+        engine asks for, except a point to probe (:attr:`Refiner.probing`: a
+        lane of fewer workers), timed on a :data:`PROBE_SHORT`-th of it.  A
+        long one, while exploring, probes one slice per point (each long
+        enough for two chunks per worker) within its first half, while what
+        is left is worth it, and runs the rest at the best point so far; that
+        rest is not a measurement (a run of another size is not comparable).
+        A map is cut only when its kernel is slow per item: its slices come
+        back as separate arrays that must be joined, a copy that a
+        memory-bound map would pay as much for as for its work.
         """
         self.n = max(self.n, n)
         point = self.refiner.next()
         cuttable = mode == "reduce" or self.breakeven.per_item() >= SLICE_MAP_MIN_S
-        if not self.refiner.exploring or not cuttable or self._slice(n, point) > n // 2:
+        size = self._first_slice(n, point) if self.refiner.exploring and cuttable else None
+        if size is None:
             self._learn(run(n, point, True))
             return
         done = 0
         while True:
-            probe = run(self._slice(n, point), point, True)
+            probe = run(size, point, True)
             self._learn(probe)
             done += probe.items
             if self._probing(n, done, probe):
                 # Each point probes with a slice of its own length: the next
                 # one must fit in the first half of the call too.
                 following = self.refiner.next()
-                if n - done - self._slice(n, following) >= n // 2:
+                size = self._slice(n, following)
+                if n - done - size >= n // 2:
                     point = following
                     continue
             self._learn(run(n - done, self.leader(), False))
             return
+
+    def _first_slice(self, n: int, point: Point) -> int | None:
+        """The items of a call's first slice at ``point``; None: the call is run whole.
+
+        Two chunks per worker within the first half of the call; else, for a
+        point to probe (:attr:`Refiner.probing`), a :data:`PROBE_SHORT`-th of
+        the call, whose chunks the plan shortens to one per worker.
+        """
+        size = self._slice(n, point)
+        if size <= n // 2:
+            return size
+        if self.refiner.probing and n // PROBE_SHORT >= point.workers:
+            return n // PROBE_SHORT
+        return None
 
     @staticmethod
     def _slice(n: int, point: Point) -> int:

@@ -10,7 +10,10 @@ call (or a slice of a long call) per run.  Both keep their runs in a
 The strategy (``auto``):
 
 0. screen every lane (backend, workers) at a mid-sized chunk and at one
-   eight times longer; lanes below :data:`SCREEN` of the best are dropped;
+   eight times longer; lanes below :data:`SCREEN` of the best are dropped
+   (online, a run the tally predicts slower than :data:`PREDICTED_SLOW`
+   times the best is not made: a lane of fewer workers bound below it by the
+   lanes above it, a longer length after a slow first run);
 1. a coarse pass over every other chunk length of each remaining lane;
 2. the ladder neighbours of the two best points;
 3. successive halving: the three leaders get two more runs each (so every
@@ -31,7 +34,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -45,6 +48,7 @@ __all__ = [
     "KEPT_REPEATS",
     "MIN_CHUNK_BYTES",
     "NOISY",
+    "PREDICTED_SLOW",
     "RETIMES",
     "SCREEN",
     "TIE_POINTS",
@@ -69,6 +73,10 @@ __all__ = [
 NOISY = 0.15
 #: auto keeps the lanes within this fraction of the best at screening.
 SCREEN = 0.8
+#: The online refinement spends no whole call on a point the tally predicts
+#: slower than this many times the best known (issue 19: "no call while
+#: exploring slower than 1.3x the settled call" on a 16-core Xeon).
+PREDICTED_SLOW = 1.3
 #: Smallest chunk tried, whatever the L1d says.
 MIN_CHUNK_BYTES = 8 * 1024
 #: Timed runs of every point auto keeps (the leaders it picks among).
@@ -284,11 +292,17 @@ class Bench(Tally):
 # -- which runs next -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Request:
-    """Time ``point`` ``repeats`` times (after one unrecorded warm-up run)."""
+    """Time ``point`` ``repeats`` times (after one unrecorded warm-up run).
+
+    ``probe``: nothing measured says the point is within
+    :data:`PREDICTED_SLOW` of the best (a lane of fewer workers, never run):
+    the online refinement times it on a slice of a call where it can cut one.
+    """
 
     point: Point
     repeats: int
     warmup: bool = False
+    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -302,7 +316,11 @@ class Checkpoint:
 
 
 def auto_requests(
-    tally: Tally, plan: dict[Lane, list[int]], mid_bytes: int, ties: bool = False
+    tally: Tally,
+    plan: dict[Lane, list[int]],
+    mid_bytes: int,
+    ties: bool = False,
+    online: bool = False,
 ) -> Iterator[Request | Checkpoint]:
     """The ``auto`` strategy as a sequence of runs to make.
 
@@ -310,30 +328,21 @@ def auto_requests(
     before asking for the next; at a :class:`Checkpoint` it may stop.
     ``plan`` gives each lane its chunk ladder (ascending, unchunked last);
     ``ties`` adds the tie rounds (phase 4).
+
+    ``online``: the runs are the user's calls (:mod:`autotune.adapt`), so
+    screening spends none on what the tally predicts slower than
+    :data:`PREDICTED_SLOW` times the best so far.  Lanes are screened in
+    ``plan``'s order (most workers first); a lane whose throughput the lanes
+    screened with more workers bound below that (:func:`_ceiling`) is not
+    screened, and a lane whose first run, times the most the longer length
+    gained on a lane screened before, is below it is not run at the longer
+    length.  The other lanes' screening requests have ``probe`` (time them on
+    a slice where a call can be cut).
     """
-
-    # 0. screen every (backend, workers) at a mid-sized chunk and at one eight
-    #    times longer; keep the lanes near the best.  For threads this is the
-    #    GIL test: a kernel that holds the GIL gains nothing from a second
-    #    thread; one whose GIL-free numpy calls are short gains only with the
-    #    longer chunk, hence two lengths (the ladder's longest, if it is short).
-    def nearest(lengths: list[int]) -> int:
-        return min(lengths[:-1] or lengths, key=lambda c: abs(c * tally.item_bytes - mid_bytes))
-
-    screen: dict[Lane, float] = {}
-    for lane, lengths in plan.items():
-        if screen:
-            yield Checkpoint(complete=False)
-        mid = nearest(lengths)
-        i = lengths.index(mid)
-        longer = lengths[min(i + 3, len(lengths) - 1)]
-        probes = [mid] + ([longer] if longer != mid else [])
-        yield Request(Point.of(lane, probes[0]), 1, warmup=True)
-        for c in probes[1:]:
-            yield Request(Point.of(lane, c), 1)
-        screen[lane] = max(tally.measurement(Point.of(lane, c)).throughput or 0.0 for c in probes)
+    # 0. screen every lane; keep those near the best
+    screen = yield from _screen(tally, plan, mid_bytes, online)
     top = max(screen.values())
-    kept = {lane: v for lane, v in plan.items() if screen[lane] >= SCREEN * top}
+    kept = {lane: v for lane, v in plan.items() if screen.get(lane, 0.0) >= SCREEN * top}
     # 1. coarse: every other rung (and always the unchunked end) per kept lane
     for lane, lengths in kept.items():
         rungs = lengths[::2] + ([lengths[-1]] if len(lengths) % 2 == 0 else [])
@@ -362,6 +371,75 @@ def auto_requests(
     # 4. spend what is left on the points still tied with the best
     if ties:
         yield from _tie_rounds(tally)
+
+
+def _screen(
+    tally: Tally, plan: dict[Lane, list[int]], mid_bytes: int, online: bool
+) -> Generator[Request | Checkpoint, None, dict[Lane, float]]:
+    """Phase 0 of :func:`auto_requests`: each lane screened, and what it reached.
+
+    Every (backend, workers) at a mid-sized chunk and at one eight times
+    longer.  For threads this is the GIL test: a kernel that holds the GIL
+    gains nothing from a second thread; one whose GIL-free numpy calls are
+    short gains only with the longer chunk, hence two lengths (the ladder's
+    longest, if it is short).
+    """
+
+    def nearest(lengths: list[int]) -> int:
+        return min(lengths[:-1] or lengths, key=lambda c: abs(c * tally.item_bytes - mid_bytes))
+
+    screen: dict[Lane, float] = {}
+    gains: list[float] = []  # each lane's longer probe over its first
+    for lane, lengths in plan.items():
+        top = max(screen.values(), default=0.0)
+        if screen:
+            yield Checkpoint(complete=False)
+            if online and _predicted_slow(_ceiling(screen, lane), top):
+                continue  # the lanes of more workers bound it below the best: not run
+        mid = nearest(lengths)
+        i = lengths.index(mid)
+        longer = lengths[min(i + 3, len(lengths) - 1)]
+        probes = [mid] + ([longer] if longer != mid else [])
+        probe = online and bool(screen)
+        yield Request(Point.of(lane, probes[0]), 1, warmup=True, probe=probe)
+        if online and len(probes) > 1:
+            # Its first run times the most the longer length gained on a lane
+            # screened before: too slow for a whole call there, it is not run.
+            first = tally.measurement(Point.of(lane, probes[0])).throughput or 0.0
+            if probe and _predicted_slow(first * max(gains, default=1.0), top):
+                screen[lane] = first
+                continue
+            yield Request(Point.of(lane, probes[1]), 1, probe=probe)
+            if first:
+                gains.append(
+                    (tally.measurement(Point.of(lane, probes[1])).throughput or 0.0) / first
+                )
+        elif len(probes) > 1:
+            yield Request(Point.of(lane, probes[1]), 1)
+        screen[lane] = max(tally.measurement(Point.of(lane, c)).throughput or 0.0 for c in probes)
+    return screen
+
+
+def _ceiling(screen: dict[Lane, float], lane: Lane) -> float | None:
+    """The most ``lane`` can reach by what the screened lanes of its backend with more
+    workers reached; None where fewer than two were screened.
+
+    Throughput over workers is taken as concave (each worker adds at most what
+    the one before it added: a shared memory bus, a shared L3), so below two
+    measured counts it lies under the line through them, extended: 16 workers
+    at 1.0 and 8 at 0.5 bound 4 workers at 0.25; 64 at 0.9 and 32 at 1.0 (past
+    a knee) bound 16 at 1.05, not below the best.
+    """
+    backend, workers = lane
+    above = sorted((w, t) for (b, w), t in screen.items() if b == backend and w > workers)
+    if len(above) < 2:
+        return None
+    (w1, t1), (w2, t2) = above[:2]
+    return t1 + (workers - w1) * (t2 - t1) / (w2 - w1)
+
+
+def _predicted_slow(throughput: float | None, top: float) -> bool:
+    return throughput is not None and throughput * PREDICTED_SLOW < top
 
 
 def _tie_rounds(tally: Tally) -> Iterator[Request | Checkpoint]:

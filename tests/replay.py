@@ -316,6 +316,18 @@ def replay_search(landscape: Landscape, seed: int, budget: float = 20.0) -> Sett
 
 
 # -- the online refinement -------------------------------------------------------------------
+@dataclass(frozen=True)
+class PoolRun:
+    """One run of a :class:`ReplayPool`: which call, its items, workers, chunk length
+    and seconds."""
+
+    call: int
+    items: int
+    workers: int
+    chunk_len: int
+    seconds: float
+
+
 class ReplayPool:
     """A runner whose calls run no kernel and take what the landscape says.
 
@@ -337,12 +349,15 @@ class ReplayPool:
         self.workers = workers
         self.clock = clock
         self.rng = rng
+        self.call = 0  # the replay's call number, for the log
+        self.log: list[PoolRun] = []
 
     def run(self, kernel, plan, mode, combine, meter=None):
         active = max(1, min(plan.workers, self.workers))
         n = plan.n
         seconds = self.landscape.draw(active, plan.chunk_len, self.rng) * n / self.landscape.n
         self.clock.now += seconds
+        self.log.append(PoolRun(self.call, n, active, plan.chunk_len, seconds))
         if meter is not None:
             meter.taking_part(active)
             for w in range(active):
@@ -384,10 +399,29 @@ class OnlineReplay:
     settled: Settled | None  # None: still exploring after the last call
     ends: tuple[float, ...]  # scripted seconds at the end of each call
     calls_to_settle: int | None
+    runs: tuple[PoolRun, ...] = ()  # every pool run, in order
 
     def regret(self, calls: int, best_s: float) -> float:
         """Time of the first ``calls`` calls over ``calls`` calls at ``best_s``, less 1."""
         return self.ends[calls - 1] / (calls * best_s) - 1
+
+    def whole_calls(self, n: int) -> list[PoolRun]:
+        """The pool runs of all ``n`` items of a call, up to the call that settled.
+
+        The first call's pool run counts as whole: it is what the call's probe in
+        this process (at most a sixteenth of it) left.
+        """
+        last = self.calls_to_settle or len(self.ends)
+        return [r for r in self.runs if r.call < last and r.items >= n - n // 16]
+
+    def worst_whole_call(self, landscape: Landscape) -> float:
+        """The lowest ratio to the best median of a whole call made while exploring
+        (by the seconds drawn)."""
+        best_s = landscape.best()[1]
+        return min(
+            (best_s * r.items / landscape.n / r.seconds for r in self.whole_calls(landscape.n)),
+            default=1.0,
+        )
 
 
 def replay_online(landscape: Landscape, seed: int, calls: int) -> OnlineReplay:
@@ -421,6 +455,7 @@ def replay_online(landscape: Landscape, seed: int, calls: int) -> OnlineReplay:
     ends: list[float] = []
     settled_at = None
     for i in range(calls):
+        pool.call = i
         tuning.call(kernel, landscape.n, landscape.mode, operator.add, Meter(workers))
         ends.append(clock.now)
         if settled_at is None and tuning.learners[name].refiner.settled:
@@ -428,8 +463,8 @@ def replay_online(landscape: Landscape, seed: int, calls: int) -> OnlineReplay:
     refiner = tuning.learners[name].refiner
     tuning.close()
     if not refiner.settled:
-        return OnlineReplay(None, tuple(ends), None)
+        return OnlineReplay(None, tuple(ends), None, tuple(pool.log))
     point = refiner.best
     used = plan_chunks(landscape.n, point.workers, point.chunk_len, MEASURED).chunk_len
     settled = Settled(point, used, landscape.ratio(point.workers, used))
-    return OnlineReplay(settled, tuple(ends), settled_at)
+    return OnlineReplay(settled, tuple(ends), settled_at, tuple(pool.log))

@@ -466,3 +466,27 @@ def test_a_file_of_other_items_is_not_continued(online_file):
     assert save_learned(runs_of(NAME), cpu, online_file)  # 8 bytes per item
     assert load_online(NAME, cpu, "processes", 8) is not None
     assert load_online(NAME, cpu, "processes", 4) is None
+
+
+def test_a_lane_of_fewer_workers_is_probed_on_a_quarter_of_a_short_call():
+    """On 16 workers the half lane is screened on a quarter of a call too short for slices
+    of two chunks per worker (a whole call there ran at 0.5 of the best on the 16-core
+    Xeon); the lane of all workers and the rest of the call run whole."""
+    from autotune.adapt import PROBE_SHORT, Learner, SliceRun
+
+    lane = ("processes", 16)
+    learner = Learner("kernels:short", lane, 8000, LADDER, 8)
+    learner.breakeven.kernel_time(1000, 1e-3, inline=False)
+    n = 100_000  # 16 x 8000 > n / 2: no slices of two chunks per worker
+    runs = []
+
+    def run(items, point, measured):
+        runs.append((items, point.workers, measured))
+        wall = items * 1e-8 * 16 / min(point.workers, 16)  # scales with the workers
+        return SliceRun(point, items, wall, wall * point.workers, measured)
+
+    while learner.refiner.exploring:
+        learner.run_call(n, "reduce", run)
+    fewer = [(items, measured) for items, workers, measured in runs if workers < 16]
+    assert fewer == [(n // PROBE_SHORT, True)]
+    assert all(items == n for items, workers, _ in runs[:3] if workers == 16)

@@ -22,10 +22,14 @@ import pytest
 from autotune.engine import (
     GRID_REPEATS,
     NOISY,
+    PREDICTED_SLOW,
     SCREEN,
     TIE_REPEATS,
     Bench,
     Point,
+    Request,
+    Tally,
+    auto_requests,
     pick_kept,
     run_auto,
     run_grid,
@@ -379,3 +383,53 @@ def test_a_point_timed_twice_does_not_beat_one_timed_three_times():
     sure = Measurement(2, 256, 2048, 200.0, repeats=3)
     assert pick_kept([lucky, sure]) is sure
     assert pick_kept([lucky, Measurement(2, 16, 128, 100.0)]) is lucky  # else two runs win
+
+
+# -- online: no whole call the tally predicts slower than PREDICTED_SLOW x the best ---------
+def online_requests(rates: dict[int, tuple[float, float]]) -> list[Request]:
+    """Every request of the online strategy on process lanes of these worker counts (most
+    first); a lane runs at ``rates[w][0]`` at its first screening length, ``rates[w][1]``
+    at every other."""
+    tally = Tally(N, ITEM_BYTES, False)
+    plan = {("processes", w): LADDER for w in rates}
+    asked = []
+    for step in auto_requests(tally, plan, MID_BYTES, online=True):
+        if isinstance(step, Request):
+            asked.append(step)
+            first, other = rates[step.point.workers]
+            rate = first if step.point.chunk_len == SCREENED[0] else other
+            for _ in range(step.repeats):
+                tally.add(step.point, N / rate)
+    return asked
+
+
+def lengths_asked(asked: list[Request], workers: int) -> list[int]:
+    return [r.point.chunk_len for r in asked if r.point.workers == workers]
+
+
+def test_online_a_lane_the_lanes_above_bound_below_the_best_is_not_run():
+    # 16 workers at 1.0 and 8 at 0.5 bound 4 at 0.25: never run.  8 is run
+    # once, at its first length (0.5 is too slow for a whole call at another).
+    asked = online_requests({16: (1.0, 1.0), 8: (0.5, 0.5), 4: (0.25, 0.25)})
+    assert lengths_asked(asked, 4) == []
+    assert lengths_asked(asked, 8) == [SCREENED[0]]
+    assert 1 / PREDICTED_SLOW > 0.5
+    # The search screens every lane at both lengths.
+    table = {("processes", 16): [1.0] * 9, ("processes", 8): [0.5] * 9, P1: [0.25] * 9}
+    bench, _ = auto(table, FakeClock())
+    assert [c.chunk_len for c in bench.calls if c.lane == P1] == list(SCREENED)
+
+
+def test_online_a_kernel_that_saturates_is_screened_on_fewer_workers():
+    # Past a knee (8 workers as fast as 16), 4 workers may be as fast: run, as a probe.
+    asked = online_requests({16: (0.9, 0.9), 8: (1.0, 1.0), 4: (1.0, 1.0)})
+    assert lengths_asked(asked, 4)[:2] == list(SCREENED)
+    first = {r.point.workers: r for r in reversed(asked) if r.warmup}  # screening's first
+    assert not first[16].probe and first[8].probe and first[4].probe
+
+
+def test_online_a_slow_first_length_is_judged_by_what_the_longer_one_gained_above():
+    # The first lane gained 1.6x at the longer length: 8 workers at 0.63 of the
+    # best at the first length may reach 1.0 at the longer one (a knee at 8).
+    asked = online_requests({16: (0.6, 0.96), 8: (0.63, 1.0)})
+    assert lengths_asked(asked, 8)[:2] == list(SCREENED)
