@@ -1,7 +1,8 @@
 """The measuring engine: which points to time next, and what the times say.
 
 One engine serves both ways of tuning.  ``autotune search`` (:mod:`autotune.tuner`)
-times points as fast as it can within a budget; the evaluator's online
+times points as fast as it can within a budget (on a
+:class:`~autotune.bench.Bench`); the evaluator's online
 refinement (:mod:`autotune.adapt`) times them with the user's own calls, one
 call (or a slice of a long call) per run.  Both keep their runs in a
 :class:`Tally` and take their next runs from the same strategy,
@@ -33,18 +34,15 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from autotune.cpu import CpuInfo
-from autotune.cpu.contention import CpuSample, CpuSampler, contention_between
 from autotune.cpu.model import FALLBACK_L1D_BYTES
 from autotune.profile import Measurement, is_tie
 
 __all__ = [
-    "GRID_REPEATS",
     "KEPT_REPEATS",
     "MIN_CHUNK_BYTES",
     "NOISY",
@@ -53,7 +51,6 @@ __all__ = [
     "SCREEN",
     "TIE_POINTS",
     "TIE_REPEATS",
-    "Bench",
     "Checkpoint",
     "Lane",
     "Point",
@@ -64,9 +61,6 @@ __all__ = [
     "chunk_ladder",
     "pick_best",
     "pick_kept",
-    "planned_runs",
-    "run_auto",
-    "run_grid",
 ]
 
 #: A point whose runs spread more than this (relative) is re-measured.
@@ -89,7 +83,8 @@ TIE_POINTS = 3
 #: A run contended by other processes is made again at most this many times;
 #: then the least contended attempt is kept, and marked.  Two: enough to step
 #: past a burst of another job (a test, a build step); a steady load (a busy
-#: loop) is re-timed only once, not on every run (:meth:`Bench.timed`).
+#: loop) is re-timed only once, not on every run
+#: (:meth:`autotune.bench.Bench.timed`).
 RETIMES = 2
 
 Lane = tuple[str, int]  # (backend, workers)
@@ -200,93 +195,6 @@ class Tally:
 
     def leaders(self, k: int) -> list[tuple[Point, Measurement]]:
         return sorted(self.measured(), key=lambda pm: -(pm[1].throughput or 0.0))[:k]
-
-
-class Bench(Tally):
-    r"""A :class:`Tally` that times points itself: the search's, or a scripted one.
-
-    ``run`` makes ``repeats`` timed runs of ``point`` (after one warm-up run
-    that is not recorded when ``warmup``) and :meth:`~Tally.add`\ s them,
-    each through :meth:`timed` where the bench can say how busy the machine
-    was.
-
-    Parameters
-    ----------
-    meter : CpuSampler, optional
-        What is read around every timed run
-        (:class:`autotune.cpu.contention.CpuMeter`, or a scripted one in
-        tests).  None: nothing is metered.
-    """
-
-    def __init__(
-        self, n: int, item_bytes: int, label: bool, meter: CpuSampler | None = None
-    ) -> None:
-        super().__init__(n, item_bytes, label)
-        self.meter = meter
-        self.first: CpuSample | None = None  # before the first metered run
-        self.last: CpuSample | None = None  # after the latest one
-        self.metered = 0  # runs kept with a reading of the meter
-        self.retimed = 0  # runs made again because they were contended
-        self.persistent = False  # the last run stayed contended through its re-times
-
-    def run(self, point: Point, repeats: int, warmup: bool = False) -> None:
-        raise NotImplementedError
-
-    def pids(self) -> Sequence[int]:
-        """The bench's worker processes: their CPU time is ours, not others'."""
-        return ()
-
-    def timed(self, point: Point, once: Callable[[], float]) -> float:
-        """Make one timed run of ``point`` with ``once`` (it returns the seconds)
-        and add it; return the seconds kept.
-
-        A run during which other processes took CPUs it needed
-        (:meth:`~autotune.cpu.contention.Contention.contended`) is made again, up
-        to :data:`RETIMES` times; if every attempt was contended, the least
-        contended one is kept and counted as contended (the point is marked).
-        Contention that outlasted a run's re-times is not a burst: the runs after
-        it are not re-timed (only marked) until one comes out clean, so a steady
-        load does not spend the budget three times over for nothing.
-        """
-        if self.meter is None:
-            seconds = once()
-            self.add(point, seconds)
-            return seconds
-        retimes = 0 if self.persistent else RETIMES
-        attempts: list[tuple[float, float]] = []  # (share taken by others, seconds)
-        for attempt in range(retimes + 1):
-            before = self.meter.sample(self.pids())
-            seconds = once()
-            after = self.meter.sample(self.pids())
-            self.first = self.first or before
-            self.last = after or self.last
-            load = contention_between(before, after)
-            if load is None or not load.contended(point.workers):
-                self.metered += load is not None
-                self.persistent = False
-                self.add(point, seconds)
-                return seconds
-            attempts.append((load.taken(point.workers), seconds))
-            if attempt < retimes:
-                self.retimed += 1
-        _, seconds = min(attempts)
-        self.metered += 1
-        self.persistent = True
-        self.add(point, seconds, contended=True)
-        return seconds
-
-    def contention(self) -> dict[str, Any] | None:
-        """How busy the machine was over the metered runs, as a profile records it
-        (``{others, cpus, runs, contended}``); None where nothing was metered."""
-        load = contention_between(self.first, self.last)
-        if load is None or not self.metered:
-            return None
-        return {
-            "others": round(load.held, 3),
-            "cpus": load.cpus,
-            "runs": self.metered,
-            "contended": sum(self.contended.values()),
-        }
 
 
 # -- which runs next -------------------------------------------------------------------
@@ -474,67 +382,3 @@ def pick_kept(measurements: Iterable[Measurement]) -> Measurement:
         or [m for m in measured if m.repeats > 1]
         or measured
     )
-
-
-#: Timed runs per point in the grid (after one warm-up run).
-GRID_REPEATS = 3
-
-
-# -- the strategies --------------------------------------------------------------------
-def run_grid(
-    bench: Bench,
-    plan: dict[Lane, list[int]],
-    deadline: float,
-    clock: Callable[[], float] = time.monotonic,
-) -> bool:
-    """Every point of ``plan`` on ``bench`` until ``clock()`` passes ``deadline``;
-    returns False when the budget ran out first."""
-    for lane, lengths in plan.items():
-        for c in lengths:
-            if clock() > deadline:
-                return False
-            bench.run(Point.of(lane, c), GRID_REPEATS, warmup=True)
-    return True
-
-
-def run_auto(
-    bench: Bench,
-    plan: dict[Lane, list[int]],
-    deadline: float,
-    mid_bytes: int,
-    clock: Callable[[], float] = time.monotonic,
-) -> bool:
-    """The engine's ``auto`` strategy, tie rounds included, run on ``bench`` as
-    fast as it can until ``clock()`` passes ``deadline``; False when the budget
-    ran out before successive halving was done."""
-    round_began: float | None = None
-    last_round = 0.0
-    for step in auto_requests(bench, plan, mid_bytes, ties=True):
-        if isinstance(step, Request):
-            bench.run(step.point, step.repeats, warmup=step.warmup)
-            continue
-        now = clock()
-        if step.round:
-            # One more tie round only if it fits, as long as the last one.
-            if round_began is not None:
-                last_round = now - round_began
-            if now + last_round > deadline:
-                return True
-            round_began = now
-        elif now > deadline:
-            return step.complete
-    return True
-
-
-def planned_runs(plan: dict[Lane, list[int]], strategy: str) -> int:
-    """Timed runs (warm-ups included) a search of ``plan`` makes, before ties."""
-    points = sum(len(v) for v in plan.values())
-    if strategy == "grid":
-        return points * (GRID_REPEATS + 1)
-    screening = 3 * len(plan)  # a warm-up and two lengths per lane
-    # Every kept lane's coarse pass: at most every other rung and the end
-    # (assume all lanes are kept; the mid and longer lengths may be among them).
-    coarse = sum(len(v) // 2 + 1 for v in plan.values())
-    refine = 4
-    halving = 3 * 2 + 2 * 2 + 2 * 2  # the rounds, then the noise re-runs
-    return screening + coarse + refine + halving

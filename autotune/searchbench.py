@@ -1,6 +1,6 @@
 """The search's bench: timing points of a workload with one runner per lane.
 
-:class:`SearchBench` is the :class:`~autotune.engine.Bench` that ``autotune
+:class:`SearchBench` is the :class:`~autotune.bench.Bench` that ``autotune
 search`` (:mod:`autotune.tuner`) drives: it opens one runner per (backend,
 workers), cuts each run as an evaluator given that point in a profile would
 cut it, and re-times runs the machine did not give their CPUs.  The serial
@@ -18,8 +18,9 @@ from typing import Any
 from autotune.backends.runners import Runner, open_runner
 from autotune.backends.schedule import MEASURED, plan_chunks
 from autotune.backends.shared import SharedNamespace, check_names
+from autotune.bench import Bench
 from autotune.cpu.contention import CpuSampler
-from autotune.engine import Bench, Lane, Point
+from autotune.engine import Lane, Point
 from autotune.settings import default_start_method
 from autotune.workload import Workload
 

@@ -59,19 +59,11 @@ from typing import Any
 
 from autotune._util import LOCAL_BACKENDS, STRATEGIES, check_int, progress_bar, utc_timestamp
 from autotune._version import __version__
+from autotune.bench import planned_runs, run_auto, run_grid
 from autotune.cpu import CpuInfo, probe
 from autotune.cpu.contention import CpuMeter, CpuSampler
 from autotune.cpu.model import FALLBACK_L2_BYTES
-from autotune.engine import (
-    Lane,
-    candidate_workers,
-    chunk_ladder,
-    pick_best,
-    pick_kept,
-    planned_runs,
-    run_auto,
-    run_grid,
-)
+from autotune.engine import Lane, candidate_workers, chunk_ladder, pick_best, pick_kept
 from autotune.profile import (
     Measurement,
     Profile,
@@ -202,7 +194,7 @@ def search(
         returning a :class:`~autotune.cpu.contention.CpuSample` or None;
         default: a :class:`~autotune.cpu.contention.CpuMeter` reading ``/proc``).  A run
         during which other processes held CPUs it needed is re-timed (see
-        :meth:`autotune.engine.Bench.timed`), and the profile records how busy
+        :meth:`autotune.bench.Bench.timed`), and the profile records how busy
         the machine was (``Profile.contention``).  Never used on Dask, whose
         CPUs are not this machine's.
 

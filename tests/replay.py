@@ -4,10 +4,10 @@ A :class:`Landscape` holds what a workload took, per ``(workers, chunk_len)``,
 on one machine (``tests/data/landscapes/``) or by a formula
 (:func:`saturating`).  Two stand-ins for the timing layer read it:
 
-- :class:`ReplayBench`, the search's bench (:class:`autotune.engine.Bench`):
+- :class:`ReplayBench`, the search's bench (:class:`autotune.bench.Bench`):
   each timed run of a point cuts the call as ``autotune search`` does and
   files seconds drawn from the landscape; :func:`replay_search` runs
-  :func:`autotune.engine.run_auto` on it with the plan the search would build
+  :func:`autotune.bench.run_auto` on it with the plan the search would build
   on the landscape's CPU and picks as the search picks;
 - :class:`ReplayPool`, a runner whose calls take what the landscape says
   (no kernel runs), under a real :class:`autotune.online.OnlineTuning` built
@@ -36,17 +36,10 @@ import numpy as np
 from autotune.backends.runners import LazyRunner
 from autotune.backends.schedule import MEASURED, n_chunks, plan_chunks
 from autotune.backends.stats import Meter
+from autotune.bench import Bench, run_auto
 from autotune.cpu import CacheLevel, CpuInfo
 from autotune.cpu.model import FALLBACK_L2_BYTES
-from autotune.engine import (
-    Bench,
-    Lane,
-    Point,
-    candidate_workers,
-    chunk_ladder,
-    pick_kept,
-    run_auto,
-)
+from autotune.engine import Lane, Point, candidate_workers, chunk_ladder, pick_kept
 from autotune.online import OnlineTuning
 from autotune.settings import heuristic_settings
 

@@ -1,6 +1,6 @@
 """The search strategies' decisions, on a scripted bench: no processes, no clocks.
 
-``run_auto`` and ``run_grid`` only ask a bench (:class:`~autotune.engine.Bench`)
+``run_auto`` and ``run_grid`` only ask a bench (:class:`~autotune.bench.Bench`)
 to time points and read back what it measured, and read the clock they are
 given.  Here the bench's ``run`` files the seconds a table of throughputs
 says for that (lane, chunk length), and ticks a fake clock by one.  What ``measurement``,
@@ -19,20 +19,17 @@ from dataclasses import dataclass
 
 import pytest
 
+from autotune.bench import GRID_REPEATS, Bench, run_auto, run_grid
 from autotune.engine import (
-    GRID_REPEATS,
     NOISY,
     PREDICTED_SLOW,
     SCREEN,
     TIE_REPEATS,
-    Bench,
     Point,
     Request,
     Tally,
     auto_requests,
     pick_kept,
-    run_auto,
-    run_grid,
 )
 from autotune.profile import Measurement
 

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from autotune import Evaluator, Profile, ProfileWarning, Workload, search
+from autotune.bench import Bench
 from autotune.cpu import probe
 from autotune.cpu.contention import SHARE, Contention, CpuMeter, CpuSample, contention_between
-from autotune.engine import RETIMES, Bench, Point
+from autotune.engine import RETIMES, Point
 from autotune.profile import Measurement, heuristic_profile, python_build
 
 

@@ -4,7 +4,7 @@ The development and CI hosts have 2 cores; the landscapes in
 ``tests/data/landscapes/`` were measured on a 16-core Xeon.  Replayed
 (``tests/replay.py``: seconds drawn from the recorded ones, seeded, on a
 scripted clock), they say what the real search strategy
-(:func:`autotune.engine.run_auto`) and the real online refinement (an
+(:func:`autotune.bench.run_auto`) and the real online refinement (an
 :class:`autotune.online.OnlineTuning` as an adapting evaluator builds it)
 would settle on there.  A point the file does not hold (most runs the code
 makes are cut to lengths nobody recorded) is read by the rule of

@@ -32,6 +32,7 @@ LAYERS = {
     "autotune.online": 4,
     "autotune.settings": 4,
     "autotune.tuner": 5,
+    "autotune.bench": 5,
     "autotune.searchbench": 5,
     "autotune.report": 5,
     "autotune.heatmap": 5,

@@ -54,7 +54,7 @@ def test_chunk_ladder_has_no_repeats_when_items_are_big():
 
 
 def test_planned_runs_count_every_phase_of_auto():
-    from autotune.engine import planned_runs
+    from autotune.bench import planned_runs
 
     lanes = {("processes", 1): list(range(9)), ("processes", 2): list(range(8))}
     # screening 3 per lane; coarse 9 // 2 + 1 and 8 // 2 + 1; refine 4; halving 6 + 4 + 4
