@@ -15,11 +15,12 @@ import operator
 import numpy as np
 import pytest
 
-from autotune.adapt import RECHECK, Refiner, online_ladder
+from autotune.adapt import online_ladder
 from autotune.breakeven import BreakEven, PoolCost
 from autotune.engine import Point
 from autotune.profile import infer_item_bytes
 from autotune.profile.online import kernel_name
+from autotune.refiner import RECHECK, Refiner
 
 LANE = ("processes", 2)
 LADDER = [1000, 2000, 4000, 8000, 16000, 32000, 64000, 125000, 500000]

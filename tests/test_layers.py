@@ -30,6 +30,7 @@ LAYERS = {
     "autotune.engine": 4,
     "autotune.evaluator": 4,
     "autotune.online": 4,
+    "autotune.refiner": 4,
     "autotune.settings": 4,
     "autotune.tuner": 5,
     "autotune.bench": 5,
