@@ -39,6 +39,11 @@ them while it works (``Evaluator(adapt=...)``):
   it had not, *replays* the saved runs: each run the engine asks for at a
   point is taken from the saved ones while they last, so the exploration
   goes on where it stopped and a short script converges over its runs.
+  A file that did not measure this pool's worker count (or settled on
+  more workers than it has) is replayed, not settled on; the first run of
+  a process that goes on from a file is left out when slower than its
+  point's saved runs (cold workers); after drift the next save replaces
+  the file's runs (:attr:`~autotune.profile.online.Learned.restart`).
 """
 
 from __future__ import annotations
@@ -151,8 +156,15 @@ class Learner:
             for m in known.measurements:
                 if m.throughput and m.workers <= workers and m.backend in (None, backend):
                     stored[Point(backend, m.workers, m.chunk_len)] = m.runs or (m.throughput,)
-            if not known.exploring:
-                start = Point(backend, min(known.workers, workers), known.chunk_len)
+            # Settled on this pool only if it measured this many workers: a file of
+            # a smaller pool never tried them, one of a larger pool settled on
+            # workers this one does not have.  Else its runs are replayed.
+            if (
+                not known.exploring
+                and known.workers <= workers
+                and any(m.workers == workers for m in known.measurements)
+            ):
+                start = Point(backend, known.workers, known.chunk_len)
         self.refiner = Refiner(plan, mid_len, item_bytes, settled=start, stored=stored)
         self.breakeven = BreakEven()
         if known is not None and known.best.throughput:
@@ -278,6 +290,8 @@ class Learner:
             kept[:0] = [n / t for t in runs]
         if learned.first:
             self._saves -= 1
+        if learned.restart:
+            self.refiner.restarted = True
 
     def learned(self) -> Learned:
         """What to save (and remember that it was handed over)."""
@@ -294,6 +308,7 @@ class Learner:
 
         self._saved_at = (refiner.calls, refiner.best)
         self._saves += 1
+        restart, refiner.restarted = refiner.restarted, False
         fresh = throughputs(refiner.take_fresh())
         known = throughputs(refiner.tally.times)
         return Learned(
@@ -306,4 +321,5 @@ class Learner:
             fresh=fresh,
             known={**fresh, **known},  # a saved warm-up is in fresh only
             first=self._saves == 1,
+            restart=restart,
         )

@@ -101,6 +101,14 @@ class Refiner:
         # pool is then warm for every point (a later lane's screening, a new
         # exploration), and runs saved by an earlier process need none.
         self._warmed = bool(self._stored)
+        # ... but the first run of a process that goes on from saved runs is
+        # made by workers that just started (a module to import under spawn,
+        # the data's pages to map): not counted when it is slower than its
+        # point's saved runs say (its point is asked for again).
+        self._cold = bool(self._stored)
+        # The kernel's cost changed (drift) since the runs an earlier process
+        # saved: the next save replaces them (Learned.restart).
+        self.restarted = False
         # A run not counted here (a warm-up, a run on a busy machine), saved
         # if it is all this process ran: a script of one or two calls per run
         # still progresses.
@@ -146,6 +154,10 @@ class Refiner:
         """What a run at ``point`` over ``items`` items took."""
         pending = self._pending
         self._warmed = True  # one run warms the pool for every point after it
+        cold, self._cold = self._cold, False
+        if cold and self._slower_than_saved(point, seconds, items):
+            self.keep_if_alone(point, seconds, items)
+            return
         if not self.settled and pending is not None and point == pending.request.point:
             warm_up = self.warming_up
             pending.left -= 1
@@ -158,6 +170,15 @@ class Refiner:
                 self._watch(seconds / max(items, 1))
             else:
                 self._follow_leader()  # a re-check may have put the runner-up ahead
+
+    def _slower_than_saved(self, point: Point, seconds: float, items: int) -> bool:
+        """Whether a run is slower than the median of its point's runs by more than
+        :data:`~autotune.engine.NOISY` (False when the point has none)."""
+        runs = self.tally.times.get(point)
+        if not runs or items <= 0:
+            return False
+        per_item = statistics.median(runs) / self.tally.n
+        return seconds / items > per_item * (1 + NOISY)
 
     def keep_if_alone(self, point: Point, seconds: float, items: int) -> None:
         """A run that is not counted, to be saved if no counted one is made."""
@@ -262,8 +283,9 @@ class Refiner:
         baseline = statistics.median(runs[:-3]) / self.tally.n
         if all(s > baseline * (1 + DRIFT) for s in self._recent):
             # Start over with what the kernel costs now: the old runs describe
-            # another workload.
+            # another workload, here and in the saved file.
             self.tally = Tally(self.tally.n, self.item_bytes, label=True)
+            self.fresh, self.restarted = {}, True
             self.mid_bytes = self.best.chunk_len * self.item_bytes
             self._explore()
             return

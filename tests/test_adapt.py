@@ -491,3 +491,69 @@ def test_a_lane_of_fewer_workers_is_probed_on_a_quarter_of_a_short_call():
     fewer = [(items, measured) for items, workers, measured in runs if workers < 16]
     assert fewer == [(n // PROBE_SHORT, True)]
     assert all(items == n for items, workers, _ in runs[:3] if workers == 16)
+
+
+# -- what an earlier process saved, and when it no longer holds ------------------------------
+def test_a_file_of_another_pool_size_is_continued_not_settled_on(online_file):
+    """A settled file measured on 2 workers never tried 4: an evaluator of 4 explores
+    (the 2-worker runs replayed in its half lane) and measures 4; one of 1 worker cannot
+    run the file's best and explores too; one of 2 starts settled."""
+    from autotune.adapt import Learner
+    from autotune.cpu import probe
+    from autotune.profile.online import load_online, save_learned
+
+    cpu = probe()
+    first = learner_for()
+    drive(first.refiner, peaked(16000), 60)
+    assert first.refiner.settled and first.refiner.best.workers == LANE[1]
+    assert save_learned(first.learned(), cpu, online_file)
+    found = load_online(NAME, cpu, "processes")
+    assert learner_for(found).refiner.settled
+    larger = Learner(NAME, ("processes", 2 * LANE[1]), 8000, LADDER, 8, known=found)
+    assert larger.refiner.exploring
+    drive(larger.refiner, peaked(16000), 80)
+    assert any(p.workers == 2 * LANE[1] for p in larger.refiner.tally.times)
+    smaller = Learner(NAME, ("processes", 1), 8000, LADDER, 8, known=found)
+    assert smaller.refiner.exploring
+
+
+@pytest.mark.parametrize(("slower", "counted"), [(1.05, True), (2.0, False)])
+def test_a_resumed_processes_first_run_is_not_counted_when_slower_than_saved(slower, counted):
+    """The first run of a process that goes on from saved runs is made by workers that
+    just started: twice as slow as its point's saved runs, it is left out and its point
+    asked for again; within the noise, it counts."""
+    ladder = online_ladder(LADDER, 8000)
+    rate = peaked(8000)
+    stored = {Point.of(LANE, c): [rate(c)] for c in ladder}
+    refiner = Refiner({LANE: ladder}, 8000, 8, stored=stored)
+    point = refiner.next()
+    before = refiner.runs_at(point)
+    assert before > 0, "the first run made here is at a point with saved runs"
+    refiner.record(point, slower * N / rate(point.chunk_len), N)
+    assert refiner.runs_at(point) == before + counted
+    if not counted:
+        assert refiner.next() == point  # asked for again
+        refiner.record(point, slower * N / rate(point.chunk_len), N)
+        assert refiner.runs_at(point) == before + 1  # the next one counts, slow or not
+
+
+def test_after_drift_the_next_save_replaces_the_files_runs(online_file):
+    """Three settled calls much slower: the kernel changed and is explored again; the
+    runs saved before describe the old kernel, so the next save replaces them (a later
+    process would replay them first)."""
+    from autotune.cpu import probe
+    from autotune.profile.online import load_online, save_learned
+
+    cpu = probe()
+    first = learner_for()
+    drive(first.refiner, peaked(8000), 60)
+    assert save_learned(first.learned(), cpu, online_file)
+    learner = learner_for(load_online(NAME, cpu, "processes"))
+    assert learner.refiner.settled
+    drive(learner.refiner, peaked(64000, top=1e7), 12)  # ten times slower
+    assert learner.refiner.exploring
+    assert save_learned(learner.learned(), cpu, online_file)
+    saved = load_online(NAME, cpu, "processes")
+    assert saved.exploring and saved.measurements
+    assert all(max(m.runs) <= 1e7 for m in saved.measurements)  # none of the old kernel's
+    assert saved.sessions == 2

@@ -193,7 +193,9 @@ class Learned:
     it knows of per point (those it started from included), written when
     there is no file to merge with.  ``best`` is the point it settled on, or
     its leader while ``exploring``; ``first``: this evaluator's first save
-    (it counts once in ``sessions``).
+    (it counts once in ``sessions``); ``restart``: the kernel's cost changed
+    since the file's runs were made (the refinement saw it drift and
+    explores again), so ``known`` replaces them instead of being merged.
     """
 
     workload: str
@@ -205,6 +207,7 @@ class Learned:
     fresh: Mapping[Key, Sequence[float]]
     known: Mapping[Key, Sequence[float]]
     first: bool
+    restart: bool = False
 
 
 def save_learned(learned: Learned, cpu: CpuInfo, path: Path) -> bool:
@@ -221,9 +224,9 @@ def save_learned(learned: Learned, cpu: CpuInfo, path: Path) -> bool:
             saved = _mergeable(path, learned, cpu)
             if saved is _FOREIGN:
                 return False
-            if saved is None:
+            if saved is None or learned.restart:
                 runs = {k: list(v) for k, v in learned.known.items()}
-                sessions = 1
+                sessions = 1 if saved is None else (saved.sessions or 1) + int(learned.first)
             else:
                 runs = {
                     (m.workers, m.chunk_len): list(m.runs or (m.throughput,))
