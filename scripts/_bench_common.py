@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a witness of how busy the machine was.
+"""What the benchmark scripts share: a witness of how busy the machine was, and a fresh
+profile directory that does not outlive the run.
 
 Imported by the scripts in this folder (run as ``python scripts/NAME.py``, so
 this folder is on ``sys.path``).
@@ -6,7 +7,10 @@ this folder is on ``sys.path``).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,10 +18,12 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "KEEP_PROFILES_HELP",
     "CpuWitness",
     "NOISY",
     "agrees",
     "contention_note",
+    "fresh_profile_dir",
     "time_interleaved",
     "usable_cpus",
     "workers_for_all",
@@ -97,6 +103,26 @@ def contention_note(fraction: float | None) -> str:
     if fraction > NOISY:
         note += " -- WARNING: the machine was not idle, so the ratios are not reliable; rerun"
     return note
+
+
+#: ``--keep-profiles``' help, the same in every script that learns online profiles.
+KEEP_PROFILES_HELP = "keep the fresh profile directory (printed); removed at exit otherwise"
+
+
+def fresh_profile_dir(prefix: str, keep: bool) -> str:
+    """A new, empty directory in the temp directory for the profiles a benchmark's
+    evaluators learn, removed when the script exits (an exception or Ctrl-C included)
+    unless ``keep`` (``--keep-profiles``): a benchmark run by hand or by CI should not
+    leave a directory behind each time."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    if not keep:
+        atexit.register(_remove_dir, path, os.getpid())
+    return path
+
+
+def _remove_dir(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # never from a forked child that runs the exit handlers
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def agrees(a: Any, b: Any) -> bool:

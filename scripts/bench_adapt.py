@@ -31,6 +31,7 @@ best fixed setting.
 
     python scripts/bench_adapt.py            # a few minutes
     python scripts/bench_adapt.py --quick    # smaller sizes, for CI's smoke run
+    python scripts/bench_adapt.py --keep-profiles    # keep the profiles learned (printed)
 """
 
 from __future__ import annotations
@@ -41,14 +42,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _bench_common import CpuWitness, contention_note
+from _bench_common import KEEP_PROFILES_HELP, CpuWitness, contention_note, fresh_profile_dir
 
 import autotune
 from autotune.cpu import CpuInfo
@@ -259,6 +259,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (CI's smoke run)")
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--only", help="comma-separated workloads")
+    p.add_argument("--keep-profiles", action="store_true", help=KEEP_PROFILES_HELP)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--best", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -268,14 +269,17 @@ def main() -> int:
         return 0
 
     calls = min(args.calls, 12) if args.quick else args.calls
-    profile_dir = tempfile.mkdtemp(prefix="bench-adapt-")
+    profile_dir = fresh_profile_dir("bench-adapt-", args.keep_profiles)
     os.environ["AUTOTUNE_PROFILE_DIR"] = profile_dir  # fresh: no profile for any kernel
     os.environ.pop("AUTOTUNE_PROFILE", None)
     witness = CpuWitness()
     warm_process()
     cpu = autotune.probe()
     print(f"CPU: {cpu.brand}, {cpu.usable_cpus} usable CPUs, L2 {cpu.l2} B per core")
-    print(f"profiles written to {profile_dir} (fresh)\n")
+    if args.keep_profiles:
+        print(f"profiles written to {profile_dir} (fresh, kept)\n")
+    else:
+        print("profiles written to a fresh directory, removed at exit (--keep-profiles)\n")
     chosen = workloads(args.quick)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}

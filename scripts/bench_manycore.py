@@ -29,6 +29,7 @@ Three parts, each a share of the budget (15% is kept for pools and evaluators st
     python scripts/bench_manycore.py                    # the prepared run (3-8 minutes)
     python scripts/bench_manycore.py --quick            # about a minute: fewer calls, rounds
     python scripts/bench_manycore.py --budget 900 --landscape xeon.json
+    python scripts/bench_manycore.py --keep-profiles    # keep the profiles learned (printed)
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +49,14 @@ import bench_evaluator
 import bench_peers
 import bench_tail
 import numpy as np
-from _bench_common import CpuWitness, contention_note, time_interleaved, usable_cpus
+from _bench_common import (
+    KEEP_PROFILES_HELP,
+    CpuWitness,
+    contention_note,
+    fresh_profile_dir,
+    time_interleaved,
+    usable_cpus,
+)
 
 import autotune
 from autotune.backends.shared import SharedNamespace
@@ -404,13 +411,15 @@ def main() -> int:
     p.add_argument(
         "--landscape", default=None, help="where to write the held-out grid (landscape-<N>cpu.json)"
     )
+    p.add_argument("--keep-profiles", action="store_true", help=KEEP_PROFILES_HELP)
     args = p.parse_args()
     workers = usable_cpus()
     budget = args.budget or (60.0 if args.quick else default_budget(workers))
     if budget <= 0 or args.splines < 1:
         p.error("--budget must be > 0 and --splines >= 1")
     out = args.landscape or f"landscape-{workers}cpu.json"
-    os.environ["AUTOTUNE_PROFILE_DIR"] = tempfile.mkdtemp(prefix="bench-manycore-")
+    profile_dir = fresh_profile_dir("bench-manycore-", args.keep_profiles)
+    os.environ["AUTOTUNE_PROFILE_DIR"] = profile_dir
     os.environ.pop("AUTOTUNE_PROFILE", None)  # fresh: zero config learns from nothing
     cpu = autotune.probe()
     print(
@@ -418,6 +427,8 @@ def main() -> int:
         f"L2 {cpu.l2} B; Python {sys.version.split()[0]}, numpy {np.__version__}; "
         f"budget {budget:.0f} s\n"
     )
+    if args.keep_profiles:
+        print(f"profiles written to {profile_dir} (fresh, kept)\n")
     started = time.perf_counter()
     bench_adapt.warm_process()
     parts: dict[str, Callable[[float], Any]] = {

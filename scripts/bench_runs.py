@@ -21,6 +21,7 @@ settled).
 
     python scripts/bench_runs.py                    # 6 runs of 2 calls per workload
     python scripts/bench_runs.py --runs 10 --only horner,rows
+    python scripts/bench_runs.py --keep-profiles    # keep the profile directory (printed)
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _bench_common import CpuWitness, contention_note
+from _bench_common import KEEP_PROFILES_HELP, CpuWitness, contention_note, fresh_profile_dir
 from bench_adapt import call, grid_best, workloads
 
 import autotune
@@ -88,16 +88,19 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=2, help="calls per script run")
     p.add_argument("--only", help="comma-separated workloads")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--keep-profiles", action="store_true", help=KEEP_PROFILES_HELP)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--setting", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child, args.setting, args.calls, args.quick)
         return 0
-    os.environ["AUTOTUNE_PROFILE_DIR"] = tempfile.mkdtemp(prefix="bench-runs-")
+    profile_dir = fresh_profile_dir("bench-runs-", args.keep_profiles)
+    os.environ["AUTOTUNE_PROFILE_DIR"] = profile_dir
     cpu = probe()
+    where = f"{profile_dir} (kept)" if args.keep_profiles else "a directory removed at exit"
     print(f"CPU: {cpu.brand}, {cpu.usable_cpus} usable CPUs; {args.runs} runs of a script of")
-    print(f"{args.calls} calls per workload; profiles in {os.environ['AUTOTUNE_PROFILE_DIR']}")
+    print(f"{args.calls} calls per workload; profiles in {where}")
     print("(best fixed s / zero-config s, run by run, alternated; e = profile still exploring)")
     names = args.only.split(",") if args.only else list(workloads(args.quick))
     witness = CpuWitness()

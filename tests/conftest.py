@@ -50,6 +50,21 @@ def private_profile_dir(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture
+def child_tmpdir(tmp_path_factory) -> Path:
+    """A temp directory of its own for a child process (``TMPDIR``), inside pytest's.
+
+    What a child killed with SIGKILL made in the temp directory stays there:
+    multiprocessing's ``pymp-*`` directory with a forkserver's ``listener-*``
+    socket, for one.  Here it lands among pytest's own temp directories (which
+    pytest prunes), never in the real temp directory.  A short one (``t0``,
+    ``t1``, ... under the session's base directory) rather than ``tmp_path``:
+    a socket's path must fit in AF_UNIX's 108 bytes, and a long test name under
+    a long ``TMPDIR`` leaves no room (a forkserver then fails to start).
+    """
+    return tmp_path_factory.mktemp("t")
+
+
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 
 #: The loaders profiles are read with: libyaml's where PyYAML has it, and the pure-Python one.

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import kernels
 import numpy as np
@@ -277,8 +278,14 @@ def test_garbage_collected_evaluator_cleans_up(start_method, x, no_leaks):
     assert all(process_gone(p) for p in pids)
 
 
-def _run_script(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def _run_script(
+    code: str, timeout: float = 60, tmpdir: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter; ``tmpdir``: its ``TMPDIR`` (a script that is
+    killed leaves what it made there, see ``conftest.child_tmpdir``)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -318,7 +325,7 @@ def test_ctrl_c_ends_workers_and_unlinks(method):
 
 
 @pytest.mark.parametrize("method", START_METHODS)
-def test_workers_exit_when_parent_is_killed(method):
+def test_workers_exit_when_parent_is_killed(method, child_tmpdir):
     result = _run_script(
         f"""
         import os, signal
@@ -330,7 +337,8 @@ def test_workers_exit_when_parent_is_killed(method):
             ev.map(kernels.arange_map, 100_000)  # leaves a map output segment too
             print(os.getpid(), " ".join(map(str, ev.pids)), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        """
+        """,
+        tmpdir=child_tmpdir,
     )
     parent, *pids = (int(p) for p in result.stdout.split())
     assert len(pids) == 3

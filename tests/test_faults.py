@@ -86,13 +86,16 @@ def settle(measure, timeout: float = 5.0):
     return value
 
 
-def run_script(code: str, out: Path, timeout: float = 60) -> int:
+def run_script(code: str, out: Path, timeout: float = 60, tmpdir: Path | None = None) -> int:
     """Run ``code`` in a fresh interpreter, stdout to ``out``; return the exit status.
 
     stdout goes to a file, not a pipe: workers inherit it, and reading a pipe to its end
-    would wait for them as well as for the parent.
+    would wait for them as well as for the parent.  ``tmpdir``: the script's ``TMPDIR``
+    (a script that is killed leaves what it made there, see ``conftest.child_tmpdir``).
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     with open(out, "w") as fh:
         proc = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(code)],
@@ -142,7 +145,7 @@ def test_worker_faults_in_a_map_complete_and_leave_nothing(start_method, x, tmp_
     "method",
     [m if m == "fork" else pytest.param(m, marks=pytest.mark.slow) for m in START_METHODS],
 )
-def test_parent_terminated_mid_map(method, tmp_path):
+def test_parent_terminated_mid_map(method, tmp_path, child_tmpdir):
     """SIGTERM has no handler: the parent dies; workers exit on pipe EOF, segments go."""
     out = tmp_path / "out"
     code = run_script(
@@ -161,6 +164,7 @@ def test_parent_terminated_mid_map(method, tmp_path):
             print("survived", flush=True)
         """,
         out,
+        tmpdir=child_tmpdir,
     )
     assert code == -signal.SIGTERM
     parent, *pids = (int(p) for p in out.read_text().split())
@@ -257,7 +261,7 @@ def test_two_evaluators_alive_at_once(start_method, x, tmp_path, no_leaks):
     assert all(process_gone(p) for p in pids)
 
 
-def test_parent_killed_with_two_evaluators_alive(tmp_path):
+def test_parent_killed_with_two_evaluators_alive(tmp_path, child_tmpdir):
     """Under fork the second pool's workers inherit the first's pipe ends: all must exit."""
     out = tmp_path / "out"
     run_script(
@@ -275,6 +279,7 @@ def test_parent_killed_with_two_evaluators_alive(tmp_path):
             os.kill(os.getpid(), signal.SIGKILL)
         """,
         out,
+        tmpdir=child_tmpdir,
     )
     parent, *pids = (int(p) for p in out.read_text().split())
     assert len(pids) == 4

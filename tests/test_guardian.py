@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from conftest import process_gone
@@ -29,9 +30,16 @@ SCRIPT = """
 """
 
 
-def test_killpg_of_the_parent_and_its_workers_unlinks_the_segments():
+def child_env(tmpdir: Path) -> dict[str, str]:
+    """The environment of a script these tests kill: the tests' modules importable, and a
+    ``TMPDIR`` of its own (what it made there stays, see ``conftest.child_tmpdir``)."""
+    path = os.pathsep.join([os.path.dirname(__file__), *sys.path])
+    return dict(os.environ, PYTHONPATH=path, TMPDIR=str(tmpdir))
+
+
+def test_killpg_of_the_parent_and_its_workers_unlinks_the_segments(child_tmpdir):
     """As Jupyter restarts a kernel: SIGKILL to its process group, resource tracker included."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    env = child_env(child_tmpdir)
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(SCRIPT), "spawn"],
         stdout=subprocess.PIPE,
@@ -66,11 +74,11 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_killed_parent_leaves_no_segment_and_says_nothing(start_method, signum):
+def test_a_killed_parent_leaves_no_segment_and_says_nothing(start_method, signum, child_tmpdir):
     """The parent alone is killed (``timeout`` sends SIGTERM): the guardian unlinks its
     segments, and Python's resource tracker, which outlives it, has none to report as
     leaked, nor to find gone ("No such file or directory") after the guardian's unlink."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    env = child_env(child_tmpdir)
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(SCRIPT), start_method],
         stdout=subprocess.PIPE,
@@ -118,10 +126,10 @@ WITHOUT_GUARDIAN = """
 
 
 @pytest.mark.parametrize("case", ["cannot start", "died"])
-def test_without_a_guardian_the_resource_tracker_unlinks_the_segments(case):
+def test_without_a_guardian_the_resource_tracker_unlinks_the_segments(case, child_tmpdir):
     """Where the guardian cannot start, or has died (found at the next segment), Python's
     resource tracker takes every segment the parent holds, and unlinks them when it dies."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    env = child_env(child_tmpdir)
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(WITHOUT_GUARDIAN), case],
         stdout=subprocess.PIPE,

@@ -89,7 +89,7 @@ KERNEL = "autotune-test"
 
 
 @pytest.fixture(autouse=True)
-def kernel_spec(tmp_path, monkeypatch):
+def kernel_spec(tmp_path, monkeypatch, child_tmpdir):
     spec = tmp_path / "jupyter" / "kernels" / KERNEL
     spec.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -97,6 +97,9 @@ def kernel_spec(tmp_path, monkeypatch):
         json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"})
     )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    # The kernel's temp directory (it inherits our environment): one killed by a restart,
+    # or shut down by its manager, leaves a forkserver's pymp-* directory there.
+    monkeypatch.setenv("TMPDIR", str(child_tmpdir))
 
 
 def _notebook(method: str):

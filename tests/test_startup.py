@@ -43,11 +43,10 @@ with autotune.Evaluator(2, 100, shared={"x": x}, start_method=METHOD) as ev:
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
-def test_a_script_without_main_guard_gets_one_clear_error(tmp_path, method):
+def test_a_script_without_main_guard_gets_one_clear_error(tmp_path, method, child_tmpdir):
     script = tmp_path / "noguard.py"
     script.write_text(textwrap.dedent(SCRIPT).replace("METHOD", repr(method)))
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    temp = child_tmpdir  # short: a forkserver's socket goes in it
     env = dict(os.environ, TMPDIR=str(temp))
     done = subprocess.run(
         [sys.executable, str(script)],
