@@ -195,9 +195,10 @@ class Learner:
         enough for two chunks per worker) within its first half, while what
         is left is worth it, and runs the rest at the best point so far; that
         rest is not a measurement (a run of another size is not comparable).
-        A map is cut only when its kernel is slow per item: its slices come
-        back as separate arrays that must be joined, a copy that a
-        memory-bound map would pay as much for as for its work.
+        A map is cut only when its kernel is slow per item: the rows of the
+        slices before the last are copied into the last one's output
+        (:class:`~autotune.online.Slices`), up to half the call's rows, a
+        copy that a memory-bound map would pay as much for as for their work.
         """
         self.n = max(self.n, n)
         point = self.refiner.next()

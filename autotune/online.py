@@ -88,8 +88,8 @@ class OnlineTuning:
         load is then measured as it is, until a run comes out clean.
 
     Every item of a call is run exactly once, by one of its slices: a first
-    call's timed probe is part of the result (a map's probe rows are joined
-    to the pool's, one copy of the output on a kernel's first call).
+    call's timed probe is part of the result (a map's probe rows are copied
+    into the output the pool wrote the rest of the call into: :class:`Slices`).
     """
 
     def __init__(

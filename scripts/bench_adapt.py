@@ -18,10 +18,12 @@ bytes per item a 16-byte assumption gets wrong by 64x):
    first call against the best fixed setting, alternated the same way.
 
 Every "first call" includes making the evaluator (an adapting one starts its
-workers at its first call that needs them).  What the first pool of any
-process pays (Python's resource tracker and autotune's segment guardian
-starting, the first fork: about 15 ms here) is paid before timing, so that it
-lands on neither contender.
+workers at its first call that needs them); the first call's column is the
+median of 3 pairs, each zero-config evaluator in a profile directory of its
+own.  What the first pool of any process pays (Python's resource tracker and
+autotune's segment guardian starting, the first fork: about 15 ms here) and
+what a kernel's first run pays (an import inside it) are paid before timing,
+so that they land on neither contender.
 
 Then the per-call time of a warmed-up zero-config evaluator against the
 kernel run inline in this process, for n from 1e3 to 1e7 (stream kernel);
@@ -37,13 +39,15 @@ best fixed setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,7 @@ import numpy as np
 from _bench_common import KEEP_PROFILES_HELP, CpuWitness, contention_note, fresh_profile_dir
 
 import autotune
+from autotune.backends.shared import SharedNamespace
 from autotune.cpu import CpuInfo
 from autotune.engine import candidate_workers
 from autotune.workloads import ndimage_kernel, spline_data, spline_kernel, stream_kernel
@@ -154,18 +159,29 @@ def zero_config(name, kernel, shared, n, mode, best, calls):
     """Ratios best-fixed / zero-config, call by call, alternated; and the settings used.
 
     The first ratio compares an evaluator made and called once, for both (an
-    adapting evaluator starts its workers at the first call that needs them).
+    adapting evaluator starts its workers at the first call that needs them):
+    the median of :data:`FIRST_CALLS` pairs, each zero-config evaluator in a
+    profile directory of its own (the kernel never seen), then the one kept
+    for the calls after.
     """
     ratios, trace, spent, ideal = [], [], 0.0, 0.0
+    firsts = []
+    for _ in range(FIRST_CALLS - 1):
+        r = first_call(kernel, shared, n, mode, lambda: fixed(shared, best))
+        with tempfile.TemporaryDirectory() as own, profile_dir_set(own):
+            firsts.append(
+                r / first_call(kernel, shared, n, mode, lambda: autotune.Evaluator(shared=shared))
+            )
     r = first_call(kernel, shared, n, mode, lambda: fixed(shared, best))
     t0 = time.perf_counter()
     ev = autotune.Evaluator(shared=shared)
     call(ev, kernel, n, mode)
     t = time.perf_counter() - t0  # made and called once
+    firsts.append(r / t)
     with ev, fixed(shared, best) as ref:
         stats = ev.stats
         trace.append((stats.workers, stats.chunk_len, stats.inline) if stats else None)
-        ratios.append(r / t)
+        ratios.append(statistics.median(firsts))
         spent += t
         ideal += r
         call(ref, kernel, n, mode)  # warm
@@ -195,6 +211,29 @@ def new_process(name: str, quick: bool, best: tuple[int, int]) -> float:
     return float(json.loads(done.stdout.strip().splitlines()[-1])["ratio"])
 
 
+#: First calls timed per workload (the median is printed): one is too noisy.
+FIRST_CALLS = 3
+
+
+@contextlib.contextmanager
+def profile_dir_set(path: str) -> Iterator[None]:
+    """``AUTOTUNE_PROFILE_DIR`` is ``path`` inside the block."""
+    before = os.environ["AUTOTUNE_PROFILE_DIR"]
+    os.environ["AUTOTUNE_PROFILE_DIR"] = path
+    try:
+        yield
+    finally:
+        os.environ["AUTOTUNE_PROFILE_DIR"] = before
+
+
+def warm_kernel(kernel, shared, n: int, mode: str) -> None:
+    """Run the kernel once on a few items in this process: what its first run pays
+    (``ndimage_kernel`` imports scipy.ndimage: 128 ms here) lands on neither contender
+    (a zero-config first call runs its probe here, a fixed setting's workers are forked
+    from here)."""
+    kernel(SharedNamespace(shared), 0, min(n, 64))
+
+
 def warm_process() -> None:
     """Pay what the first pool of any process pays (Python's resource tracker and our
     segment guardian start, the first fork), so that it lands on neither contender."""
@@ -205,6 +244,7 @@ def warm_process() -> None:
 def child(name: str, quick: bool, best: tuple[int, int]) -> None:
     kernel, shared, n, mode = workloads(quick)[name]
     warm_process()
+    warm_kernel(kernel, shared, n, mode)
     ratios = []
     for _ in range(3):  # made and called once, alternated
         t = first_call(kernel, shared, n, mode, lambda: autotune.Evaluator(shared=shared))
@@ -299,6 +339,7 @@ def main() -> int:
             ),
         )
         best, _ = grid_best(kernel, shared, n, mode, item_bytes, 1 if args.quick else 3)
+        warm_kernel(kernel, shared, n, mode)
         ratios, trace, reg = zero_config(name, kernel, shared, n, mode, best, calls)
         traces[name], regret[name] = trace, reg
         late = ratios[20:30] if len(ratios) >= 30 else ratios[len(ratios) // 2 :]
