@@ -153,7 +153,7 @@ class OnlineTuning:
             if start == 0 and items == n and mode == "reduce":
                 plan = whole
             else:
-                plan = ChunkPlan(items, 1, min(items, chunk_len)).at(start)
+                plan = ChunkPlan(items, 1, min(items, chunk_len), start=start)
             began = self._clock()
             slices.add(plan, self._inline(kernel, plan, mode, combine, meter))
             return self._clock() - began
@@ -325,14 +325,15 @@ class Slices:
         self.parts.append((plan, result, framed))
 
     def result(self) -> Any:
+        first_plan, first, framed = self.parts[0]
+        if len(self.parts) == 1 and (not framed or first_plan.start == 0):
+            return first  # the whole call in one run
         if self.mode != "map":
             fold = OrderedFold(self.combine)
             for i, (_, part, _) in enumerate(self.parts):
                 fold.add(i, part)
             return fold.result()
         last_plan, last, framed = self.parts[-1]
-        if len(self.parts) == 1 and (not framed or last_plan.start == 0):
-            return last
         if framed and last_plan.stop == self.n:
             return self._fill(last)
         return self._join()

@@ -170,7 +170,8 @@ class ChunkPlan:
         if piece == self.chunk_len:
             object.__setattr__(self, "head", 0)  # one way to say "no tail"
         object.__setattr__(self, "piece_len", piece)
-        count_chunks(self.start, 1)  # a whole number, not negative
+        if self.start:
+            count_chunks(self.start, 1)  # a whole number, not negative
         if (
             self.workers < 1
             or not 1 <= piece <= self.chunk_len
@@ -188,7 +189,7 @@ class ChunkPlan:
 
     def at(self, start: int) -> ChunkPlan:
         """The same cut of the items ``[start, start + n)``: a slice of a longer call."""
-        return dataclasses.replace(self, start=start)
+        return self if start == self.start else dataclasses.replace(self, start=start)
 
     @property
     def split(self) -> int:
