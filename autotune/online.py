@@ -45,6 +45,11 @@ PROBE_ITEMS = 64
 #: 10 ms for two forked workers on the 2-core development VM), since the
 #: workers idle while it runs.
 PROBE_S = 0.002
+#: A settled run is metered (so that the drift watch leaves out a run slowed
+#: by other processes, not by the kernel) when it is expected to take this
+#: long: a sample of the meter took 70 us with 2 workers on the 2-core
+#: development VM, two per run (more with more workers): at most 0.3% here.
+METER_SETTLED_S = 0.05
 #: The heuristic's floor for an adapting evaluator, in items per chunk.
 ONLINE_MIN_ITEMS = 1024
 
@@ -85,7 +90,10 @@ class OnlineTuning:
         a kernel is explored, a run during which others took more than a
         tenth of the CPUs it needed is not counted (its point is asked for
         again), up to :data:`~autotune.engine.RETIMES` runs in a row: a steady
-        load is then measured as it is, until a run comes out clean.
+        load is then measured as it is, until a run comes out clean.  Once
+        settled, runs expected to last :data:`METER_SETTLED_S` or more are
+        metered too, and the drift watch leaves out the contended ones the
+        same way (a busy neighbour is not a kernel that got slower).
 
     Every item of a call is run exactly once, by one of its slices: a first
     call's timed probe is part of the result (a map's probe rows are copied
@@ -176,7 +184,11 @@ class OnlineTuning:
                 check_memory(plan, self.item_bytes, stacklevel=7)  # the user's map/reduce line
             chunk_len = plan.chunk_len
             refiner = learner.refiner
-            judged = measured and refiner.exploring and not refiner.warming_up
+            judged = (
+                measured
+                and not refiner.warming_up
+                and (refiner.exploring or self._worth_metering(learner, items, plan.workers))
+            )
             before = self._meter.sample(self._runner.pids) if judged else None
             part, wall, busy = self._on_pool(kernel, plan, mode, combine, meter)
             slices.add(plan, part, framed=True)
@@ -252,6 +264,12 @@ class OnlineTuning:
         busy = sum(meter.busy.values()) - busy
         self.pool_cost.pool_call(wall, busy, plan.workers)
         return part, wall, busy
+
+    @staticmethod
+    def _worth_metering(learner: Learner, items: int, workers: int) -> bool:
+        """Whether a settled run of ``items`` on ``workers`` is expected to last
+        :data:`METER_SETTLED_S` (the kernel's time per item, spread over the workers)."""
+        return learner.breakeven.per_item() * items / workers >= METER_SETTLED_S
 
     def _busy_machine(self, name: str, before: Any, workers: int) -> bool:
         """Whether to leave out the run just made: others took the CPUs it needed,

@@ -557,3 +557,71 @@ def test_after_drift_the_next_save_replaces_the_files_runs(online_file):
     assert saved.exploring and saved.measurements
     assert all(max(m.runs) <= 1e7 for m in saved.measurements)  # none of the old kernel's
     assert saved.sessions == 2
+
+
+class BusyDuring:
+    """A CPU meter whose machine is busy (others hold every CPU) during the metered runs
+    numbered in ``busy`` (from 0), quiet otherwise."""
+
+    def __init__(self) -> None:
+        self.busy: set[int] = set()
+        self.samples = 0
+
+    def sample(self, pids=()):
+        from autotune.cpu.contention import CpuSample
+
+        self.samples += 1
+        run = (self.samples - 1) // 2
+        end = self.samples % 2 == 0
+        held = 2.0 if run in self.busy else 0.0
+        return CpuSample(wall=float(end), busy=held * end, ours=0.0, cpus=frozenset({0, 1}))
+
+
+@pytest.mark.parametrize("neighbour", [True, False])
+def test_settled_calls_slowed_by_a_busy_neighbour_are_not_drift(neighbour, tmp_path, monkeypatch):
+    """Settled, three calls twice as slow: when the meter says others held the CPUs, they
+    are left out of the drift watch (the kernel did not change); when the machine was
+    quiet, the kernel got slower and is explored again."""
+    import random
+
+    from replay import Clock, ReplayKernel, ReplayPool, recorded
+
+    from autotune.backends.runners import LazyRunner
+    from autotune.backends.stats import Meter
+    from autotune.cpu import probe
+    from autotune.online import METER_SETTLED_S, OnlineTuning
+
+    monkeypatch.setenv("AUTOTUNE_PROFILE_DIR", str(tmp_path))  # nothing saved before
+    landscape = recorded("stream")
+    clock, rng, meter = Clock(), random.Random(0), BusyDuring()
+    pool = ReplayPool(landscape, 2, clock, rng)
+    tuning = OnlineTuning(
+        probe(), "processes", 2, {}, 8, "neighbour", LazyRunner(lambda: pool, 2), clock, meter
+    )
+    kernel = ReplayKernel(landscape, clock, rng)
+
+    def call():
+        return tuning.call(kernel, landscape.n, "map", None, Meter(2))
+
+    for _ in range(200):
+        call()
+        refiner = tuning.learners["neighbour"].refiner
+        if refiner.settled and refiner.runs_at(refiner.best) >= 6:
+            break
+    assert refiner.settled and refiner.explorations == 1
+    assert landscape.draw(2, refiner.best.chunk_len, rng) >= METER_SETTLED_S  # metered
+    run = pool.run
+
+    def slower(*args, **kwargs):  # the same call, twice the seconds
+        began = clock.now
+        result = run(*args, **kwargs)
+        clock.now += clock.now - began
+        return result
+
+    pool.run = slower
+    if neighbour:
+        metered = (meter.samples + 1) // 2
+        meter.busy = set(range(metered, metered + 3))
+    for _ in range(3):
+        call()
+    assert refiner.explorations == (1 if neighbour else 2)
