@@ -195,6 +195,27 @@ def test_a_guided_tail_runs_as_planned_and_a_reduce_repeats_to_the_bit(client, x
         assert first == fold(serial_parts(exp_sum, {"x": x}, n, 4_096, ev.workers))
 
 
+def test_a_slice_of_a_call_runs_where_its_items_are(client):
+    """A plan at ``start`` (an adapting evaluator's slice; the Dask backend never adapts,
+    but every runner keeps the plan's contract): the tasks are given the slice's item
+    numbers, a map fills the rows ``[start, stop)`` of an output of ``stop`` rows."""
+    from autotune.backends.runners import open_runner
+    from autotune.backends.schedule import EXACT, plan_chunks
+
+    n, start = 30_000, 70_001
+    plan = plan_chunks(n, 2, 4_096, EXACT).at(start)
+    runner = open_runner("dask", 2, {"spin": 0.0}, client=client)
+    try:
+        rows = runner.run(kernels.hash_rows, plan, "map", None)
+        assert rows.shape[0] == start + n
+        ns = SharedNamespace({"spin": 0.0})
+        assert np.array_equal(rows[start:], kernels.hash_rows(ns, start, start + n))
+        total = runner.run(kernels.hash_sum, plan, "reduce", operator.add)
+        assert total == kernels.hash_sum(ns, 0, start + n) - kernels.hash_sum(ns, 0, start)
+    finally:
+        runner.close()
+
+
 def test_several_outputs_equal_serial(client, x, capsys):
     shared = {"x": x}
     with Evaluator(2, 3_000, shared=shared, backend="dask", client=client) as ev:
