@@ -163,8 +163,14 @@ class OnlineTuning:
             else:
                 plan = ChunkPlan(items, 1, min(items, chunk_len), start=start)
             began = self._clock()
-            slices.add(plan, self._inline(kernel, plan, mode, combine, meter))
-            return self._clock() - began
+            part = self._inline(kernel, plan, mode, combine, meter)
+            seconds = self._clock() - began
+            if mode == "map" and cut.left:
+                # More slices follow: keep these rows, which a kernel that reuses
+                # its output array would overwrite in the next slice.
+                part = _copied(part)
+            slices.add(plan, part)
+            return seconds
 
         if not learner.breakeven.known:
             self._probe(learner, n, whole.chunk_len, cut, here)
@@ -215,11 +221,13 @@ class OnlineTuning:
         """Time a kernel never seen on the first items of its first call, in this process.
 
         Slices of :data:`PROBE_ITEMS` items, then as many as were run before
-        (the probe doubles), until it took :data:`PROBE_S` or reached a
-        sixteenth of the call or a chunk (the whole call when it is tiny).
-        The break-even then counts the last slice only: the first ones pay
-        for a cold start (imports, first touches) that the calls after them
-        do not.
+        (the probe doubles; a last slice takes what is left rather than leave
+        less than it), until it took :data:`PROBE_S` or reached a sixteenth of
+        the call or a chunk (the whole call when it is tiny).  The break-even
+        counts the last slice, the longest: the first ones pay for a cold start
+        (imports, first touches) that the calls after them do not.  A first
+        slice that alone took :data:`PROBE_S` is all there is: it counts, and a
+        cold start then can only make the pool look worth it sooner.
         """
         cap = n if n <= PROBE_ITEMS else max(PROBE_ITEMS, min(chunk_len, n // 16))
         items, spent = min(PROBE_ITEMS, cap), 0.0
@@ -229,7 +237,8 @@ class OnlineTuning:
             if cut.done >= cap or spent >= PROBE_S:
                 learner.breakeven.kernel_time(items, seconds, inline=True)
                 return
-            items = min(cap - cut.done, cut.done)
+            left = cap - cut.done
+            items = left if left < 2 * cut.done else cut.done
 
     def _inline(
         self,
@@ -369,12 +378,24 @@ class Slices:
     def _join(self) -> Any:
         """The slices' rows joined into new arrays."""
         structure: Structure | None = None
-        pieces = []
+        pieces: list[list[np.ndarray]] = []
         for plan, part, framed in self.parts:
             structure, arrays = _rows(plan, part, framed, structure)
+            first = pieces[0] if pieces else arrays
+            for i, (rows, row_like) in enumerate(zip(arrays, first, strict=True)):
+                check_row_like(rows, row_like, plan.start, plan.stop, structure.label(i))
             pieces.append(arrays)
         assert structure is not None
         return structure.build([np.concatenate(rows) for rows in zip(*pieces, strict=True)])
+
+
+def _copied(result: Any) -> Any:
+    """A map slice's result with arrays of its own (same structure)."""
+    if isinstance(result, tuple):
+        return tuple(np.array(a, copy=True) for a in result)
+    if isinstance(result, Mapping):
+        return {k: np.array(v, copy=True) for k, v in result.items()}
+    return np.array(result, copy=True)
 
 
 def _rows(

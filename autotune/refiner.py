@@ -97,10 +97,11 @@ class Refiner:
         self._stored = {
             point: deque(self.tally.n / t for t in runs) for point, runs in (stored or {}).items()
         }
-        # A warm-up only before the first run of a kernel never measured: the
-        # pool is then warm for every point (a later lane's screening, a new
-        # exploration), and runs saved by an earlier process need none.
-        self._warmed = bool(self._stored)
+        # A warm-up only before the first run made here: the pool is then warm
+        # for every point (a later lane's screening, a new exploration); a
+        # point whose runs an earlier process saved needs none (they stand
+        # for it), one without saved runs still does.
+        self._warmed = False
         # ... but the first run of a process that goes on from saved runs is
         # made by workers that just started (a module to import under spawn,
         # the data's pages to map): not counted when it is slower than its
@@ -235,7 +236,7 @@ class Refiner:
     def _replay(self, pending: _Pending) -> _Pending:
         """Take ``pending``'s runs from the stored ones of its point while they last."""
         stored = self._stored.get(pending.request.point)
-        if pending.request.warmup and self._warmed:
+        if pending.request.warmup and (self._warmed or stored):
             pending.left -= 1
         if not stored:
             return pending

@@ -208,6 +208,42 @@ def test_a_first_call_on_the_pool_is_the_pools_output_with_the_probes_rows(
         del rows, doubled, idx
 
 
+_BUFFERS: dict[int, np.ndarray] = {}
+
+
+def doubled_into_a_kept_buffer(shared, start, stop):
+    """A kernel that keeps one output array per length and returns it (found in a review):
+    its result is overwritten by its next call of the same length."""
+    out = _BUFFERS.get(stop - start)
+    if out is None:
+        out = _BUFFERS[stop - start] = np.empty(stop - start)
+    return np.multiply(shared.x[start:stop], 2.0, out=out)
+
+
+@pytest.mark.parametrize("n", [2064, 5000])
+def test_a_first_call_keeps_its_probes_rows_from_a_kernel_that_reuses_its_output(
+    n, profile_dir, no_leaks
+):
+    """The probe's slices run here, one after another, 64 items and 64 more: a kernel that
+    returns the same array for both must not leave the first slice's rows overwritten."""
+    x = np.arange(float(n))
+    _BUFFERS.clear()
+    with Evaluator(2, shared={"x": x}, adapt=True) as ev:
+        assert np.array_equal(ev.map(doubled_into_a_kept_buffer, n), x * 2.0)
+
+
+def test_a_call_run_here_in_slices_refuses_rows_of_another_dtype(profile_dir, no_leaks):
+    """A first call run whole in this process (probe slices, then the rest): a slice whose
+    rows have another dtype is refused with the items, as on the pool (not upcast)."""
+    from autotune.backends.rows import ResultError
+
+    with (
+        Evaluator(2, shared={}, adapt=True) as ev,
+        pytest.raises(ResultError, match=r"items \[64, \d+\).*same row shape and dtype"),
+    ):
+        ev.map(kernels.changing_dtype, 300)
+
+
 def test_a_kernel_slow_per_chunk_pays_for_the_pool_from_its_first_call(profile_dir, no_leaks):
     """20 ms a chunk: the first chunk, timed here, says the rest pays on the pool (a busy
     machine can only make that chunk look slower, which says it all the more)."""

@@ -337,6 +337,16 @@ def test_a_first_calls_probe_runs_its_first_items_here_for_about_probe_s(mode):
         assert kernel.ranges[:3] == [(0, 64), (64, 128), (128, 256)]
 
 
+def test_a_probes_last_slice_takes_what_is_left_rather_than_leave_less():
+    """A cheap kernel never reaches PROBE_S: the probe stops at a sixteenth of the call,
+    129 items of 2064; its slices are 64 and 65, not 64, 64 and 1 (a slice of one item
+    would time mostly its own overhead, and the break-even counts the last slice)."""
+    with scripted(2, 8, f"probe-{uuid.uuid4().hex}", 1024, 0) as (tuning, pool, clock):
+        kernel = IndexKernel(clock, 1e-9)
+        check_call(tuning, kernel, 2064, "reduce")
+        assert kernel.ranges[:2] == [(0, 64), (64, 129)]
+
+
 @given(
     workers=st.integers(1, 64),
     item_bytes=st.sampled_from([8, 64, 512, 4096, 24000]),
