@@ -232,10 +232,15 @@ def test_a_first_call_keeps_its_probes_rows_from_a_kernel_that_reuses_its_output
         assert np.array_equal(ev.map(doubled_into_a_kept_buffer, n), x * 2.0)
 
 
-def test_a_call_run_here_in_slices_refuses_rows_of_another_dtype(profile_dir, no_leaks):
-    """A first call run whole in this process (probe slices, then the rest): a slice whose
-    rows have another dtype is refused with the items, as on the pool (not upcast)."""
+def test_a_call_run_here_in_slices_refuses_rows_of_another_dtype(
+    profile_dir, no_leaks, monkeypatch
+):
+    """A first call run whole in this process (probe slices, then the rest, whatever the
+    machine's timing): a slice whose rows have another dtype is refused with the items, as
+    on the pool (not upcast)."""
     from autotune.backends.rows import ResultError
+
+    monkeypatch.setattr(BreakEven, "inline", lambda self, n, workers, overhead: True)
 
     with (
         Evaluator(2, shared={}, adapt=True) as ev,
