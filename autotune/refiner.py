@@ -97,11 +97,14 @@ class Refiner:
         self._stored = {
             point: deque(self.tally.n / t for t in runs) for point, runs in (stored or {}).items()
         }
-        # A warm-up only before the first run made here: the pool is then warm
-        # for every point (a later lane's screening, a new exploration); a
-        # point whose runs an earlier process saved needs none (they stand
-        # for it), one without saved runs still does.
-        self._warmed = False
+        # A warm-up only before the first run of a kernel never measured: the
+        # pool is then warm for every point (a later lane's screening, a new
+        # exploration), and a process that goes on from saved runs makes none:
+        # a warm-up per process halves what a script of two calls adds to the
+        # exploration (bench_runs: rows' calls of runs 4-6 at 0.66-0.72 of the
+        # best fixed setting with one, 0.78-0.85 without).  Its first run, cold,
+        # is judged against saved runs where its point has some (below).
+        self._warmed = bool(self._stored)
         # ... but the first run of a process that goes on from saved runs is
         # made by workers that just started (a module to import under spawn,
         # the data's pages to map): not counted when it is slower than its
@@ -236,7 +239,7 @@ class Refiner:
     def _replay(self, pending: _Pending) -> _Pending:
         """Take ``pending``'s runs from the stored ones of its point while they last."""
         stored = self._stored.get(pending.request.point)
-        if pending.request.warmup and (self._warmed or stored):
+        if pending.request.warmup and self._warmed:
             pending.left -= 1
         if not stored:
             return pending

@@ -625,19 +625,3 @@ def test_settled_calls_slowed_by_a_busy_neighbour_are_not_drift(neighbour, tmp_p
     for _ in range(3):
         call()
     assert refiner.explorations == (1 if neighbour else 2)
-
-
-def test_a_resumed_process_warms_up_before_a_point_without_saved_runs():
-    """Saved runs stand for a point's warm-up; a point without any (here: the lane of all
-    4 workers, when an earlier process of 2 saved runs) gets one: the first run of this
-    process's workers is not counted there."""
-    ladder = online_ladder(LADDER, 8000)
-    full, half = ("processes", 4), ("processes", 2)
-    rate = peaked(8000)
-    stored = {Point.of(half, c): [rate(c)] for c in ladder}
-    refiner = Refiner({full: ladder, half: ladder}, 8000, 8, stored=stored)
-    point = refiner.next()
-    assert point.workers == 4 and refiner.runs_at(point) == 0
-    assert refiner.warming_up
-    refiner.record(point, 3 * N / rate(point.chunk_len), N)  # cold: not counted
-    assert refiner.runs_at(point) == 0
