@@ -316,20 +316,27 @@ def test_a_long_reduce_probes_with_slices_of_a_sixteenth():
     assert sizes[0] == 100_000 and sum(sizes) == 1_600_000, sizes
 
 
-class BusyFor:
-    """A CPU meter whose machine is busy (others hold every CPU) for the first ``runs`` runs."""
+class BusyDuring:
+    """A CPU meter whose machine is busy (others hold every CPU) during the metered runs
+    numbered in ``busy`` (from 0), quiet otherwise."""
 
-    def __init__(self, runs: int) -> None:
-        self.runs, self.samples = runs, 0
+    def __init__(self, busy: set[int] | None = None) -> None:
+        self.busy: set[int] = busy or set()
+        self.samples = 0
 
     def sample(self, pids=()):
         from autotune.cpu.contention import CpuSample
 
         self.samples += 1
-        run = (self.samples - 1) // 2  # two samples a run: before and after
-        held = 2.0 if run < self.runs else 0.0  # CPUs others held through the run
+        run = (self.samples - 1) // 2
         end = self.samples % 2 == 0
+        held = 2.0 if run in self.busy else 0.0
         return CpuSample(wall=float(end), busy=held * end, ours=0.0, cpus=frozenset({0, 1}))
+
+
+def busy_for(runs: int) -> BusyDuring:
+    """A CPU meter whose machine is busy (others hold every CPU) for the first ``runs`` runs."""
+    return BusyDuring(set(range(runs)))
 
 
 def busy_tuning(name: str, busy_runs: int):
@@ -349,7 +356,7 @@ def busy_tuning(name: str, busy_runs: int):
     pool = ReplayPool(landscape, 2, clock, rng)
     runner = LazyRunner(lambda: pool, 2)
     tuning = OnlineTuning(
-        probe(), "processes", 2, {}, 8, name, runner, clock, meter=BusyFor(busy_runs)
+        probe(), "processes", 2, {}, 8, name, runner, clock, meter=busy_for(busy_runs)
     )
     kernel = ReplayKernel(landscape, clock, rng)
     return tuning, lambda: tuning.call(kernel, landscape.n, "map", None, Meter(2))
@@ -557,24 +564,6 @@ def test_after_drift_the_next_save_replaces_the_files_runs(online_file):
     assert saved.exploring and saved.measurements
     assert all(max(m.runs) <= 1e7 for m in saved.measurements)  # none of the old kernel's
     assert saved.sessions == 2
-
-
-class BusyDuring:
-    """A CPU meter whose machine is busy (others hold every CPU) during the metered runs
-    numbered in ``busy`` (from 0), quiet otherwise."""
-
-    def __init__(self) -> None:
-        self.busy: set[int] = set()
-        self.samples = 0
-
-    def sample(self, pids=()):
-        from autotune.cpu.contention import CpuSample
-
-        self.samples += 1
-        run = (self.samples - 1) // 2
-        end = self.samples % 2 == 0
-        held = 2.0 if run in self.busy else 0.0
-        return CpuSample(wall=float(end), busy=held * end, ours=0.0, cpus=frozenset({0, 1}))
 
 
 @pytest.mark.parametrize("neighbour", [True, False])
