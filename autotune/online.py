@@ -168,7 +168,8 @@ class OnlineTuning:
             if mode == "map" and cut.left:
                 # More slices follow: keep these rows, which a kernel that reuses
                 # its output array would overwrite in the next slice.
-                part = _copied(part)
+                structure, arrays = split_map_result(part, plan.start, plan.stop)
+                part = structure.build([a.copy() for a in arrays])
             slices.add(plan, part)
             return seconds
 
@@ -387,15 +388,6 @@ class Slices:
             pieces.append(arrays)
         assert structure is not None
         return structure.build([np.concatenate(rows) for rows in zip(*pieces, strict=True)])
-
-
-def _copied(result: Any) -> Any:
-    """A map slice's result with arrays of its own (same structure)."""
-    if isinstance(result, tuple):
-        return tuple(np.array(a, copy=True) for a in result)
-    if isinstance(result, Mapping):
-        return {k: np.array(v, copy=True) for k, v in result.items()}
-    return np.array(result, copy=True)
 
 
 def _rows(
