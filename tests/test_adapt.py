@@ -254,6 +254,43 @@ def test_a_settled_profile_with_runs_keeps_its_best_and_history(online_file):
     assert not again.refiner.fresh  # nothing made here yet: nothing to save
 
 
+def test_a_kernel_settled_from_its_file_saves_only_what_changes_it(online_file, tmp_path):
+    """Runs that confirm the file's verdict are not written at every close (a script would
+    rewrite its file on every run, its cold first run among them); a best that moved is."""
+    import warnings
+
+    from autotune.adapt import SAVE_EVERY
+    from autotune.cpu import probe
+    from autotune.profile.online import load_online, save_learned
+
+    cpu = probe()
+    first = learner_for()
+    drive(first.refiner, noisy(16000, 3), 60)
+    assert first.refiner.settled
+    assert save_learned(first.learned(), cpu, online_file)
+    found = load_online(NAME, cpu, "processes")
+    again = learner_for(found)
+    best = again.refiner.best
+    slow = {best.chunk_len: 0.5}  # its first run, by cold workers, and one more
+    drive(again.refiner, lambda c: peaked(16000)(c) * slow.get(c, 1.0), 2)
+    assert again.refiner.settled and again.refiner.best == best
+    assert not again.save_due() and not again.save_due(closing=True)
+    drive(again.refiner, peaked(16000), SAVE_EVERY)  # ... but it ages
+    assert again.save_due()
+
+    moved = learner_for(found)
+    moved.refiner.best = Point.of(LANE, 32000)  # as a re-check that put the runner-up ahead
+    assert moved.save_due() and moved.save_due(closing=True)
+    learned = moved.learned()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "could not save", once per directory
+        assert not save_learned(learned, cpu, blocked / "online.yaml")
+    moved.unsaved(learned)
+    assert moved.save_due(closing=True)  # tried again when the evaluator closes
+
+
 # -- the documented figures, as behaviour (a change of any of them fails here) ---------------
 def test_the_online_ladder_spans_a_quarter_to_eight_times_the_heuristics_chunk():
     assert online_ladder(LADDER, 8000) == [2000, 4000, 8000, 16000, 32000, 64000]

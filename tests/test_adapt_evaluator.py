@@ -287,11 +287,13 @@ def test_what_was_learned_is_saved_and_found_by_the_next_evaluator(
     assert all(len(m.runs) == m.repeats for m in saved.measurements)
     assert saved.best.repeats >= KEPT_REPEATS, saved.best
     best = Profile.load(path).best  # as closing the evaluator left it
+    before = path.read_bytes()
     with Evaluator(shared={"x": x}) as ev:
         ev.map(kernels.heavy_map, N)
         assert not ev.stats.exploring and not ev.stats.inline  # settled from its first call
         planned = plan_chunks(N, best.workers, best.chunk_len, MEASURED).chunk_len
         assert (ev.stats.workers, ev.stats.chunk_len) == (best.workers, planned)
+    assert path.read_bytes() == before  # a call that confirms the file does not rewrite it
 
 
 def test_a_named_profile_is_saved_under_that_name(x, profile_dir, no_leaks, pool_only):
