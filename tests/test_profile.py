@@ -154,6 +154,14 @@ def test_shipped_profile_is_found_for_the_i3(monkeypatch):
     assert Path(p.path) == SHIPPED
 
 
+@pytest.mark.parametrize("env", [{}, {"AUTOTUNE_PROFILE_DIR": "/somewhere/profiles"}])
+def test_online_profiles_go_to_the_first_directory_of_the_lookup(env):
+    from autotune.profile import profile_dirs
+    from autotune.profile.online import online_dir
+
+    assert online_dir(env) == profile_dirs(env)[0][1]
+
+
 # ---------------------------------------------------------------------------
 # Bad input: every failure is one ProfileError naming the file and the field
 # ---------------------------------------------------------------------------
