@@ -48,6 +48,12 @@ K, M = 1 << 10, 1 << 20
 LIVE_CPU = Path("/sys/devices/system/cpu")
 
 
+@pytest.fixture(autouse=True)
+def hardware_read_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's live probe reads the machine (and its monkeypatched readers) again."""
+    monkeypatch.setattr(probe_mod, "_HARDWARE", {})
+
+
 def caches_of(info: CpuInfo) -> list[tuple[int, str, int, int, int]]:
     return [(c.level, c.type, c.size_bytes, c.shared_cpus, c.instances) for c in info.caches]
 
@@ -769,6 +775,30 @@ def test_live_probe_does_not_call_pycpuinfo_when_sysfs_has_everything(
 
     monkeypatch.setattr(probe_mod, "load_pycpuinfo", boom)
     assert probe().sources["brand"] == "/proc/cpuinfo"
+
+
+@pytest.mark.skipif(not LIVE_CPU.is_dir(), reason="needs Linux sysfs")
+def test_the_hardware_is_read_once_per_process_until_a_cpu_goes_offline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every Evaluator probes: the caches of every CPU are read once, what this process may
+    use (affinity, quota) every time."""
+    first = probe()
+    reads = []
+    real = probe_mod.read_caches
+    monkeypatch.setattr(probe_mod, "read_caches", lambda *a: reads.append(1) or real(*a))
+    monkeypatch.setattr(probe_mod, "read_affinity", lambda: Found(frozenset({0}), "affinity"))
+    again = probe()
+    assert reads == [] and again.caches == first.caches
+    assert again.usable_cpus == 1  # read now, not kept
+    online = probe_mod.read_text(LIVE_CPU / "online")[0]
+    monkeypatch.setattr(
+        probe_mod,
+        "read_text",
+        lambda path: ("0\n", None) if path.name == "online" else (online, None),
+    )
+    probe()
+    assert reads == [1]  # another online list: read again
 
 
 @pytest.mark.skipif(not LIVE_CPU.is_dir(), reason="needs Linux sysfs")

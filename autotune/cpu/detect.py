@@ -24,10 +24,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from autotune.cpu.cgroup import cgroup_dirs_live, read_affinity, read_cgroup_limit
-from autotune.cpu.common import CacheSpec, Found, Topology, format_cpu_list
+from autotune.cpu.common import CacheSpec, Found, Topology, format_cpu_list, read_text
 from autotune.cpu.linux import read_caches, read_cpuinfo_brand, read_topology
 from autotune.cpu.model import CacheLevel, CpuInfo
 from autotune.cpu.pycpuinfo import (
@@ -101,19 +101,53 @@ def _sysfs_caches(cpu_dir: Path, topology: Found[Topology]) -> Found[tuple[Cache
 
 
 def _probe_live(platform: str) -> CpuInfo:
+    """This machine: its hardware as read once per process, what this process may use
+    (the cgroup quota, the affinity mask) as it is now."""
+    hardware = _hardware(platform)
     affinity: Found[frozenset[int]] | None
+    if platform == "darwin":
+        limit: Found[float] = Found(math.inf, "no cgroups on macOS")
+        affinity = None  # macOS cannot pin threads to CPUs
+    elif platform == "sysfs":
+        limit = read_cgroup_limit(*cgroup_dirs_live())
+        affinity = read_affinity()
+    else:
+        limit = Found(math.inf, "no cgroups on this system")
+        affinity = read_affinity()
+    return _merge(limit=limit, affinity=affinity, **hardware._asdict())
+
+
+class _Hardware(NamedTuple):
+    topology: Found[Topology]
+    caches: Found[tuple[CacheSpec, ...]]
+    brands: Sequence[Found[str]]
+    pycpuinfo: Found[dict[str, Any]] | None
+
+
+#: The hardware as read, by the platform's key: an Evaluator probes at every
+#: construction, and reading every CPU's caches costs about half a millisecond
+#: per CPU in sysfs (1.1 ms of a 1.4 ms probe on the 2-core development VM), a
+#: second where py-cpuinfo must be asked.  The key on Linux is the online CPU
+#: list, read each time: a CPU taken off- or online is read again.
+_HARDWARE: dict[tuple[str, str | None], _Hardware] = {}
+
+
+def _hardware(platform: str) -> _Hardware:
+    """Topology, caches and brand of this machine (cached: see :data:`_HARDWARE`)."""
+    cpu_dir = Path("/sys/devices/system/cpu")
+    if platform != "darwin" and cpu_dir.is_dir():
+        platform = "sysfs"
+    key = (platform, read_text(cpu_dir / "online")[0] if platform == "sysfs" else None)
+    known = _HARDWARE.get(key)
+    if known is not None:
+        return known
     if platform == "darwin":
         topology, caches, brand = read_sysctl()
         brands = [brand]
-        limit: Found[float] = Found(math.inf, "no cgroups on macOS")
-        affinity = None  # macOS cannot pin threads to CPUs
-    elif Path("/sys/devices/system/cpu").is_dir():
-        cpu_dir = Path("/sys/devices/system/cpu")
+    elif platform == "sysfs":
         topology = read_topology(cpu_dir)
         caches = _sysfs_caches(cpu_dir, topology)
         brands = [read_cpuinfo_brand(Path("/proc/cpuinfo"))]
-        limit = read_cgroup_limit(*cgroup_dirs_live())
-        affinity = read_affinity()
     else:
         # Windows, the BSDs: only the count of logical CPUs is certain.
         n = os.cpu_count()
@@ -127,18 +161,12 @@ def _probe_live(platform: str) -> CpuInfo:
         )
         caches = Found(None, "none", (f"caches: {why}",))
         brands = []
-        limit = Found(math.inf, "no cgroups on this system")
-        affinity = read_affinity()
     # py-cpuinfo costs about a second: ask it only for what is missing.
     needed = caches.value is None or all(b.value is None for b in brands)
-    return _merge(
-        topology=topology,
-        caches=caches,
-        brands=brands,
-        limit=limit,
-        affinity=affinity,
-        pycpuinfo=load_pycpuinfo() if needed else None,
-    )
+    hardware = _Hardware(topology, caches, tuple(brands), load_pycpuinfo() if needed else None)
+    _HARDWARE.clear()
+    _HARDWARE[key] = hardware
+    return hardware
 
 
 def _merge(
