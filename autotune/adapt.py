@@ -21,7 +21,9 @@ them while it works (``Evaluator(adapt=...)``):
   a quarter of the heuristic's and eight times it: far-off rungs cost whole
   calls at a fraction of the speed and are almost never best (L2/16 to L2/4
   per chunk came within 0.92 of the best on five kernels: docs/design.md,
-  "Evidence behind the heuristic"; the worst miss 2.5 times the rule).  After
+  "Evidence behind the heuristic"; the worst miss 2.5 times the rule), and
+  walked past one rung at a time while its end is the best point so far (the
+  rule can be further off: ``reach`` of :func:`~autotune.engine.auto_requests`).  After
   settling, one call in :data:`~autotune.refiner.RECHECK` (doubling up to
   :data:`~autotune.refiner.RECHECK_MAX`) re-times the runner-up; three
   settled calls in a row slower than the settled median by more than
@@ -152,6 +154,7 @@ class Learner:
         for share, least in FEWER_WORKERS:
             if workers >= least:
                 plan[(backend, workers // share)] = plan[lane]
+        reach = dict.fromkeys(plan, ladder)
         start, stored = None, {}
         if known is not None:
             for m in known.measurements:
@@ -166,7 +169,7 @@ class Learner:
                 and any(m.workers == workers for m in known.measurements)
             ):
                 start = Point(backend, known.workers, known.chunk_len)
-        self.refiner = Refiner(plan, mid_len, item_bytes, settled=start, stored=stored)
+        self.refiner = Refiner(plan, mid_len, item_bytes, settled=start, stored=stored, reach=reach)
         self.breakeven = BreakEven()
         if known is not None and known.best.throughput:
             # What an item cost at the best point, as if every worker were

@@ -16,7 +16,8 @@ The strategy (``auto``):
    times the best is not made: a lane of fewer workers bound below it by the
    lanes above it, a longer length after a slow first run);
 1. a coarse pass over every other chunk length of each remaining lane;
-2. the ladder neighbours of the two best points;
+2. the ladder neighbours of the two best points (online, and past a cut
+   ladder's end while the best is at it);
 3. successive halving: the three leaders get two more runs each (so every
    point kept is timed at least :data:`KEPT_REPEATS` times), the best two
    two more, and a leader whose runs spread over :data:`NOISY` two more;
@@ -229,6 +230,7 @@ def auto_requests(
     mid_bytes: int,
     ties: bool = False,
     online: bool = False,
+    reach: dict[Lane, list[int]] | None = None,
 ) -> Iterator[Request | Checkpoint]:
     """The ``auto`` strategy as a sequence of runs to make.
 
@@ -246,6 +248,13 @@ def auto_requests(
     gained on a lane screened before, is below it is not run at the longer
     length.  The other lanes' screening requests have ``probe`` (time them on
     a slice where a call can be cut).
+
+    ``reach``: each lane's longer ladder (the online refinement's plan is a
+    cut of the search's).  After the refinement (phase 2), while the best
+    point is at an end of its lane's ladder and ``reach`` has a rung beyond
+    it, that rung is timed and added to the lane's ladder in ``plan``
+    (:func:`_past_the_ends`): a cut ladder whose end is best may stop short
+    of the best.
     """
     # 0. screen every lane; keep those near the best
     screen = yield from _screen(tally, plan, mid_bytes, online)
@@ -266,6 +275,8 @@ def auto_requests(
             if 0 <= j < len(lengths) and Point.of(point.lane, lengths[j]) not in tally.times:
                 yield Checkpoint(complete=False)
                 yield Request(Point.of(point.lane, lengths[j]), 1)
+    if reach:
+        yield from _past_the_ends(tally, plan, reach)
     # 3. successive halving among the leaders: every point kept gets at
     #    least KEPT_REPEATS runs
     for keep, more in ((3, 2), (2, 2)):
@@ -326,6 +337,29 @@ def _screen(
             yield Request(Point.of(lane, probes[1]), 1)
         screen[lane] = max(tally.measurement(Point.of(lane, c)).throughput or 0.0 for c in probes)
     return screen
+
+
+def _past_the_ends(
+    tally: Tally, plan: dict[Lane, list[int]], reach: dict[Lane, list[int]]
+) -> Iterator[Request | Checkpoint]:
+    """Phase 2's walk past a cut ladder: while the best point is at an end of its
+    lane's ladder, the next rung of ``reach`` beyond that end, one run each, added
+    to ``plan``; the walk stops where a rung is not best or ``reach`` ends."""
+    while True:
+        best = tally.leaders(1)[0][0]
+        lengths = plan[best.lane]
+        beyond = [c for c in reach.get(best.lane, ()) if c not in lengths]
+        if best.chunk_len == lengths[0]:
+            step = max((c for c in beyond if c < lengths[0]), default=None)
+        elif best.chunk_len == lengths[-1]:
+            step = min((c for c in beyond if c > lengths[-1]), default=None)
+        else:
+            return
+        if step is None or Point.of(best.lane, step) in tally.times:
+            return
+        plan[best.lane] = sorted([*lengths, step])
+        yield Checkpoint(complete=False)
+        yield Request(Point.of(best.lane, step), 1)
 
 
 def _ceiling(screen: dict[Lane, float], lane: Lane) -> float | None:

@@ -69,6 +69,9 @@ class Refiner:
         Bytes per item, to express chunk lengths in bytes.
     settled : Point, optional
         Start settled here (an online profile found for this kernel and CPU).
+    reach : dict of Lane to list of int, optional
+        Each lane's whole ladder, of which ``plan``'s is a cut: a best point
+        at an end of the cut walks past it (:func:`~autotune.engine.auto_requests`).
     stored : mapping of Point to sequence of float, optional
         Runs an earlier process made (items per second each, oldest first).
         Settled, they are the tally's history; exploring, they are replayed:
@@ -86,8 +89,10 @@ class Refiner:
         item_bytes: int,
         settled: Point | None = None,
         stored: Mapping[Point, Sequence[float]] | None = None,
+        reach: dict[Lane, list[int]] | None = None,
     ) -> None:
         self.plan = plan
+        self.reach = reach
         self.item_bytes = item_bytes
         self.mid_bytes = mid_len * item_bytes
         self.tally = Tally(1_000_000, item_bytes, label=True)
@@ -262,7 +267,9 @@ class Refiner:
         self.explorations += 1
         self._pending = None
         self._recent.clear()
-        self._steps = auto_requests(self.tally, self.plan, self.mid_bytes, online=True)
+        self._steps = auto_requests(
+            self.tally, self.plan, self.mid_bytes, online=True, reach=self.reach
+        )
 
     def _settle(self) -> None:
         self._steps, self._pending = None, None

@@ -55,6 +55,25 @@ def test_settles_on_the_planted_best_and_stays(best):
     assert sum(p == Point.of(LANE, best) for p in used[-20:]) >= 19
 
 
+@pytest.mark.parametrize("best", [1000, 125000])
+def test_a_best_past_the_end_of_the_online_ladder_is_walked_to(best):
+    """The online ladder is a cut of the search's ([2000, 64000] of LADDER here): a best
+    beyond either end is reached one rung at a time while the end is the best so far."""
+    learner = learner_for()  # its ladder is LADDER, cut around 8000
+    assert learner.refiner.plan[LANE] == [2000, 4000, 8000, 16000, 32000, 64000]
+    drive(learner.refiner, peaked(best), 60)
+    assert learner.refiner.settled and learner.refiner.best == Point.of(LANE, best)
+    cut = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)  # the cut alone stops short
+    drive(cut, peaked(best), 60)
+    assert cut.settled and cut.best != Point.of(LANE, best)
+
+
+def test_a_best_inside_the_online_ladder_costs_no_run_past_its_ends():
+    cut = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
+    reaching = learner_for().refiner
+    assert drive(reaching, peaked(16000), 40) == drive(cut, peaked(16000), 40)
+
+
 def test_first_call_is_the_heuristic_and_regret_is_bounded():
     rate = peaked(32000)
     refiner = Refiner({LANE: online_ladder(LADDER, 8000)}, 8000, 8)
