@@ -288,6 +288,10 @@ class Learner:
         among them.
         """
         refiner = self.refiner
+        if refiner.restarted and refiner.settled and refiner.best in refiner.tally.times:
+            # The kernel drifted: the file's runs are another kernel's, to be
+            # replaced even where the new exploration settled where it was.
+            return True
         if closing:
             if refiner.settled and self._saved_at is not None:
                 return self._saved_at[1] != refiner.best

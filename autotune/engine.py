@@ -347,7 +347,9 @@ def _past_the_ends(
     to ``plan``; the walk stops where a rung is not best or ``reach`` ends."""
     while True:
         best = tally.leaders(1)[0][0]
-        lengths = plan[best.lane]
+        lengths = plan.get(best.lane)
+        if not lengths:
+            return
         beyond = [c for c in reach.get(best.lane, ()) if c not in lengths]
         if best.chunk_len == lengths[0]:
             step = max((c for c in beyond if c < lengths[0]), default=None)

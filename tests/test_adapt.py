@@ -297,6 +297,12 @@ def test_a_kernel_settled_from_its_file_saves_only_what_changes_it(online_file, 
     drive(again.refiner, peaked(16000), SAVE_EVERY)  # ... but it ages
     assert again.save_due()
 
+    drifted = learner_for(found)
+    drive(drifted.refiner, lambda c: peaked(16000)(c) / 2, 60)  # slower everywhere: drift
+    assert drifted.refiner.explorations == 1 and drifted.refiner.settled  # started settled
+    assert drifted.refiner.best == best  # settled where it was, on runs of its own
+    assert drifted.save_due() and drifted.learned().restart  # the file's runs are replaced
+
     moved = learner_for(found)
     moved.refiner.best = Point.of(LANE, 32000)  # as a re-check that put the runner-up ahead
     assert moved.save_due() and moved.save_due(closing=True)
