@@ -4,9 +4,10 @@ Most programs that would use autotune are scripts that start, make an evaluator,
 calls and exit.  For each workload (those of ``bench_adapt.py``: the built-in spline, stream
 and ndimage, and its Horner and wide-rows kernels), this runs such a script ``--runs`` times
 as separate processes, one profile directory for all of them (fresh at the start), each run
-of the zero-config script (``Evaluator(shared=...)``, nothing else) followed by one run of the
+of the zero-config script (``Evaluator(shared=...)``, nothing else) paired with one run of the
 same script with the best fixed setting of a grid (found first, in this process, as
-``bench_adapt.py`` finds it).  A script makes its data, the evaluator, ``--calls`` calls, and
+``bench_adapt.py`` finds it), the zero-config run first in runs 1, 3, 5, ... and second in the
+others.  A script makes its data, the evaluator, ``--calls`` calls, and
 closes it.
 
 Printed per run, best fixed / zero-config (above 1: zero-config was faster):
@@ -110,10 +111,17 @@ def main() -> int:
         best, _ = grid_best(kernel, shared, n, mode, item_bytes_of(shared, n, None), repeats=3)
         setting = f"{best[0]},{best[1]}"
         process, calls, marks = [], [], []
-        for _ in range(args.runs):
+        for run in range(args.runs):
+            # Which goes first alternates: a process that follows another finds
+            # its files in the page cache and the CPU's clock where the other
+            # left it.  The fixed setting writes no profile, so the order
+            # changes nothing the zero-config runs learn.
+            if run % 2:
+                fixed = run_script(name, setting, args.calls, args.quick)
             zero = run_script(name, "auto", args.calls, args.quick)
             marks.append(state(name, args.quick))
-            fixed = run_script(name, setting, args.calls, args.quick)
+            if not run % 2:
+                fixed = run_script(name, setting, args.calls, args.quick)
             process.append(fixed[0] / zero[0])
             calls.append(fixed[1] / zero[1])
         print(f"\n{name}: best fixed {best[0]} x {best[1]}")
