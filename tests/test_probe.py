@@ -791,6 +791,12 @@ def test_the_hardware_is_read_once_per_process_until_a_cpu_goes_offline(
     again = probe()
     assert reads == [] and again.caches == first.caches
     assert again.usable_cpus == 1  # read now, not kept
+    quotas = []
+    monkeypatch.setattr(
+        probe_mod, "read_cgroup_limit", lambda *a: quotas.append(1) or Found(0.5, "cgroup v2")
+    )
+    assert probe().cpu_quota == 0.5 and probe().cpu_quota == 0.5
+    assert quotas == [1, 1] and reads == []  # the quota every time, the caches not
     online = probe_mod.read_text(LIVE_CPU / "online")[0]
     monkeypatch.setattr(
         probe_mod,

@@ -103,12 +103,13 @@ def _sysfs_caches(cpu_dir: Path, topology: Found[Topology]) -> Found[tuple[Cache
 def _probe_live(platform: str) -> CpuInfo:
     """This machine: its hardware as read once per process, what this process may use
     (the cgroup quota, the affinity mask) as it is now."""
-    hardware = _hardware(platform)
+    kind = _kind(platform)
+    hardware = _hardware(kind)
     affinity: Found[frozenset[int]] | None
-    if platform == "darwin":
+    if kind == "darwin":
         limit: Found[float] = Found(math.inf, "no cgroups on macOS")
         affinity = None  # macOS cannot pin threads to CPUs
-    elif platform == "sysfs":
+    elif kind == "sysfs":
         limit = read_cgroup_limit(*cgroup_dirs_live())
         affinity = read_affinity()
     else:
@@ -132,19 +133,27 @@ class _Hardware(NamedTuple):
 _HARDWARE: dict[tuple[str, str | None], _Hardware] = {}
 
 
-def _hardware(platform: str) -> _Hardware:
+_SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def _kind(platform: str) -> str:
+    """Where this machine is read from: ``darwin`` (sysctl), ``sysfs`` (Linux) or ``other``."""
+    if platform == "darwin":
+        return "darwin"
+    return "sysfs" if _SYSFS_CPU.is_dir() else "other"
+
+
+def _hardware(kind: str) -> _Hardware:
     """Topology, caches and brand of this machine (cached: see :data:`_HARDWARE`)."""
-    cpu_dir = Path("/sys/devices/system/cpu")
-    if platform != "darwin" and cpu_dir.is_dir():
-        platform = "sysfs"
-    key = (platform, read_text(cpu_dir / "online")[0] if platform == "sysfs" else None)
+    cpu_dir = _SYSFS_CPU
+    key = (kind, read_text(cpu_dir / "online")[0] if kind == "sysfs" else None)
     known = _HARDWARE.get(key)
     if known is not None:
         return known
-    if platform == "darwin":
+    if kind == "darwin":
         topology, caches, brand = read_sysctl()
         brands = [brand]
-    elif platform == "sysfs":
+    elif kind == "sysfs":
         topology = read_topology(cpu_dir)
         caches = _sysfs_caches(cpu_dir, topology)
         brands = [read_cpuinfo_brand(Path("/proc/cpuinfo"))]
