@@ -181,7 +181,9 @@ class Learner:
         # (calls, best) at the last save; a kernel settled from its file is as
         # good as saved: its file already says what its runs would confirm.
         self._saved_at: tuple[int, Point] | None = None if start is None else (0, start)
-        self._saved_before = self._saved_at  # restored when a save fails
+        # The last save failed: its runs were handed back (:meth:`unsaved`), to
+        # be tried again at close or after SAVE_EVERY calls, not at every call.
+        self._retry = False
         self._saves = 0
 
     # -- one call -------------------------------------------------------------
@@ -278,7 +280,9 @@ class Learner:
     def save_due(self, closing: bool = False) -> bool:
         """Whether what was learned should be saved now: newly settled, moved or
         aged by :data:`SAVE_EVERY` calls; and on ``closing``, any run not saved
-        yet, unless the kernel is settled where its file says it is.
+        yet, unless the kernel is settled where its last save (or its file) says
+        it is.  A save that failed is tried again at close, or after
+        :data:`SAVE_EVERY` more calls.
 
         Runs that only confirm a saved verdict are not written at every close:
         a script that starts settled would otherwise rewrite its file on every
@@ -288,17 +292,19 @@ class Learner:
         among them.
         """
         refiner = self.refiner
-        if refiner.restarted and refiner.settled and refiner.best in refiner.tally.times:
-            # The kernel drifted: the file's runs are another kernel's, to be
-            # replaced even where the new exploration settled where it was.
-            return True
         if closing:
-            if refiner.settled and self._saved_at is not None:
+            if self._retry:
+                return True
+            if refiner.settled and self._saved_at is not None and not refiner.restarted:
                 return self._saved_at[1] != refiner.best
             return bool(refiner.fresh) or refiner.kept_if_alone
         if not refiner.settled or refiner.best not in refiner.tally.times:
             return False
         if self._saved_at is None or self._saved_at[1] != refiner.best:
+            return True
+        if refiner.restarted and not self._retry:
+            # A drift, even where the new exploration settled where it was: the
+            # file's runs are another kernel's.
             return True
         return refiner.calls - self._saved_at[0] >= SAVE_EVERY
 
@@ -311,7 +317,7 @@ class Learner:
             point = Point(backend, workers, chunk_len)
             kept = self.refiner.fresh.setdefault(point, [])
             kept[:0] = [n / t for t in runs]
-        self._saved_at = self._saved_before
+        self._retry = True
         if learned.first:
             self._saves -= 1
         if learned.restart:
@@ -330,7 +336,7 @@ class Learner:
                 if any(s > 0 for s in r)
             }
 
-        self._saved_before, self._saved_at = self._saved_at, (refiner.calls, refiner.best)
+        self._saved_at, self._retry = (refiner.calls, refiner.best), False
         self._saves += 1
         restart, refiner.restarted = refiner.restarted, False
         fresh = throughputs(refiner.take_fresh())

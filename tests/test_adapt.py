@@ -296,12 +296,18 @@ def test_a_kernel_settled_from_its_file_saves_only_what_changes_it(online_file, 
     assert not again.save_due() and not again.save_due(closing=True)
     drive(again.refiner, peaked(16000), SAVE_EVERY)  # ... but it ages
     assert again.save_due()
+    aged = again.learned()
+    again.unsaved(aged)  # as when the save failed
+    drive(again.refiner, peaked(16000), 3)
+    assert not again.save_due()  # not tried again at every call ...
+    assert again.save_due(closing=True)  # ... but at close: its runs are not dropped
 
     drifted = learner_for(found)
     drive(drifted.refiner, lambda c: peaked(16000)(c) / 2, 60)  # slower everywhere: drift
     assert drifted.refiner.explorations == 1 and drifted.refiner.settled  # started settled
     assert drifted.refiner.best == best  # settled where it was, on runs of its own
     assert drifted.save_due() and drifted.learned().restart  # the file's runs are replaced
+    assert not drifted.save_due()
 
     moved = learner_for(found)
     moved.refiner.best = Point.of(LANE, 32000)  # as a re-check that put the runner-up ahead
@@ -313,6 +319,7 @@ def test_a_kernel_settled_from_its_file_saves_only_what_changes_it(online_file, 
         warnings.simplefilter("ignore")  # "could not save", once per directory
         assert not save_learned(learned, cpu, blocked / "online.yaml")
     moved.unsaved(learned)
+    assert not moved.save_due()
     assert moved.save_due(closing=True)  # tried again when the evaluator closes
 
 
