@@ -7,8 +7,9 @@ as separate processes, one profile directory for all of them (fresh at the start
 of the zero-config script (``Evaluator(shared=...)``, nothing else) paired with one run of the
 same script with the best fixed setting of a grid (found first, in this process, as
 ``bench_adapt.py`` finds it), the zero-config run first in runs 1, 3, 5, ... and second in the
-others.  A script makes its data, the evaluator, ``--calls`` calls, and
-closes it.
+others, after one untimed run of the fixed script (the first child process after the grid
+pays a cold start that would land on one contender).  A script makes its data, the
+evaluator, ``--calls`` calls, and closes it.
 
 Printed per run, best fixed / zero-config (above 1: zero-config was faster):
 
@@ -110,6 +111,12 @@ def main() -> int:
         # The grid in bytes, by the evaluator's own rule for bytes per item.
         best, _ = grid_best(kernel, shared, n, mode, item_bytes_of(shared, n, None), repeats=3)
         setting = f"{best[0]},{best[1]}"
+        # One run of the fixed script first, not timed: the first child process
+        # after the grid pays a cold start.  Run 1's zero-config script paid it
+        # alone: spline's process ratio of run 1 was 0.50-0.77 in five runs of
+        # this script on the 2-core development VM while its calls' was
+        # 0.84-1.08 (its imports and data: 1.7 s where they took 0.5 s).
+        run_script(name, setting, args.calls, args.quick)
         process, calls, marks = [], [], []
         for run in range(args.runs):
             # Which goes first alternates: a process that follows another finds
