@@ -46,13 +46,16 @@ def profile_dirs(env: Mapping[str, str] | None = None) -> list[tuple[str, Path]]
 
     ``AUTOTUNE_PROFILE_DIR`` (if set), the user's directory, the shipped one.
     """
+    return [*own_profile_dirs(env), ("shipped profiles", shipped_profile_dir())]
+
+
+def own_profile_dirs(env: Mapping[str, str] | None = None) -> Iterator[tuple[str, Path]]:
+    """The lookup's directories before the shipped one, lazily: ``AUTOTUNE_PROFILE_DIR``
+    (if set), then the user's (found only when asked for: ``platformdirs`` is imported)."""
     env = os.environ if env is None else env
-    dirs = []
     if env.get("AUTOTUNE_PROFILE_DIR"):
-        dirs.append(("AUTOTUNE_PROFILE_DIR", Path(env["AUTOTUNE_PROFILE_DIR"])))
-    dirs.append(("user profiles", user_profile_dir()))
-    dirs.append(("shipped profiles", shipped_profile_dir()))
-    return dirs
+        yield "AUTOTUNE_PROFILE_DIR", Path(env["AUTOTUNE_PROFILE_DIR"])
+    yield "user profiles", user_profile_dir()
 
 
 def _scan(directory: Path, workload: str, notes: list[str]) -> Iterator[Profile]:

@@ -83,10 +83,7 @@ def online_dir(env: Mapping[str, str] | None = None) -> Path:
     (``$AUTOTUNE_PROFILE_DIR``, else the user's).  The shipped directory, last
     in the lookup, is not looked up (finding package data imports ``zipfile``:
     1.7 ms of a new process's first call)."""
-    env = os.environ if env is None else env
-    if env.get("AUTOTUNE_PROFILE_DIR"):
-        return Path(env["AUTOTUNE_PROFILE_DIR"])
-    return lookup.user_profile_dir()
+    return next(lookup.own_profile_dirs(env))[1]
 
 
 def online_path(
